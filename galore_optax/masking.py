@@ -1,0 +1,138 @@
+"""Which leaves GaLore projects, and how: masks and per-leaf dimension numbers.
+
+Both are resolved once per trace against the flattened parameter tree, and
+every error names the offending leaf by its path ("layers/0/attn/q/kernel").
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from galore_optax.matrix_view import DimensionNumbers
+
+
+def path_to_str(path: Sequence[Any]) -> str:
+  """'a/b/0/kernel' for a jax key path (dict keys, attributes, indices)."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def leaf_paths(tree: Any) -> list[str]:
+  return [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _structure_mismatch(name: str, got: Any, params: Any, is_leaf=None) -> ValueError:
+  expected = set(leaf_paths(params))
+  got_paths = {
+      path_to_str(p)
+      for p, _ in jax.tree_util.tree_flatten_with_path(got, is_leaf=is_leaf)[0]
+  }
+  missing = sorted(expected - got_paths)
+  extra = sorted(got_paths - expected)
+  detail = []
+  if missing:
+    detail.append(f"no entry for parameter {missing[0]!r}")
+  if extra:
+    detail.append(f"an entry {extra[0]!r} that is not a parameter")
+  if not detail:
+    detail.append("a different tree structure")
+  return ValueError(
+      f"{name} must have the same tree structure as the parameters, with one "
+      f"entry per leaf; it has {' and '.join(detail)}. Build it with "
+      f"jax.tree.map over the params, or pass a callable(params)."
+  )
+
+
+def default_mask(params: Any) -> Any:
+  """Projects every leaf with at least two axes (matrices and stacks of them)."""
+  return jax.tree.map(lambda x: np.ndim(x) >= 2, params)
+
+
+def path_mask(pattern: str, *, min_ndim: int = 2) -> Callable[[Any], Any]:
+  """A mask that projects the leaves whose path matches a regular expression.
+
+  This is galore-torch's `target_modules` for pytrees: paths are joined with
+  "/", e.g. "layers/3/attn/q_proj/kernel", and searched with `re.search`.
+  Leaves with fewer than `min_ndim` axes (biases, norm scales) are never
+  projected, as galore-torch only targets linear weights.
+
+  Args:
+    pattern: regular expression searched in each leaf's path.
+    min_ndim: leaves with fewer axes are left out.
+
+  Returns:
+    A callable(params) -> pytree of bools, for the `mask` argument.
+
+  Example:
+    >>> import jax.numpy as jnp, galore_optax as go
+    >>> params = {"attn": {"w": jnp.zeros((4, 4)), "b": jnp.zeros(4)},
+    ...           "embed": jnp.zeros((10, 4))}
+    >>> go.path_mask(r"attn|mlp")(params)
+    {'attn': {'b': False, 'w': True}, 'embed': False}
+  """
+  regex = re.compile(pattern)
+
+  def mask_fn(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: bool(
+            np.ndim(x) >= min_ndim and regex.search(path_to_str(path))
+        ),
+        params,
+    )
+
+  return mask_fn
+
+
+def resolve_mask(mask: Any, params: Any) -> list[bool]:
+  """The flattened per-leaf projection flags for `params`."""
+  if mask is None:
+    mask = default_mask
+  if callable(mask):
+    mask = mask(params)
+  treedef = jax.tree.structure(params)
+  try:
+    flags = treedef.flatten_up_to(mask)
+  except (ValueError, TypeError):
+    raise _structure_mismatch("mask", mask, params) from None
+  if len(flags) != treedef.num_leaves:
+    raise _structure_mismatch("mask", mask, params)
+  for path, flag in zip(leaf_paths(params), flags):
+    if not isinstance(flag, (bool, np.bool_)) and not (
+        np.ndim(flag) == 0 and np.asarray(flag).dtype == bool
+    ):
+      raise TypeError(
+          f"mask entry for {path!r} is {flag!r}; mask leaves must be Python "
+          "bools (True = projected)."
+      )
+  return [bool(f) for f in flags]
+
+
+def resolve_dimension_numbers(dimension_numbers: Any, params: Any) -> list[Any]:
+  """The flattened per-leaf `DimensionNumbers` (or None) for `params`."""
+  n = jax.tree.structure(params).num_leaves
+  if dimension_numbers is None:
+    return [DimensionNumbers()] * n
+  if isinstance(dimension_numbers, DimensionNumbers):
+    return [dimension_numbers] * n
+  if callable(dimension_numbers):
+    dimension_numbers = dimension_numbers(params)
+  is_leaf = lambda x: x is None or isinstance(x, DimensionNumbers)
+  treedef = jax.tree.structure(params)
+  try:
+    flat = treedef.flatten_up_to(dimension_numbers)
+  except (ValueError, TypeError):
+    raise _structure_mismatch(
+        "dimension_numbers", dimension_numbers, params, is_leaf
+    ) from None
+  return [DimensionNumbers() if d is None else d for d in flat]

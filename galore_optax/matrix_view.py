@@ -1,0 +1,128 @@
+"""Viewing an N-d parameter as a batch of (out × in) matrices.
+
+GaLore's rules are stated on the PyTorch layout of a weight, an (out × in)
+matrix. Flax kernels are (in, out), convolution kernels have several input
+axes, and scanned layers add a leading layer axis. `DimensionNumbers` names
+which axes play the input (reduction) and output roles; every other axis is a
+batch axis with an independent projector per slice.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+
+Axes = Union[int, Sequence[int]]
+
+
+class DimensionNumbers(NamedTuple):
+  """Which axes of a parameter form the (in, out) matrix GaLore projects.
+
+  Attributes:
+    reduction_axes: axis or axes contracted with the layer input (the "in"
+      role; a Flax `nnx.Linear` kernel's axis -2, a PyTorch weight's axis -1).
+    output_axes: axis or axes indexing the layer output (the "out" role).
+
+  Every axis named by neither is a batch axis: a stacked (L, in, out) kernel
+  gets L independent projectors.
+  """
+
+  reduction_axes: Axes = -2
+  output_axes: Axes = -1
+
+
+class MatrixView(NamedTuple):
+  """Static description of how one leaf maps to a (*batch, m, n) matrix stack.
+
+  `m` is the size of the output role and `n` of the input role, so the stack
+  is in the PyTorch (out × in) orientation the reference's rules are stated in.
+  """
+
+  shape: tuple[int, ...]
+  perm: tuple[int, ...]  # transposes the leaf to batch + output + reduction axes
+  batch_shape: tuple[int, ...]
+  m: int
+  n: int
+
+  @property
+  def matrix_shape(self) -> tuple[int, ...]:
+    return self.batch_shape + (self.m, self.n)
+
+
+def _normalize_axes(axes: Axes, ndim: int, role: str, where: str) -> tuple[int, ...]:
+  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  if not axes:
+    raise ValueError(f"{where}: {role} is empty; name at least one axis.")
+  out = []
+  for axis in axes:
+    if not isinstance(axis, int) or not -ndim <= axis < ndim:
+      raise ValueError(
+          f"{where}: {role} axis {axis!r} is out of range for a leaf with "
+          f"{ndim} axes; pass go.DimensionNumbers with axes in [-{ndim}, {ndim})."
+      )
+    out.append(axis % ndim)
+  if len(set(out)) != len(out):
+    raise ValueError(f"{where}: {role} {axes} names an axis twice.")
+  return tuple(out)
+
+
+def make_view(
+    shape: Sequence[int], dimension_numbers: DimensionNumbers, where: str
+) -> MatrixView:
+  """Validates `dimension_numbers` for a leaf of `shape` and returns its view.
+
+  Args:
+    shape: the leaf's shape.
+    dimension_numbers: the leaf's `DimensionNumbers`.
+    where: the leaf's path, used in error messages.
+
+  Returns:
+    The leaf's `MatrixView`.
+  """
+  shape = tuple(int(d) for d in shape)
+  ndim = len(shape)
+  if ndim < 2:
+    raise ValueError(
+        f"{where}: shape {shape} has fewer than two axes, so it has no matrix "
+        "to project; leave it out of `mask` (e.g. go.path_mask(...) or the "
+        "default mask, which skips such leaves)."
+    )
+  if not isinstance(dimension_numbers, DimensionNumbers):
+    raise TypeError(
+        f"{where}: expected go.DimensionNumbers, got {dimension_numbers!r}."
+    )
+  reduction = _normalize_axes(
+      dimension_numbers.reduction_axes, ndim, "reduction_axes", where
+  )
+  output = _normalize_axes(dimension_numbers.output_axes, ndim, "output_axes", where)
+  if set(reduction) & set(output):
+    raise ValueError(
+        f"{where}: reduction_axes {dimension_numbers.reduction_axes} and "
+        f"output_axes {dimension_numbers.output_axes} overlap for shape {shape}; "
+        "each axis plays at most one role."
+    )
+  batch = tuple(a for a in range(ndim) if a not in reduction and a not in output)
+  return MatrixView(
+      shape=shape,
+      perm=batch + output + reduction,
+      batch_shape=tuple(shape[a] for a in batch),
+      m=math.prod(shape[a] for a in output),
+      n=math.prod(shape[a] for a in reduction),
+  )
+
+
+def to_matrix(x: jax.Array, view: MatrixView) -> jax.Array:
+  """Leaf → (*batch, m, n) stack (a no-op reshape for PyTorch-layout weights)."""
+  return jnp.transpose(x, view.perm).reshape(view.matrix_shape)
+
+
+def from_matrix(y: jax.Array, view: MatrixView) -> jax.Array:
+  """(*batch, m, n) stack → leaf layout; the inverse of `to_matrix`."""
+  permuted_shape = tuple(view.shape[a] for a in view.perm)
+  inverse = [0] * len(view.perm)
+  for i, a in enumerate(view.perm):
+    inverse[a] = i
+  return jnp.transpose(y.reshape(permuted_shape), inverse)

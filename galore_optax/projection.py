@@ -1,0 +1,83 @@
+"""Which side of a gradient matrix GaLore compresses, and the projections.
+
+All functions work on (*batch, m, n) stacks in the PyTorch (out × in)
+orientation (see `matrix_view`). A basis is a dict holding
+  "u":  (*batch, m, r) — output side, the leading left singular vectors U_r;
+  "vh": (*batch, r, n) — input side, the leading right singular vectors Vh_r;
+or both for the two-sided "full" projection.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+OUTPUT_SIDE = "u"
+INPUT_SIDE = "vh"
+
+
+def check_proj_type(proj_type: str) -> None:
+  if proj_type not in PROJ_TYPES:
+    raise ValueError(
+        f"proj_type={proj_type!r} is unknown; use one of {', '.join(PROJ_TYPES)}."
+    )
+
+
+def sides_for(proj_type: str, m: int, n: int) -> tuple[str, ...]:
+  """The basis (or bases) kept for an (m × n) = (out × in) gradient.
+
+  'std' compresses the smaller side, as galore-torch does: a tall or square
+  matrix (out >= in) keeps Vh_r and its low-rank gradient is out × r; a wide one
+  keeps U_r and its low-rank gradient is r × in. 'reverse_std' is the opposite,
+  'right'/'left' force the input/output side, 'full' keeps both.
+  """
+  if proj_type == "std":
+    return (INPUT_SIDE,) if m >= n else (OUTPUT_SIDE,)
+  if proj_type == "reverse_std":
+    return (OUTPUT_SIDE,) if m >= n else (INPUT_SIDE,)
+  if proj_type == "right":
+    return (INPUT_SIDE,)
+  if proj_type == "left":
+    return (OUTPUT_SIDE,)
+  if proj_type == "full":
+    return (OUTPUT_SIDE, INPUT_SIDE)
+  raise ValueError(f"proj_type={proj_type!r} is unknown.")
+
+
+def effective_rank(rank: int, m: int, n: int) -> int:
+  """The rank actually used: a thin SVD has at most min(m, n) vectors."""
+  return min(rank, m, n)
+
+
+def basis_shapes(
+    batch_shape: tuple[int, ...], m: int, n: int, r: int, sides: tuple[str, ...]
+) -> dict[str, tuple[int, ...]]:
+  shapes = {OUTPUT_SIDE: batch_shape + (m, r), INPUT_SIDE: batch_shape + (r, n)}
+  return {side: shapes[side] for side in sides}
+
+
+def low_rank_shape(
+    batch_shape: tuple[int, ...], m: int, n: int, r: int, sides: tuple[str, ...]
+) -> tuple[int, ...]:
+  rows = r if OUTPUT_SIDE in sides else m
+  cols = r if INPUT_SIDE in sides else n
+  return batch_shape + (rows, cols)
+
+
+def project(g: jax.Array, basis: dict[str, jax.Array]) -> jax.Array:
+  """R = U_rᵀ G, G Vh_rᵀ, or U_rᵀ G Vh_rᵀ, computed in the gradient's dtype."""
+  if OUTPUT_SIDE in basis:
+    g = jnp.matmul(jnp.swapaxes(basis[OUTPUT_SIDE], -1, -2).astype(g.dtype), g)
+  if INPUT_SIDE in basis:
+    g = jnp.matmul(g, jnp.swapaxes(basis[INPUT_SIDE], -1, -2).astype(g.dtype))
+  return g
+
+
+def project_back(r: jax.Array, basis: dict[str, jax.Array]) -> jax.Array:
+  """The inverse map of `project` onto the full (m × n) shape."""
+  if OUTPUT_SIDE in basis:
+    r = jnp.matmul(basis[OUTPUT_SIDE].astype(r.dtype), r)
+  if INPUT_SIDE in basis:
+    r = jnp.matmul(r, basis[INPUT_SIDE].astype(r.dtype))
+  return r

@@ -1,0 +1,66 @@
+"""Decoupled weight decay applied after the update, as galore-torch does it."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class DecayAfterUpdateState(NamedTuple):
+  """Step count, for a learning-rate schedule."""
+
+  count: chex.Array
+
+
+def decay_weights_after_update(
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: Union[float, chex.Array],
+    mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
+) -> optax.GradientTransformation:
+  """Adds the decay p ← p − lr·wd·p evaluated on the *updated* parameters.
+
+  galore-torch's `GaLoreAdamW` first applies the Adam step and then decays
+  the new weights, so the final update is u − lr·wd·(p + u). This differs from
+  `optax.add_decayed_weights` (decay of the old weights, scaled by the
+  learning rate afterwards) by the O(lr²) term, and the decay is never scaled
+  by GaLore's α. Place it after the learning rate in a chain.
+
+  Args:
+    learning_rate: the same learning rate (or schedule) as the step.
+    weight_decay: decay coefficient.
+    mask: optional pytree of bools or callable, True where to decay.
+
+  Returns:
+    An `optax.GradientTransformation` that needs `params` in `update`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, galore_optax as go
+    >>> tx = go.decay_weights_after_update(0.1, 0.5)
+    >>> updates, _ = tx.update(jnp.ones(2), tx.init(jnp.ones(2)), jnp.ones(2))
+    >>> updates   # 1 - 0.1 * 0.5 * (1 + 1)
+    Array([0.9, 0.9], dtype=float32)
+  """
+
+  def init_fn(params):
+    del params
+    return DecayAfterUpdateState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(
+          "decay_weights_after_update needs params: call tx.update(grads, "
+          "state, params)."
+      )
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    decay = lr * weight_decay
+    new_updates = jax.tree.map(
+        lambda u, p: (u - decay * (p + u)).astype(u.dtype), updates, params
+    )
+    return new_updates, DecayAfterUpdateState(optax.safe_increment(state.count))
+
+  tx = optax.GradientTransformation(init_fn, update_fn)
+  return tx if mask is None else optax.masked(tx, mask)
