@@ -165,7 +165,8 @@ def scale_by_galore(
     proj_type: 'std' (compress the smaller side, as galore-torch),
       'reverse_std', 'left' (output side), 'right' (input side) or 'full'.
     inner: transformation run on the low-rank gradients; default the Adam of
-      galore-torch's `GaLoreAdamW` (`scale_by_adam_hf`). It receives no params.
+      galore-torch's `GaLoreAdamW` (`scale_by_adam_hf`). If `params` are
+      given it receives them projected like the gradients (PᵀW).
     mask: pytree of bools (True = projected) or callable(params) returning
       one. Default: every leaf with at least two axes. See `path_mask`.
     dimension_numbers: a `DimensionNumbers` for every leaf, a pytree of them
@@ -229,7 +230,6 @@ def scale_by_galore(
     )
 
   def update_fn(updates, state, params=None):
-    del params  # GaLore needs gradients only; `inner` gets none.
     leaves, treedef = jax.tree.flatten(updates)
     plans = plans_for(updates)
     previous = treedef.flatten_up_to(state.projectors)
@@ -252,13 +252,22 @@ def scale_by_galore(
     else:
       bases = list(previous)
 
-    low_rank = list(leaves)
-    for i in projected:
-      low_rank[i] = projection.project(
-          matrix_view.to_matrix(leaves[i], plans[i].view), bases[i]
-      ).astype(leaves[i].dtype)
+    def to_low_rank(tree_leaves):
+      out = list(tree_leaves)
+      for i in projected:
+        out[i] = projection.project(
+            matrix_view.to_matrix(tree_leaves[i], plans[i].view), bases[i]
+        ).astype(tree_leaves[i].dtype)
+      return treedef.unflatten(out)
+
+    # Transforms that read params (shapes for Adafactor, decay, ...) see them
+    # in the same low-rank coordinates; under jit the projection is dropped
+    # when the inner transform does not use it.
+    low_rank_params = None if params is None else to_low_rank(
+        treedef.flatten_up_to(params)
+    )
     inner_updates, inner_state = inner.update(
-        treedef.unflatten(low_rank), state.inner_state
+        to_low_rank(leaves), state.inner_state, low_rank_params
     )
     out = treedef.flatten_up_to(inner_updates)
     for i in projected:
