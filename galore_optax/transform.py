@@ -232,7 +232,12 @@ def scale_by_galore(
   def update_fn(updates, state, params=None):
     leaves, treedef = jax.tree.flatten(updates)
     plans = plans_for(updates)
-    previous = treedef.flatten_up_to(state.projectors)
+    # Plain dicts: containers such as nnx.Optimizer's State mappings would
+    # otherwise differ from the freshly built ones across the lax.cond.
+    previous = [
+        stored if plan is None else {side: stored[side] for side in plan.sides}
+        for stored, plan in zip(treedef.flatten_up_to(state.projectors), plans)
+    ]
     projected = [i for i, plan in enumerate(plans) if plan is not None]
 
     def fresh():
