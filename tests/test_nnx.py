@@ -40,10 +40,15 @@ def test_nnx_optimizer_trains_and_matches_plain_optax():
   graphdef, _ = nnx.split(model)
   params = params0
   state = tx.init(params)
-  for _ in range(5):
+
+  @jax.jit
+  def plain_step(params, state):
     grads = jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p)))(params)
     updates, state = tx.update(grads, state, params)
-    params = optax.apply_updates(params, updates)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(5):
+    params, state = plain_step(params, state)
   got = nnx.as_pure(nnx.state(model, nnx.Param))
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
     assert jnp.allclose(a, b, atol=1e-6)
