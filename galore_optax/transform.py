@@ -173,7 +173,10 @@ def scale_by_galore(
       (None entries for unprojected leaves), or a callable(params) returning
       one. Default: Flax layout, reduction axis -2 and output axis -1; other
       axes are batch axes with one projector per slice.
-    refresh: how the projector is recomputed: 'svd' (exact, float32).
+    refresh: how the projector is recomputed: 'svd' (exact float32 SVD),
+      'randomized' (randomized range finder, one power iteration), 'power'
+      (subspace iteration warm-started from the previous projector), or a
+      refresh function such as `go.randomized_refresh(oversample=16)`.
     projector_dtype: dtype the bases are stored in; default the leaf's dtype.
 
   Returns:
