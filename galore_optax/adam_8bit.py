@@ -1,0 +1,249 @@
+"""Adam with blockwise 8-bit moments, as bitsandbytes' `Adam8bit`/`AdamW8bit`.
+
+Leaves with at least `min_8bit_size` elements keep m as uint8 codes of the
+signed dynamic map and v as uint8 codes of the unsigned one, each with one
+float32 absmax per block (see `galore_optax.quantization` for the layout):
+~2 bytes per parameter instead of 8. Smaller leaves keep float32 m and v. Each
+step dequantizes, updates the moments in float32 and requantizes them with
+fresh block scales, exactly the order of bitsandbytes' blockwise kernels.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from galore_optax import quantization
+
+
+class ScaleByAdam8bitState(NamedTuple):
+  """State of `scale_by_adam_8bit`.
+
+  `mu` and `nu` mirror the updates tree; each leaf is a
+  `quantization.QuantizedArray` (uint8 codes + float32 absmax) for leaves of
+  at least `min_8bit_size` elements and a float32 array otherwise.
+  """
+
+  count: chex.Array  # int32
+  mu: optax.Updates
+  nu: optax.Updates
+
+
+def _static_int(value: Any, name: str) -> Optional[int]:
+  """`value` as a Python int, or None when it is traced.
+
+  `optax.inject_hyperparams` turns integer arguments into arrays, which are
+  traced under `jit`/`eval_shape`. The update never needs them (the layout is
+  read off the state); `init` then falls back to the defaults.
+  """
+  try:
+    return int(value)
+  except (jax.errors.ConcretizationTypeError, TypeError) as e:
+    if isinstance(value, jax.core.Tracer):
+      return None
+    raise TypeError(f"{name} must be an integer, got {value!r}.") from e
+
+
+def _default(fn: Callable[..., Any], name: str) -> int:
+  return inspect.signature(fn).parameters[name].default
+
+
+def _init_moments(leaf, block_size: int, min_8bit_size: int, signed: bool):
+  shape = np.shape(leaf)
+  size = math.prod(shape)
+  if size == 0:
+    # Keeps the state free of zero-size arrays (orbax refuses them).
+    return jnp.zeros((1,), jnp.float32)
+  if size >= max(min_8bit_size, 1):
+    code = quantization.dynamic_map(signed)
+    return quantization.quantize_blockwise(
+        jnp.zeros(shape, jnp.float32), code, block_size
+    )
+  return jnp.zeros(shape, jnp.float32)
+
+
+def _load(moment, shape, signed: bool) -> jax.Array:
+  if not isinstance(moment, quantization.QuantizedArray):
+    return moment
+  block_size = moment.codes.size // moment.absmax.size
+  code = quantization.dynamic_map(signed)
+  return quantization.dequantize_blockwise(
+      moment.codes, moment.absmax, code, block_size, shape=shape
+  )
+
+
+def _store(value: jax.Array, like, signed: bool):
+  if not isinstance(like, quantization.QuantizedArray):
+    return value
+  # The block size is read off the state, so the update needs no static
+  # hyperparameter (see `_static_int`).
+  block_size = like.codes.size // like.absmax.size
+  code = quantization.dynamic_map(signed)
+  return quantization.quantize_blockwise(value, code, block_size)
+
+
+def scale_by_adam_8bit(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+) -> optax.GradientTransformation:
+  r"""Rescales updates by Adam with blockwise 8-bit moments (bitsandbytes).
+
+  A drop-in for `optax.scale_by_adam` (eps_root=0) whose moments of large
+  leaves are stored in 8 bits. At step t (1-based), per element:
+
+  .. math::
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) g, \quad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) g^2, \\
+    u_t = \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t} \cdot
+          \frac{m_t}{\sqrt{v_t} + \sqrt{1-\beta_2^t}\,\epsilon},
+
+  which equals optax's :math:`\hat m / (\sqrt{\hat v} + \epsilon)`. For leaves
+  of at least `min_8bit_size` elements, m and v are dequantized before and
+  requantized (fresh per-block absmax, nearest code) after the moment update.
+
+  Non-finite gradient elements are treated as zeros, for the moments and for
+  the update. bitsandbytes lets them through: a NaN/Inf element turns its
+  whole 256-element block of the 8-bit state into NaN (its absmax becomes
+  non-finite) for the rest of training. Here one bad element costs nothing but
+  its own step. Wrap with `optax.apply_if_finite` to skip such steps entirely.
+
+  Args:
+    b1: decay rate of the first moment.
+    b2: decay rate of the second moment.
+    eps: added to sqrt(v) *before* bias correction, scaled by
+      sqrt(1−β2^t) as in bitsandbytes.
+    block_size: elements per quantization block (bitsandbytes uses 256).
+    min_8bit_size: leaves with fewer elements keep float32 moments
+      (bitsandbytes' default 4096).
+
+  Returns:
+    An `optax.GradientTransformation` whose state is a
+    `ScaleByAdam8bitState`. Updates have the gradient's dtype.
+
+  References:
+    Kingma and Ba, Adam, 2014 (https://arxiv.org/abs/1412.6980);
+    Dettmers et al., 8-bit Optimizers via Block-wise Quantization, 2022
+    (https://arxiv.org/abs/2110.02861).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, galore_optax as go
+    >>> params = {"w": jnp.ones((64, 256)), "b": jnp.ones(64)}
+    >>> tx = optax.chain(go.scale_by_adam_8bit(), optax.scale(-1e-3))
+    >>> state = tx.init(params)
+    >>> state[0].mu["w"].codes.dtype, state[0].mu["w"].absmax.shape
+    (dtype('uint8'), (64, 1))
+    >>> updates, state = tx.update(params, state)
+    >>> round(float(updates["w"][0, 0]), 6), round(float(updates["b"][0]), 6)
+    (-0.001, -0.001)
+  """
+  block_size_int = _static_int(block_size, "block_size")
+  min_8bit_size_int = _static_int(min_8bit_size, "min_8bit_size")
+
+  def init_fn(params):
+    bs = block_size_int
+    if bs is None:
+      bs = _default(scale_by_adam_8bit, "block_size")
+    min_size = min_8bit_size_int
+    if min_size is None:
+      min_size = _default(scale_by_adam_8bit, "min_8bit_size")
+    return ScaleByAdam8bitState(
+        count=jnp.zeros([], jnp.int32),
+        mu=jax.tree.map(lambda p: _init_moments(p, bs, min_size, True), params),
+        nu=jax.tree.map(lambda p: _init_moments(p, bs, min_size, False), params),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    t = count.astype(jnp.float32)
+    b1_ = jnp.asarray(b1, jnp.float32)
+    b2_ = jnp.asarray(b2, jnp.float32)
+    correction2 = jnp.sqrt(1.0 - b2_**t)  # sqrt(1 - b2^t)
+    step_scale = correction2 / (1.0 - b1_**t)
+    eps_ = correction2 * jnp.asarray(eps, jnp.float32)
+
+    def leaf(g, mu, nu):
+      if g.size == 0:
+        return g, mu, nu
+      gf = g.astype(jnp.float32)
+      gf = jnp.where(jnp.isfinite(gf), gf, 0.0)
+      m = b1_ * _load(mu, g.shape, True) + (1.0 - b1_) * gf
+      v = b2_ * _load(nu, g.shape, False) + (1.0 - b2_) * gf * gf
+      u = step_scale * (m / (jnp.sqrt(v) + eps_))
+      return u.astype(g.dtype), _store(m, mu, True), _store(v, nu, False)
+
+    out = jax.tree.map(leaf, updates, state.mu, state.nu)
+    pick = lambda i: jax.tree.map(lambda _, o: o[i], updates, out)
+    return pick(0), ScaleByAdam8bitState(count=count, mu=pick(1), nu=pick(2))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adamw_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
+) -> optax.GradientTransformation:
+  r"""AdamW with blockwise 8-bit moments, as `bitsandbytes.optim.AdamW8bit`.
+
+  bitsandbytes first decays the parameters, p ← p·(1 − lr·wd), then applies
+  the Adam step of `scale_by_adam_8bit` scaled by lr. Since the Adam step does
+  not depend on p, this is the same update as
+  ``chain(scale_by_adam_8bit(...), add_decayed_weights(wd, mask),
+  scale_by_learning_rate(lr))``, which is what this returns.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1: decay rate of the first moment.
+    b2: decay rate of the second moment.
+    eps: see `scale_by_adam_8bit`.
+    weight_decay: decoupled weight decay, multiplied by the learning rate.
+    block_size: elements per quantization block.
+    min_8bit_size: leaves with fewer elements keep float32 moments.
+    mask: pytree of bools (or a callable of params returning one) selecting
+      the leaves that are decayed; None decays all leaves, as bitsandbytes.
+
+  Returns:
+    An `optax.GradientTransformation`. Works under
+    `optax.inject_hyperparams`; if its `init` is traced there (e.g. under
+    `jax.eval_shape`), integer arguments are traced too and the default
+    `block_size`/`min_8bit_size` are used, unless they are listed in
+    ``static_args``.
+
+  References:
+    Loshchilov and Hutter, Decoupled Weight Decay Regularization, 2019
+    (https://arxiv.org/abs/1711.05101); Dettmers et al., 8-bit Optimizers via
+    Block-wise Quantization, 2022 (https://arxiv.org/abs/2110.02861).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, galore_optax as go
+    >>> params = {"w": jnp.ones((64, 256))}
+    >>> tx = go.adamw_8bit(learning_rate=1e-3, weight_decay=0.0)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> round(float(params["w"][0, 0]), 6)
+    0.999
+  """
+  return optax.chain(
+      scale_by_adam_8bit(
+          b1=b1, b2=b2, eps=eps, block_size=block_size, min_8bit_size=min_8bit_size
+      ),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
