@@ -55,16 +55,18 @@ def _default(fn: Callable[..., Any], name: str) -> int:
   return inspect.signature(fn).parameters[name].default
 
 
-def _init_moments(leaf, block_size: int, min_8bit_size: int, signed: bool):
+def _init_moment(leaf, block_size: int, min_8bit_size: int):
   shape = np.shape(leaf)
   size = math.prod(shape)
   if size == 0:
     # Keeps the state free of zero-size arrays (orbax refuses them).
     return jnp.zeros((1,), jnp.float32)
   if size >= max(min_8bit_size, 1):
-    code = quantization.dynamic_map(signed)
-    return quantization.quantize_blockwise(
-        jnp.zeros(shape, jnp.float32), code, block_size
+    # absmax 0 dequantizes any code to 0 (bitsandbytes also starts from 0s).
+    codes_shape, absmax_shape = quantization.blockwise_layout(shape, block_size)
+    return quantization.QuantizedArray(
+        codes=jnp.zeros(codes_shape, jnp.uint8),
+        absmax=jnp.zeros(absmax_shape, jnp.float32),
     )
   return jnp.zeros(shape, jnp.float32)
 
@@ -158,8 +160,8 @@ def scale_by_adam_8bit(
       min_size = _default(scale_by_adam_8bit, "min_8bit_size")
     return ScaleByAdam8bitState(
         count=jnp.zeros([], jnp.int32),
-        mu=jax.tree.map(lambda p: _init_moments(p, bs, min_size, True), params),
-        nu=jax.tree.map(lambda p: _init_moments(p, bs, min_size, False), params),
+        mu=jax.tree.map(lambda p: _init_moment(p, bs, min_size), params),
+        nu=jax.tree.map(lambda p: _init_moment(p, bs, min_size), params),
     )
 
   def update_fn(updates, state, params=None):

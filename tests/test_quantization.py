@@ -256,12 +256,12 @@ def test_concrete_code_uses_table_lookup():
   assert "searchsorted" not in str(fast)
 
 
-@hypothesis.settings(max_examples=40, deadline=None, derandomize=True)
+@hypothesis.settings(max_examples=30, deadline=None, derandomize=True)
 @hypothesis.given(
     signed=st.booleans(),
     x=hnp.arrays(
         np.float32,
-        st.integers(1, 700),
+        st.sampled_from([1, 64, 300]),  # few shapes: few compilations
         elements=st.floats(-(2.0**100), 2.0**100, width=32),
     ),
 )
