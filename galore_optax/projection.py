@@ -81,3 +81,38 @@ def project_back(r: jax.Array, basis: dict[str, jax.Array]) -> jax.Array:
   if INPUT_SIDE in basis:
     r = jnp.matmul(r, basis[INPUT_SIDE].astype(r.dtype))
   return r
+
+
+def change_of_basis(
+    new: dict[str, jax.Array], old: dict[str, jax.Array]
+) -> dict[str, jax.Array]:
+  """C = P_newᵀ P_old per side, (*batch, r, r): old low-rank coordinates → new.
+
+  For the output side P = U_r and C = U_newᵀ U_old; for the input side the
+  basis is stored as Vh_r = Pᵀ, so C = Vh_new Vh_oldᵀ. A low-rank matrix
+  R_old maps to `rebase(R_old, C)`, which is exact when the two bases span
+  the same subspace (a rotation inside it).
+  """
+  c = {}
+  if OUTPUT_SIDE in new:
+    c[OUTPUT_SIDE] = jnp.swapaxes(new[OUTPUT_SIDE], -1, -2) @ old[OUTPUT_SIDE]
+  if INPUT_SIDE in new:
+    c[INPUT_SIDE] = new[INPUT_SIDE] @ jnp.swapaxes(old[INPUT_SIDE], -1, -2)
+  return c
+
+
+def rebase(
+    r: jax.Array, c: dict[str, jax.Array], squared: bool = False
+) -> jax.Array:
+  """Applies `change_of_basis` matrices to low-rank coordinates.
+
+  Output side: C R; input side: R Cᵀ; both for 'full'. With `squared` the
+  elementwise squares C∘C are applied instead, which maps a diagonal of
+  variances (the second-moment rule of LDAdam).
+  """
+  sq = (lambda a: a * a) if squared else (lambda a: a)
+  if OUTPUT_SIDE in c:
+    r = jnp.matmul(sq(c[OUTPUT_SIDE]), r)
+  if INPUT_SIDE in c:
+    r = jnp.matmul(r, jnp.swapaxes(sq(c[INPUT_SIDE]), -1, -2))
+  return r
