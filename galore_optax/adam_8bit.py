@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from galore_optax import quantization
+from galore_optax import tree_utils
 
 
 class ScaleByAdam8bitState(NamedTuple):
@@ -72,6 +73,7 @@ def _init_moment(leaf, block_size: int, min_8bit_size: int):
 
 
 def _load(moment, shape, signed: bool) -> jax.Array:
+  moment = tree_utils.restore_named_tuple(quantization.QuantizedArray, moment)
   if not isinstance(moment, quantization.QuantizedArray):
     return moment
   block_size = moment.codes.size // moment.absmax.size
@@ -82,6 +84,7 @@ def _load(moment, shape, signed: bool) -> jax.Array:
 
 
 def _store(value: jax.Array, like, signed: bool):
+  like = tree_utils.restore_named_tuple(quantization.QuantizedArray, like)
   if not isinstance(like, quantization.QuantizedArray):
     return value
   # The block size is read off the state, so the update needs no static
