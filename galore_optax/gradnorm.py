@@ -1,0 +1,436 @@
+"""GradNormLoRP: weight-normalized gradients with a low-rank direction update.
+
+Each projected matrix is read as a weight-normalized one, W = g ⊙ V/‖V‖, with
+a magnitude g per output channel (the norm over the input axes) and a
+direction V. The reparameterization lives only inside the optimizer: every
+step it is rebuilt from the current weights with V = W, so the model is left
+unchanged. At V = W the weight-norm chain rule gives
+
+  ∂g = Σ ∇W ⊙ V̂            (V̂ = W/g, summed over the norm axes)
+  ∂V = ∇W − V̂ ⊙ ∂g          (the tangential part; the factor g/‖V‖ is 1),
+
+∂V goes through GaLore (`scale_by_galore`: low-rank moments) and ∂g through
+the same inner optimizer at full size, and the new weight is g' ⊙ V'/‖V'‖.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from galore_optax import masking
+from galore_optax import matrix_view
+from galore_optax.adam import scale_by_adam_hf
+from galore_optax.adam_8bit import scale_by_adam_8bit
+from galore_optax.transform import GaLoreState, scale_by_galore
+
+MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
+
+
+class GradNormLoRPState(NamedTuple):
+  """State of `gradnorm_lorp`.
+
+  Attributes:
+    count: number of updates so far (int32), for a learning-rate schedule.
+    galore_state: the `scale_by_galore` state: projectors and low-rank inner
+      moments of the direction gradients ∂V of projected leaves, full-size
+      inner moments of the other leaves (their plain AdamW).
+    magnitude_state: the inner optimizer's state for the magnitude gradients
+      ∂g, float32, shaped like the parameters with the norm axes reduced to
+      size 1; `optax.MaskedNode()` for leaves that are not projected.
+  """
+
+  count: chex.Array
+  galore_state: GaLoreState
+  magnitude_state: optax.OptState
+
+
+def _check_norm_axis(norm_axis: Any) -> None:
+  if norm_axis is None:
+    return
+  axes = (norm_axis,) if isinstance(norm_axis, int) else norm_axis
+  if (
+      isinstance(norm_axis, (str, bytes))
+      or not isinstance(axes, Sequence)
+      or not axes
+      or any(isinstance(a, bool) or not isinstance(a, int) for a in axes)
+  ):
+    raise TypeError(
+        f"norm_axis={norm_axis!r} must be None (each leaf's reduction axes), an "
+        "int or a non-empty tuple of ints naming the axes the magnitude is the "
+        "norm over."
+    )
+
+
+def _norm_axes_per_leaf(params, mask, dimension_numbers, norm_axis):
+  """The norm axes of each projected leaf, None for the others (flatten order).
+
+  Magnitudes are per output channel and per slice of a stack: the norm runs
+  over the reduction (input) axes by default, and never over a batch axis,
+  which would tie the magnitudes of different layers together.
+  """
+  flags = masking.resolve_mask(mask, params)
+  dims = masking.resolve_dimension_numbers(dimension_numbers, params)
+  plans = []
+  for (path, leaf), flag, dn in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0], flags, dims
+  ):
+    if not flag:
+      plans.append(None)
+      continue
+    where = masking.path_to_str(path)
+    shape = jnp.shape(leaf)
+    ndim = len(shape)
+    matrix_view.make_view(shape, dn, where)  # validates the dimension numbers
+    reduction = matrix_view._normalize_axes(
+        dn.reduction_axes, ndim, "reduction_axes", where
+    )
+    output = matrix_view._normalize_axes(dn.output_axes, ndim, "output_axes", where)
+    if norm_axis is None:
+      axes = reduction
+    else:
+      axes = matrix_view._normalize_axes(norm_axis, ndim, "norm_axis", where)
+      batch = sorted(set(range(ndim)) - set(reduction) - set(output))
+      if set(axes) & set(batch):
+        raise ValueError(
+            f"{where}: norm_axis={norm_axis!r} includes batch axes {batch} of "
+            f"shape {tuple(shape)} (stacked layers get one magnitude per slice); "
+            "name reduction or output axes only, or leave norm_axis=None."
+        )
+    plans.append(tuple(sorted(axes)))
+  return plans
+
+
+def _magnitude_shape(shape, axes):
+  return tuple(1 if a in axes else d for a, d in enumerate(shape))
+
+
+def _safe_divide(x, norm):
+  """x / norm, and 0 where the norm is 0 (no 0/0 NaN)."""
+  positive = norm > 0
+  return jnp.where(positive, x / jnp.where(positive, norm, 1.0), 0.0)
+
+
+def _split_gradient(w, grad, axes):
+  """Magnitude g, direction V, and the weight-norm gradients ∂g, ∂V of one leaf.
+
+  All float32. Where a row is exactly zero (g = 0) it has no direction; it
+  takes the unit steepest-descent direction V = −∇W/‖∇W‖ instead of V = W.
+  There the chain rule's factor g/‖V‖ is 0, so ∂V = 0 and ∂g = −‖∇W‖: the row
+  grows out of zero along −∇W (zero-initialized layers still train).
+  """
+  norm = lambda x: jnp.sqrt(jnp.sum(jnp.square(x), axis=axes, keepdims=True))
+  g = norm(w)
+  live = g > 0
+  steepest = _safe_divide(-grad, norm(grad))
+  v_hat = jnp.where(live, _safe_divide(w, g), steepest)
+  dg = jnp.sum(grad * v_hat, axis=axes, keepdims=True)
+  dv = jnp.where(live, grad - v_hat * dg, 0.0)
+  v = jnp.where(live, w, v_hat)
+  return g, v, dg, dv
+
+
+def gradnorm_lorp(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int = 128,
+    update_proj_gap: Union[int, chex.Array] = 200,
+    scale: Union[float, chex.Array] = 1.0,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: Union[float, chex.Array] = 0.0,
+    mask: MaskOrFn = None,
+    dimension_numbers: Optional[Any] = None,
+    inner: Optional[optax.GradientTransformation] = None,
+    norm_axis: Optional[Union[int, Sequence[int]]] = None,
+    *,
+    refresh: Any = "svd",
+    projector_dtype: Optional[Any] = None,
+    weight_decay_mask: MaskOrFn = None,
+) -> optax.GradientTransformation:
+  """GradNormLoRP: gradient weight-normalized low-rank projection.
+
+  For each projected leaf (`mask`), with W the current weight and the norm
+  over `norm_axis` (per output channel by default):
+
+  1. g = ‖W‖, V = W, V̂ = W/g;
+  2. ∂g = Σ ∇W ⊙ V̂ and ∂V = ∇W − V̂ ⊙ ∂g (the exact gradients of the
+     loss with respect to g and V of W = g ⊙ V/‖V‖, at V = W);
+  3. u_V = scale_by_galore(∂V): projected, run through `inner` with low-rank
+     moments, projected back, times `scale`; u_g = inner(∂g) at full size;
+  4. V' = V − lr·u_V, g' = g − lr·u_g, W' = g' ⊙ V'/‖V'‖;
+  5. decoupled weight decay of the new weight, W' ← (1 − lr·wd)·W' (which
+     only shrinks the magnitude);
+  6. the update returned is W' − W, so `optax.apply_updates` gives W'.
+
+  Leaves that are not projected get plain AdamW with `inner`, exactly as in
+  `galore_adamw`. Since g' ⊙ V'/‖V'‖ is not linear in the gradient, this is a
+  complete optimizer (learning rate included), not a chainable scaling; it
+  needs `params` in `update`.
+
+  Compared with GaLore on W, the gradient is split into a magnitude part,
+  kept full-rank (one number per channel), and a direction part orthogonal to
+  each row of W, which alone is compressed; the weight's row norms change
+  only through g. Magnitude moments are float32 and cost O(out) per matrix.
+
+  Rows that are exactly zero have no direction: they take the unit
+  steepest-descent direction −∇W/‖∇W‖ and grow out of zero along it, so
+  zero-initialized layers train (with step size lr in norm, not per entry).
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    rank: projection rank of ∂V (clamped to each matrix's smaller side).
+    update_proj_gap: steps between projector refreshes.
+    scale: α, the multiplier of the projected-back direction update; it does
+      not scale the magnitude update or the weight decay.
+    proj_type: 'std', 'reverse_std', 'left', 'right' or 'full' (the paper's
+      two-sided projection).
+    b1: Adam's first-moment decay (ignored when `inner` is given).
+    b2: Adam's second-moment decay (ignored when `inner` is given).
+    eps: Adam's eps, added before bias correction as in galore-torch
+      (ignored when `inner` is given).
+    weight_decay: decoupled weight decay, applied to the updated weights.
+    mask: which leaves are weight-normalized and projected (pytree of bools
+      or callable); default every leaf with at least two axes. See
+      `path_mask`.
+    dimension_numbers: which axes are (in, out) and which batch, as in
+      `scale_by_galore`; default Flax layout (reduction axis -2).
+    inner: the optimizer run on the low-rank ∂V, on ∂g and on unprojected
+      gradients; default galore-torch's Adam (`scale_by_adam_hf(b1, b2,
+      eps)`). `go.scale_by_adam_8bit()` gives 8-bit states.
+    norm_axis: axes the magnitude is the norm over: None for each leaf's
+      reduction (input) axes, i.e. one magnitude per output channel, or an
+      int / tuple of ints for every projected leaf (never a batch axis).
+    refresh: projector refresh method, see `scale_by_galore`.
+    projector_dtype: dtype the projectors are stored in; default the
+      gradient's.
+    weight_decay_mask: which leaves are decayed; default all.
+
+  Returns:
+    An `optax.GradientTransformation` whose state is a `GradNormLoRPState`
+    and whose `update` requires `params`.
+
+  References:
+    Huang, Shen, Zhu, Rudinac, Kanoulas, Gradient Weight-normalized Low-rank
+    Projection for Efficient LLM Training, AAAI 2025.
+    https://arxiv.org/abs/2412.19616;
+    Salimans and Kingma, Weight Normalization, 2016.
+    https://arxiv.org/abs/1602.07868
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from galore_optax.gradnorm import gradnorm_lorp
+    >>> params = {"w": jax.random.normal(jax.random.key(0), (32, 16)),
+    ...           "b": jnp.zeros(16)}
+    >>> tx = gradnorm_lorp(1e-2, rank=4)
+    >>> state = tx.init(params)
+    >>> state.galore_state.inner_state.mu["w"].shape   # low-rank ∂V moment
+    (4, 32)
+    >>> state.magnitude_state.mu["w"].shape            # one g per output
+    (1, 16)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+  """
+  _check_norm_axis(norm_axis)
+  if inner is None:
+    inner = scale_by_adam_hf(b1, b2, eps)
+  elif not isinstance(inner, optax.GradientTransformation):
+    raise TypeError(
+        f"inner must be an optax.GradientTransformation (e.g. "
+        f"go.scale_by_adam_8bit()), got {type(inner).__name__}."
+    )
+  # Builds (and validates rank, update_proj_gap, proj_type, refresh) now, so
+  # bad arguments fail at construction rather than at the first update.
+  galore = scale_by_galore(
+      rank,
+      update_proj_gap=update_proj_gap,
+      scale=scale,
+      proj_type=proj_type,
+      inner=inner,
+      mask=mask,
+      dimension_numbers=dimension_numbers,
+      refresh=refresh,
+      projector_dtype=projector_dtype,
+  )
+  decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
+
+  def plans_for(tree):
+    return _norm_axes_per_leaf(tree, mask, dimension_numbers, norm_axis)
+
+  def init_fn(params):
+    leaves, treedef = jax.tree.flatten(params)
+    magnitudes = [
+        optax.MaskedNode()
+        if axes is None
+        else jnp.zeros(_magnitude_shape(jnp.shape(leaf), axes), jnp.float32)
+        for leaf, axes in zip(leaves, plans_for(params))
+    ]
+    return GradNormLoRPState(
+        count=jnp.zeros([], jnp.int32),
+        galore_state=galore.init(params),
+        magnitude_state=inner.init(treedef.unflatten(magnitudes)),
+    )
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(
+          "gradnorm_lorp needs the current weights to split the gradient into "
+          "magnitude and direction: call tx.update(grads, state, params)."
+      )
+    grads, treedef = jax.tree.flatten(updates)
+    weights = treedef.flatten_up_to(params)
+    plans = plans_for(updates)
+    paths = masking.leaf_paths(updates)
+    for path, grad, w in zip(paths, grads, weights):
+      if jnp.shape(grad) != jnp.shape(w):
+        raise ValueError(
+            f"{path}: gradient shape {jnp.shape(grad)} differs from the "
+            f"parameter's {jnp.shape(w)}; pass the params the gradients are of."
+        )
+    if weight_decay_mask is None:
+      decayed = [True] * len(grads)
+    else:
+      decayed = masking.resolve_mask(weight_decay_mask, params)
+
+    directions, magnitude_grads, split = list(grads), [], {}
+    direction_params = list(weights)
+    for i, (grad, w, axes) in enumerate(zip(grads, weights, plans)):
+      if axes is None:
+        magnitude_grads.append(optax.MaskedNode())
+        continue
+      g, v, dg, dv = _split_gradient(
+          w.astype(jnp.float32), grad.astype(jnp.float32), axes
+      )
+      split[i] = (g, v)
+      directions[i] = dv.astype(grad.dtype)
+      direction_params[i] = v.astype(w.dtype)
+      magnitude_grads.append(dg)
+
+    galore_out, galore_state = galore.update(
+        treedef.unflatten(directions),
+        state.galore_state,
+        treedef.unflatten(direction_params),
+    )
+    magnitude_out, magnitude_state = inner.update(
+        treedef.unflatten(magnitude_grads), state.magnitude_state
+    )
+    galore_out = treedef.flatten_up_to(galore_out)
+    magnitude_out = treedef.flatten_up_to(magnitude_out)
+
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    out = []
+    for i, (grad, w, axes) in enumerate(zip(grads, weights, plans)):
+      decay = lr * weight_decay if decays and decayed[i] else None
+      if axes is None:
+        # Plain AdamW, as galore_adamw: decay evaluated on the updated weights.
+        u = -lr * galore_out[i].astype(jnp.float32)
+        if decay is not None:
+          u = u - decay * (w.astype(jnp.float32) + u)
+        out.append(u.astype(grad.dtype))
+        continue
+      g, v = split[i]
+      v_new = v - lr * galore_out[i].astype(jnp.float32)
+      g_new = g - lr * magnitude_out[i]
+      if decay is not None:
+        g_new = (1.0 - decay) * g_new
+      v_norm = jnp.sqrt(jnp.sum(jnp.square(v_new), axis=axes, keepdims=True))
+      w_new = g_new * _safe_divide(v_new, v_norm)
+      out.append((w_new - w.astype(jnp.float32)).astype(grad.dtype))
+
+    return treedef.unflatten(out), GradNormLoRPState(
+        count=optax.safe_increment(state.count),
+        galore_state=galore_state,
+        magnitude_state=magnitude_state,
+    )
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def gradnorm_lorp8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int = 128,
+    update_proj_gap: Union[int, chex.Array] = 200,
+    scale: Union[float, chex.Array] = 1.0,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: Union[float, chex.Array] = 0.0,
+    mask: MaskOrFn = None,
+    dimension_numbers: Optional[Any] = None,
+    norm_axis: Optional[Union[int, Sequence[int]]] = None,
+    *,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    refresh: Any = "svd",
+    projector_dtype: Optional[Any] = None,
+    weight_decay_mask: MaskOrFn = None,
+) -> optax.GradientTransformation:
+  """`gradnorm_lorp` with bitsandbytes-style blockwise 8-bit Adam states.
+
+  The inner optimizer is `scale_by_adam_8bit(b1, b2, eps, block_size,
+  min_8bit_size)`: the low-rank direction moments, the magnitude moments and
+  the moments of unprojected leaves are 8-bit where a state tensor has at
+  least `min_8bit_size` elements (in practice the low-rank moments and large
+  unprojected leaves such as embeddings) and float32 otherwise.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    rank: projection rank of the direction gradient.
+    update_proj_gap: steps between projector refreshes.
+    scale: α, the multiplier of the projected-back direction update.
+    proj_type: 'std', 'reverse_std', 'left', 'right' or 'full'.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's eps, bitsandbytes' placement (see `scale_by_adam_8bit`).
+    weight_decay: decoupled weight decay, applied to the updated weights.
+    mask: which leaves are weight-normalized and projected.
+    dimension_numbers: see `scale_by_galore`.
+    norm_axis: see `gradnorm_lorp`.
+    block_size: elements per quantization block.
+    min_8bit_size: state tensors with fewer elements stay float32.
+    refresh: projector refresh method, see `scale_by_galore`.
+    projector_dtype: dtype the projectors are stored in.
+    weight_decay_mask: which leaves are decayed; default all.
+
+  Returns:
+    An `optax.GradientTransformation` (state `GradNormLoRPState`) whose
+    `update` requires `params`.
+
+  References:
+    Huang et al., GradNormLoRP, AAAI 2025 (https://arxiv.org/abs/2412.19616);
+    Dettmers et al., 8-bit Optimizers via Block-wise Quantization, 2022.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from galore_optax.gradnorm import gradnorm_lorp8bit
+    >>> params = {"w": jax.random.normal(jax.random.key(0), (64, 256))}
+    >>> tx = gradnorm_lorp8bit(1e-2, rank=16)
+    >>> state = tx.init(params)
+    >>> state.galore_state.inner_state.mu["w"].codes.dtype
+    dtype('uint8')
+    >>> updates, state = tx.update(params, state, params)
+  """
+  return gradnorm_lorp(
+      learning_rate,
+      rank,
+      update_proj_gap,
+      scale,
+      proj_type,
+      weight_decay=weight_decay,
+      mask=mask,
+      dimension_numbers=dimension_numbers,
+      inner=scale_by_adam_8bit(
+          b1=b1, b2=b2, eps=eps, block_size=block_size, min_8bit_size=min_8bit_size
+      ),
+      norm_axis=norm_axis,
+      refresh=refresh,
+      projector_dtype=projector_dtype,
+      weight_decay_mask=weight_decay_mask,
+  )
