@@ -1,0 +1,13 @@
+"""The one exception type that the example CLIs turn into ``error: ...`` (exit status 2)."""
+
+
+class ExampleError(Exception):
+  """Bad user input (missing path, empty corpus, unknown name, ...).
+
+  The message is a single line meant for the user; the command-line tools print it as
+  ``error: <message>`` to stderr and exit with status 2, without a traceback.
+  """
+
+  def __init__(self, message: str):
+    # Keep the message on one line whatever the caller passed in.
+    super().__init__(" ".join(str(message).split()))
