@@ -1,0 +1,121 @@
+"""Shared helpers for the benchmarks: environment facts, timing, LLaMA shapes."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+
+# hidden, intermediate, heads, layers (Zhao et al. 2024, Table 2); vocab 32000.
+LLAMA_SIZES = {
+    "60m": (512, 1376, 8, 8),
+    "130m": (768, 2048, 12, 12),
+    "350m": (1024, 2736, 16, 24),
+    "1b": (2048, 5461, 32, 24),
+    "7b": (4096, 11008, 32, 32),
+}
+VOCAB = 32000
+
+
+def llama_matrices(size: str, dtype=jax.numpy.float32) -> dict:
+  """Abstract attention and MLP kernels of one LLaMA size, Flax (in, out) layout."""
+  hidden, inter, _, layers = LLAMA_SIZES[size]
+  attn = {name: (hidden, hidden) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+  mlp = {"gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+  block = lambda shapes: {n: jax.ShapeDtypeStruct(s, dtype) for n, s in shapes.items()}
+  return {f"layers_{i}": {"attn": block(attn), "mlp": block(mlp)} for i in range(layers)}
+
+
+def llama_params(size: str, param_dtype: str = "float32", **overrides) -> dict:
+  """The whole parameter tree of the example LLaMA (embeddings, norms, LM head).
+
+  Built under `nnx.eval_shape`, so nothing is allocated: the leaves are
+  `jax.ShapeDtypeStruct`s, enough for `jax.eval_shape(tx.init, params)`.
+  Paths look like "layers/3/attn/q_proj/kernel"; `go.path_mask(r"attn|mlp")`
+  selects the projections the paper projects.
+  """
+  from flax import nnx
+  from examples import configs, llama
+
+  cfg = configs.get_model_config(size, param_dtype=param_dtype, **overrides)
+  model = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def median_seconds(fn, repeats: int) -> float:
+  """Median wall time of `fn()` (which must block until its result is ready)."""
+  fn()  # compile / warm up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+_START = time.perf_counter()
+
+
+def log(message: str) -> None:
+  """Progress on stderr, with the seconds since the benchmark started."""
+  print(f"[{time.perf_counter() - _START:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def interleaved_medians(fns: dict, rounds: int) -> dict:
+  """{name: (median, min, max) seconds} of each `fn()`, timed round-robin.
+
+  Each function runs once to compile, then once per round in turn, so load
+  from other processes on a shared machine falls on every method alike.
+  Every `fn` must block until its result is ready.
+  """
+  for name, fn in fns.items():
+    start = time.perf_counter()
+    fn()
+    log(f"compiled and ran {name}: {time.perf_counter() - start:.2f} s")
+  times = {name: [] for name in fns}
+  for i in range(rounds):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+    log(f"round {i + 1}/{rounds}: " + ", ".join(f"{t[-1]:.3f}" for t in times.values()))
+  return {n: (statistics.median(t), min(t), max(t)) for n, t in times.items()}
+
+
+def environment() -> str:
+  cpu = platform.processor() or "unknown"
+  try:
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  import numpy, optax
+  devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
+  try:
+    commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+  except (OSError, subprocess.CalledProcessError):
+    commit = "unknown"
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:
+    cores = os.cpu_count()
+  try:
+    load = open("/proc/loadavg").read().split()[0]
+  except OSError:
+    load = "unknown"
+  return "\n".join([
+      f"- date: {datetime.date.today().isoformat()}",
+      f"- command: `python {' '.join(sys.argv)}`",
+      f"- device: {jax.default_backend()} ({devices}), {jax.local_device_count()} device(s); "
+      f"host CPU: {cpu}, `nproc` = {cores}; 1-min load average at start: {load}",
+      f"- versions: python {platform.python_version()}, jax {jax.__version__}, optax {optax.__version__}, numpy {numpy.__version__}",
+      f"- galore-optax commit: {commit}",
+  ])
