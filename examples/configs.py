@@ -97,6 +97,7 @@ class TrainConfig:
   update_proj_gap: int = 200
   galore_scale: float = 0.25
   proj_type: str = "std"
+  refresh: str = "svd"  # subspace refresh: svd (exact), randomized or power
   galore_targets: str = r"attn|mlp"  # regex on parameter paths selecting projected matrices
   weight_decay: float = 0.0
   grad_clip: Optional[float] = None  # global-norm clipping threshold; None = off

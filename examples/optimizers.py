@@ -25,6 +25,7 @@ from examples.errors import ExampleError
 
 # Projection sides accepted by galore_optax (see the design notes).
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+REFRESH_METHODS = ("svd", "randomized", "power")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,7 @@ class OptimizerConfig:
   update_proj_gap: int = 200
   scale: float = 0.25
   proj_type: str = "std"
+  refresh: str = "svd"  # galore_optax subspace refresh: svd, randomized or power
   targets: str = r"attn|mlp"
 
 
@@ -84,7 +86,7 @@ def _call_supported(fn: Callable, *args, **kwargs):
 def _galore_kwargs(name: str, cfg: OptimizerConfig) -> Dict[str, Any]:
   path_mask = _library_fn(name, "path_mask")
   return dict(rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale,
-              proj_type=cfg.proj_type, mask=path_mask(cfg.targets))
+              proj_type=cfg.proj_type, refresh=cfg.refresh, mask=path_mask(cfg.targets))
 
 
 def _build_adamw(name, cfg, lr):
@@ -96,10 +98,11 @@ def _build_adamw_8bit(name, cfg, lr):
   return _library_fn(name, "adamw_8bit")(lr, weight_decay=cfg.weight_decay)
 
 
-def _build_library_galore(fn_name):
+def _build_library_galore(fn_name, **fixed):
   def build(name, cfg, lr):
     fn = _library_fn(name, fn_name)
-    return _call_supported(fn, lr, weight_decay=cfg.weight_decay, **_galore_kwargs(name, cfg))
+    return _call_supported(fn, lr, weight_decay=cfg.weight_decay, **_galore_kwargs(name, cfg),
+                           **fixed)
   return build
 
 
@@ -140,7 +143,10 @@ REGISTRY: Dict[str, OptimizerSpec] = {
                       _build_library_galore("galore_adamw8bit")),
         OptimizerSpec("galore_adafactor", "galore_optax.galore_adafactor", 1e-2,
                       ("galore_adafactor", "path_mask"), True,
-                      _build_library_galore("galore_adafactor")),
+                      # The peak learning rate as is, as transformers documents for Adafactor
+                      # with a schedule: scale_parameter would multiply it by each weight's
+                      # RMS (~0.02 at init, a 50x smaller step).
+                      _build_library_galore("galore_adafactor", scale_parameter=False)),
         OptimizerSpec("gradnorm_lorp", "galore_optax.gradnorm_lorp", 1e-2,
                       ("gradnorm_lorp", "path_mask"), True, _build_library_galore("gradnorm_lorp")),
         OptimizerSpec("optax_contrib_galore", "optax.contrib.galore (peer baseline)", 1e-2,
@@ -199,6 +205,11 @@ def build_optimizer(name: str, cfg: OptimizerConfig):
     if name == "optax_contrib_galore" and cfg.proj_type != "std":
       raise ExampleError("optax_contrib_galore has no proj_type option (it projects the smaller "
                          "side, like 'std'); drop --proj-type")
+    if cfg.refresh not in REFRESH_METHODS:
+      raise ExampleError(f"unknown refresh {cfg.refresh!r} "
+                         f"(choose from: {', '.join(REFRESH_METHODS)})")
+    if name == "optax_contrib_galore" and cfg.refresh != "svd":
+      raise ExampleError("optax_contrib_galore only refreshes by exact SVD; drop --refresh")
     try:
       re.compile(cfg.targets)
     except re.error as e:

@@ -158,7 +158,7 @@ def optimizer_config(config: configs_lib.TrainConfig) -> optimizers_lib.Optimize
       warmup_fraction=config.warmup_fraction, min_lr_ratio=config.min_lr_ratio,
       weight_decay=config.weight_decay, grad_clip=config.grad_clip, rank=rank,
       update_proj_gap=config.update_proj_gap, scale=config.galore_scale,
-      proj_type=config.proj_type, targets=config.galore_targets)
+      proj_type=config.proj_type, refresh=config.refresh, targets=config.galore_targets)
 
 
 def validate_config(config: configs_lib.TrainConfig) -> configs_lib.LlamaConfig:
@@ -451,6 +451,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--update-proj-gap", type=int, default=d.update_proj_gap)
   p.add_argument("--galore-scale", type=float, default=d.galore_scale)
   p.add_argument("--proj-type", default=d.proj_type)
+  p.add_argument("--refresh", default=d.refresh,
+                 help="galore_optax subspace refresh: svd (exact), randomized or power")
   p.add_argument("--weight-decay", type=float, default=d.weight_decay)
   p.add_argument("--grad-clip", type=float, default=None, help="global-norm clip (default off)")
   p.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction)
@@ -477,7 +479,8 @@ def config_from_args(args: argparse.Namespace, **extra) -> configs_lib.TrainConf
       data=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
       max_docs=args.max_docs, val_fraction=args.val_fraction, cache_dir=args.cache_dir,
       rank=args.rank, learning_rate=args.lr, update_proj_gap=args.update_proj_gap,
-      galore_scale=args.galore_scale, proj_type=args.proj_type, weight_decay=args.weight_decay,
+      galore_scale=args.galore_scale, proj_type=args.proj_type,
+      refresh=args.refresh, weight_decay=args.weight_decay,
       grad_clip=args.grad_clip, warmup_fraction=args.warmup_fraction,
       min_lr_ratio=args.min_lr_ratio, seed=args.seed, eval_every=args.eval_every,
       eval_batches=args.eval_batches, log_every=args.log_every, scan_layers=args.scan_layers,

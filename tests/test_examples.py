@@ -129,16 +129,18 @@ def test_scanned_layers_equal_unrolled_layers():
 # ----------------------------------------------------------------------------- training
 
 
-TRAIN_CASES = [(name, False) for name in optimizers.available_optimizers()]
-TRAIN_CASES.append(("galore_adamw", True))  # stacked (layers, in, out) kernels
+TRAIN_CASES = [(name, False, "svd") for name in optimizers.available_optimizers()]
+TRAIN_CASES.append(("galore_adamw", True, "svd"))  # stacked (layers, in, out) kernels
+TRAIN_CASES += [("galore_adamw", True, r) for r in ("randomized", "power")]
 
 
-@pytest.mark.parametrize("name,scan", TRAIN_CASES,
-                         ids=[n + ("-scan" if s else "") for n, s in TRAIN_CASES])
-def test_a_few_steps_lower_the_loss(name, scan):
+@pytest.mark.parametrize(
+    "name,scan,refresh", TRAIN_CASES,
+    ids=[n + ("-scan" if s else "") + ("" if r == "svd" else "-" + r) for n, s, r in TRAIN_CASES])
+def test_a_few_steps_lower_the_loss(name, scan, refresh):
   model = _model(scan_layers=scan, num_layers=2 if scan else 1)
   cfg = optimizers.OptimizerConfig(total_steps=8, warmup_fraction=0.0, rank=4,
-                                   update_proj_gap=3)
+                                   update_proj_gap=3, refresh=refresh)
   tx, _, _ = optimizers.build_optimizer(name, cfg)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   batch = jax.random.randint(jax.random.key(3), (4, 17), 0, VOCAB)
@@ -318,6 +320,7 @@ BAD_INPUTS = {
     "unknown optimizer": (["--optimizer", "adamw9000"], "unknown optimizer 'adamw9000'"),
     "unknown config": (["--config", "13b"], "unknown config '13b'"),
     "bad proj type": (["--proj-type", "diagonal"], "unknown proj_type 'diagonal'"),
+    "bad refresh": (["--refresh", "qr"], "unknown refresh 'qr'"),
     "bad number": (["--steps", "ten"], "--steps"),
 }
 
