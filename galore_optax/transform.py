@@ -582,8 +582,8 @@ def scale_by_galore(
     def to_low_rank(tree_leaves):
       out = list(tree_leaves)
       for i in projected:
-        out[i] = projection.project(
-            matrix_view.to_matrix(tree_leaves[i], plans[i].view), bases[i]
+        out[i] = projection.project_leaf(
+            tree_leaves[i], bases[i], plans[i].view
         ).astype(tree_leaves[i].dtype)
       return treedef.unflatten(out)
 
@@ -598,8 +598,9 @@ def scale_by_galore(
     )
     out = treedef.flatten_up_to(inner_updates)
     for i in projected:
-      full = projection.project_back(out[i] * scale, bases[i])
-      out[i] = matrix_view.from_matrix(full, plans[i].view).astype(leaves[i].dtype)
+      out[i] = projection.project_back_leaf(
+          out[i] * scale, bases[i], plans[i].view
+      ).astype(leaves[i].dtype)
     if lazy is not None:
       schedule = treedef.unflatten(
           [optax.MaskedNode() if s is None else s for s in schedules]
