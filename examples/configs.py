@@ -126,6 +126,10 @@ class TrainConfig:
   stop_after: Optional[int] = None  # stop this invocation after this many steps (preemption)
   progress: bool = True
 
+  # Device mesh over (data, fsdp, tensor): "2,4,1" or "data=2,fsdp=4" (missing axes 1);
+  # None: a single device, no sharding (see examples.train.parse_mesh).
+  mesh: Optional[str] = None
+
 
 def get_config(**overrides) -> TrainConfig:
   """A TrainConfig with the given fields replaced (keys that are None are ignored)."""

@@ -4,6 +4,11 @@
     python -m examples.train --config 60m --optimizer galore_adamw --data /data/c4 \\
         --tokenizer /data/t5/tokenizer.json --batch-size 64 --steps 10000 --bf16 \\
         --workdir runs/60m_galore --checkpoint-every 1000          # add --resume to continue
+    python -m examples.train --config tiny --mesh data=2,fsdp=2,tensor=2 --scan-layers
+
+With ``--mesh`` the model is sharded over a (data, fsdp, tensor) device mesh (see
+``shard_model``) and batches over data x fsdp. On a CPU, eight virtual devices need
+``XLA_FLAGS=--xla_force_host_platform_device_count=8 NPROC=16`` in the environment.
 
 ``train_and_evaluate(config, workdir)`` is the library entry point (as in the Flax examples).
 The workdir receives ``config.json``, ``metrics.jsonl`` (train and eval records),
@@ -26,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from examples import configs as configs_lib
 from examples import data as data_lib
@@ -57,6 +63,21 @@ def train_step(model: llama.Llama, optimizer: nnx.Optimizer, metrics: nnx.MultiM
   loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
   optimizer.update(model, grads)
   metrics.update(loss=loss, grad_norm=optax.global_norm(grads))
+  return loss
+
+
+@functools.partial(nnx.jit, donate_argnums=(0, 1))
+def sharded_train_step(model: llama.Llama, optimizer: nnx.Optimizer,
+                       metrics: nnx.MultiMetric, batch: jax.Array) -> jax.Array:
+  """``train_step`` on a mesh: the new weights and optimizer state keep their shardings."""
+  loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
+  optimizer.update(model, grads)
+  metrics.update(loss=loss, grad_norm=optax.global_norm(grads))
+  # With Auto mesh axes XLA picks the outputs' shardings; pin them to the Variables'
+  # out_sharding metadata (set by shard_model; galore_optax sets the optimizer state's).
+  for node in (model, optimizer):
+    state = nnx.state(node)
+    nnx.update(node, jax.lax.with_sharding_constraint(state, nnx.get_partition_spec(state)))
   return loss
 
 
@@ -151,6 +172,95 @@ class _Checkpoints:
     self.manager.close()
 
 
+# ---------------------------------------------------------------------------- device mesh
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def parse_mesh(spec: str) -> Dict[str, int]:
+  """Axis sizes from ``"2,4,1"`` (in MESH_AXES order) or ``"data=2,fsdp=4"`` (others 1)."""
+  sizes = dict.fromkeys(MESH_AXES, 1)
+  parts = [part.strip() for part in spec.split(",") if part.strip()]
+  if not parts:
+    raise ExampleError(f"--mesh {spec!r} is empty; give sizes like 2,4,1 or data=2,fsdp=4")
+  named = ["=" in part for part in parts]
+  if any(named) and not all(named):
+    raise ExampleError(f"--mesh {spec!r} mixes sizes and name=size; use one form")
+  if not all(named) and len(parts) > len(MESH_AXES):
+    raise ExampleError(f"--mesh {spec!r} has more than {len(MESH_AXES)} sizes "
+                       f"({', '.join(MESH_AXES)})")
+  for i, part in enumerate(parts):
+    name, _, value = part.rpartition("=") if "=" in part else (MESH_AXES[i], "", part)
+    if name not in MESH_AXES:
+      raise ExampleError(f"--mesh {spec!r}: unknown axis {name!r} "
+                         f"(choose from: {', '.join(MESH_AXES)})")
+    if not value.isdigit() or int(value) < 1:
+      raise ExampleError(f"--mesh {spec!r}: the size of {name} must be a positive integer")
+    sizes[name] = int(value)
+  return sizes
+
+
+def build_mesh(sizes: Dict[str, int]) -> jax.sharding.Mesh:
+  """A mesh with Auto axes over all devices.
+
+  Auto, not jax.make_mesh's default Explicit axes: llama.py carries no sharding
+  annotations, so XLA propagates the shardings through the forward pass (the GaLore
+  optimizers work on Explicit meshes too; see galore_optax.sharding_aware).
+  """
+  shape = tuple(sizes[axis] for axis in MESH_AXES)
+  needed, found = math.prod(shape), jax.device_count()
+  if needed != found:
+    raise ExampleError(
+        f"the mesh {'x'.join(map(str, shape))} ({', '.join(MESH_AXES)}) needs {needed} "
+        f"devices, found {found}; on a CPU set XLA_FLAGS="
+        f"--xla_force_host_platform_device_count={needed} NPROC={2 * needed}")
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
+
+
+def param_partition_spec(path: str, shape, sizes: Dict[str, int],
+                         scan_layers: bool) -> PartitionSpec:
+  """Tensor parallel over the output axis of attn/mlp kernels, FSDP over the largest other
+  axis that the fsdp size divides; the layer axis of scanned layers is never split."""
+  spec = [None] * len(shape)
+  first = 1 if scan_layers and path.startswith("layers/") else 0
+  axes = list(range(first, len(shape)))
+  if (sizes["tensor"] > 1 and re.search(r"(^|/)(attn|mlp)/.*kernel$", path)
+      and shape[-1] % sizes["tensor"] == 0):
+    spec[-1] = "tensor"
+    axes.remove(len(shape) - 1)
+  if sizes["fsdp"] > 1:
+    for axis in sorted(axes, key=lambda a: -shape[a]):
+      if shape[axis] % sizes["fsdp"] == 0:
+        spec[axis] = "fsdp"
+        break
+  return PartitionSpec(*spec)
+
+
+def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh, sizes: Dict[str, int],
+                scan_layers: bool) -> None:
+  """Gives every ``nnx.Param`` an ``out_sharding`` (``param_partition_spec``) and moves its
+  value there. nnx.Optimizer derives the optimizer state's shardings from that metadata."""
+  leaves = jax.tree_util.tree_flatten_with_path(
+      nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+  for path, variable in leaves:
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    value = variable.get_value()
+    spec = param_partition_spec(name, value.shape, sizes, scan_layers)
+    variable.set_metadata("out_sharding", tuple(spec))
+    variable.set_value(jax.device_put(value, NamedSharding(mesh, spec)))
+
+
+def _batch_placer(mesh: Optional[jax.sharding.Mesh]):
+  """Host batch -> device array: split over data x fsdp (replicated if that does not divide)."""
+  if mesh is None:
+    return jnp.asarray
+  split = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  return lambda batch: jax.device_put(
+      batch, split if np.shape(batch)[0] % ways == 0 else replicated)
+
+
 def optimizer_config(config: configs_lib.TrainConfig) -> optimizers_lib.OptimizerConfig:
   rank = config.rank if config.rank is not None else configs_lib.DEFAULT_RANKS.get(config.model, 128)
   return optimizers_lib.OptimizerConfig(
@@ -182,6 +292,11 @@ def validate_config(config: configs_lib.TrainConfig) -> configs_lib.LlamaConfig:
                        "train without --scan-layers")
   if config.stop_after is not None and config.stop_after < 1:
     raise ExampleError(f"stop-after must be positive, got {config.stop_after}")
+  if config.mesh is not None:
+    sizes = parse_mesh(config.mesh)
+    if config.batch_size % (sizes["data"] * sizes["fsdp"]):
+      raise ExampleError(f"batch-size {config.batch_size} must be a multiple of data x fsdp "
+                         f"= {sizes['data'] * sizes['fsdp']} (--mesh {config.mesh})")
   return model_cfg
 
 
@@ -212,6 +327,14 @@ def train_and_evaluate(config: configs_lib.TrainConfig, workdir: str, *,
   """
   t_start = time.perf_counter()
   model_cfg = validate_config(config)
+  if config.mesh is None:
+    return _train_and_evaluate(config, workdir, dataset, log, t_start, model_cfg, None)
+  mesh = build_mesh(parse_mesh(config.mesh))
+  with jax.set_mesh(mesh):  # the model's and optimizer's Variables shard on this mesh
+    return _train_and_evaluate(config, workdir, dataset, log, t_start, model_cfg, mesh)
+
+
+def _train_and_evaluate(config, workdir, dataset, log, t_start, model_cfg, mesh) -> TrainResult:
   seq_len = config.seq_len or model_cfg.max_seq_len
 
   # ---------------------------------------------------------------- data
@@ -226,15 +349,32 @@ def train_and_evaluate(config: configs_lib.TrainConfig, workdir: str, *,
   model_cfg = dataclasses.replace(model_cfg, vocab_size=model_cfg.vocab_size or tok_vocab,
                                   max_seq_len=seq_len)
   sampler = data_lib.BatchSampler(dataset.train, config.batch_size, config.seed)
-  val_batches = data_lib.eval_batches(dataset.validation, config.batch_size, config.eval_batches)
+  place = _batch_placer(mesh)
+  val_batches = [place(b) for b in data_lib.eval_batches(
+      dataset.validation, config.batch_size, config.eval_batches)]
 
   # ---------------------------------------------------------------- model and optimizer
   model = llama.Llama(model_cfg, rngs=nnx.Rngs(params=config.seed))
   tx, schedule, peak_lr = optimizers_lib.build_optimizer(
       config.optimizer, optimizer_config(config))
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   import galore_optax as go  # pylint: disable=import-outside-toplevel
+  step_fn = train_step
+  if mesh is not None:
+    sizes = dict(mesh.shape)
+    shard_model(model, mesh, sizes, model_cfg.scan_layers)
+    # GaLore optimizers derive their state's shardings themselves; the wrapper does the
+    # same for the others (8-bit AdamW, optax.contrib.galore) and is a no-op on the rest.
+    tx = go.sharding_aware(tx)
+    step_fn = sharded_train_step
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   opt_state_bytes = go.tree_bytes(optimizer.opt_state)
+  per_device = None
+  if mesh is not None:
+    per_device = {}
+    for leaf in jax.tree.leaves(optimizer.opt_state):
+      for shard in leaf.addressable_shards:
+        per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    per_device = max(per_device.values())
   params_count = llama.param_count(model)
 
   # ---------------------------------------------------------------- workdir
@@ -271,6 +411,9 @@ def train_and_evaluate(config: configs_lib.TrainConfig, workdir: str, *,
       f"{model_cfg.param_dtype} params / {model_cfg.dtype} compute); "
       f"optimizer {config.optimizer} (peak lr {peak_lr:g}), state {opt_state_bytes / 2**20:.2f} MiB")
   log(f"data {dataset.describe()}")
+  if mesh is not None:
+    log(f"mesh {', '.join(f'{k}={v}' for k, v in mesh.shape.items())} over {mesh.size} devices; "
+        f"optimizer state {per_device / 2**20:.2f} MiB on the fullest device")
 
   history: List[Dict[str, Any]] = []
   tokens_per_step = config.batch_size * seq_len
@@ -307,9 +450,9 @@ def train_and_evaluate(config: configs_lib.TrainConfig, workdir: str, *,
         log = functools.partial(_tqdm_write, progress, log)
       last_logged, window_time = start_step, 0.0
       for step in range(start_step, end_step):
-        batch = jnp.asarray(sampler(step))
+        batch = place(sampler(step))
         t0 = time.perf_counter()
-        loss = train_step(model, optimizer, train_metrics, batch)
+        loss = step_fn(model, optimizer, train_metrics, batch)
         loss = float(loss)  # waits for the step
         dt = time.perf_counter() - t0
         window_time += dt
@@ -359,6 +502,8 @@ def train_and_evaluate(config: configs_lib.TrainConfig, workdir: str, *,
       "params": params_count,
       "param_bytes": go.tree_bytes(nnx.state(model, nnx.Param)),
       "opt_state_bytes": opt_state_bytes,
+      "mesh": None if mesh is None else dict(mesh.shape),
+      "opt_state_bytes_per_device": per_device,
       "final_eval_loss": last_eval["loss"],
       "final_eval_perplexity": last_eval["perplexity"],
       "first_step_s": compile_time,
@@ -500,6 +645,9 @@ def main(argv=None) -> int:
   p.add_argument("--keep-checkpoints", type=int, default=2)
   p.add_argument("--stop-after", type=int, default=None,
                  help="stop this invocation after N steps (resume later with --resume)")
+  p.add_argument("--mesh", default=None,
+                 help="shard over a (data, fsdp, tensor) device mesh: sizes such as 2,4,1 or "
+                      "data=2,fsdp=4 (missing axes 1); default: one device")
   p.add_argument("--list-optimizers", action="store_true",
                  help="print the optimizers and whether this galore_optax has them")
   args = p.parse_args(argv)
@@ -511,7 +659,8 @@ def main(argv=None) -> int:
       return 0
     config = config_from_args(args, optimizer=args.optimizer, resume=args.resume,
                               checkpoint_every=args.checkpoint_every,
-                              keep_checkpoints=args.keep_checkpoints, stop_after=args.stop_after)
+                              keep_checkpoints=args.keep_checkpoints, stop_after=args.stop_after,
+                              mesh=args.mesh)
     workdir = args.workdir or os.path.join("runs", f"{args.config}_{args.optimizer}")
     train_and_evaluate(config, workdir)
   except ExampleError as e:

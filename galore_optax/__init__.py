@@ -32,6 +32,7 @@ from galore_optax.refresh import (
     randomized_refresh,
     svd_refresh,
 )
+from galore_optax.sharding import opt_state_shardings, sharding_aware
 from galore_optax.transform import GaLoreState, MomentRealignment, scale_by_galore
 from galore_optax.tree_utils import tree_bytes
 from galore_optax.weight_decay import decay_weights_after_update
@@ -65,6 +66,7 @@ __all__ = (
     "galore_adamw8bit",
     "gradnorm_lorp",
     "gradnorm_lorp8bit",
+    "opt_state_shardings",
     "path_mask",
     "power_refresh",
     "quantize_blockwise",
@@ -74,6 +76,7 @@ __all__ = (
     "scale_by_adam_8bit",
     "scale_by_adam_hf",
     "scale_by_galore",
+    "sharding_aware",
     "svd_refresh",
     "tree_bytes",
 )

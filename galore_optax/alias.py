@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from galore_optax import masking
+from galore_optax import sharding
 from galore_optax.adafactor import add_adafactor_decayed_weights
 from galore_optax.adafactor import tree_rms
 from galore_optax.adafactor import scale_by_adafactor_hf
@@ -185,7 +186,7 @@ def galore_adamw(
     >>> updates, state = tx.update(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
   """
-  return optax.chain(
+  tx = optax.chain(
       galore(
           rank,
           b1=b1,
@@ -205,6 +206,8 @@ def galore_adamw(
           learning_rate, weight_decay, after=True if weight_decay_mask is None else weight_decay_mask
       ),
   )
+  # NNX metadata and Explicit mesh axes for the whole chain (no-op otherwise).
+  return sharding.sharding_aware(tx, dimension_numbers=dimension_numbers)
 
 
 def galore_adamw8bit(
@@ -285,7 +288,7 @@ def galore_adamw8bit(
     >>> updates, state = tx.update(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
   """
-  return optax.chain(
+  tx = optax.chain(
       _zero_nonfinite(),
       scale_by_galore(
           rank,
@@ -312,6 +315,8 @@ def galore_adamw8bit(
           after=_and_masks(mask, True, weight_decay_mask),
       ),
   )
+  # NNX metadata and Explicit mesh axes for the whole chain (no-op otherwise).
+  return sharding.sharding_aware(tx, dimension_numbers=dimension_numbers)
 
 
 def galore_adafactor(
@@ -469,4 +474,9 @@ def galore_adafactor(
         state,
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  # Around the whole update: the weights' RMS computed here feeds the inner
+  # Adafactor, so both must see the same mesh axes (see `sharding_aware`).
+  return sharding.sharding_aware(
+      optax.GradientTransformation(init_fn, update_fn),
+      dimension_numbers=dimension_numbers,
+  )

@@ -24,6 +24,7 @@ import optax
 
 from galore_optax import masking
 from galore_optax import matrix_view
+from galore_optax import sharding
 from galore_optax.adam import scale_by_adam_hf
 from galore_optax.adam_8bit import scale_by_adam_8bit
 from galore_optax.transform import GaLoreState, scale_by_galore
@@ -349,7 +350,12 @@ def gradnorm_lorp(
         magnitude_state=magnitude_state,
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  # The magnitude moments are (…, 1, out): on sharded NNX models and
+  # Explicit-axes meshes they need their own shardings too.
+  return sharding.sharding_aware(
+      optax.GradientTransformation(init_fn, update_fn),
+      dimension_numbers=dimension_numbers,
+  )
 
 
 def gradnorm_lorp8bit(

@@ -15,6 +15,7 @@ from galore_optax import matrix_view
 from galore_optax import projection
 from galore_optax import projector_quantization as pq
 from galore_optax import refresh as refresh_lib
+from galore_optax import sharding
 from galore_optax import tree_utils
 from galore_optax.adam import scale_by_adam_hf
 
@@ -614,4 +615,9 @@ def scale_by_galore(
         refresh_schedule=schedule,
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  # NNX metadata and Explicit mesh axes: projectors and low-rank moments get
+  # shardings of their own shapes (a no-op without a mesh).
+  return sharding.sharding_aware(
+      optax.GradientTransformation(init_fn, update_fn),
+      dimension_numbers=dimension_numbers,
+  )
