@@ -322,12 +322,19 @@ def test_nnx_optimizer_on_sharded_model(checks, key):
   assert losses[-1] < losses[0], f"loss did not decrease: {losses}"
   assert e["step_spec_mismatches"] == [], (
       f"state shardings changed during training: {e['step_spec_mismatches']}")
-  # 8-bit moments may flip a code at a rounding boundary (see the parity
-  # test); a flipped code moves a weight by far less than 1e-5.
-  tol = 1e-5 if "8bit" in key else TOL
+  # The gradients come from a sharded forward pass, so they differ from the
+  # one-device ones in the last bits, and an 8-bit moment near a code boundary
+  # may round to the neighbouring code. Such a flip is one code step of one
+  # entry; it changes later updates of that weight by ~lr x a code step.
+  codes = e["code_mismatches_vs_single_device"]
+  if "8bit" in key:
+    assert codes["total"] > 0, "no 8-bit moments: the check would not test them"
+  assert codes["max_distance"] <= 1, f"a code moved by {codes['max_distance']}"
+  assert codes["mismatched"] <= max(3, 1e-3 * codes["total"]), codes
+  tol = 1e-4 if codes["mismatched"] else TOL
   assert e["max_param_diff_vs_single_device"] <= tol, (
       f"weights differ from the same steps of plain optax on one device by "
-      f"{e['max_param_diff_vs_single_device']}")
+      f"{e['max_param_diff_vs_single_device']} ({codes['mismatched']} codes flipped)")
 
 
 @pytest.mark.parametrize("name", ORBAX)
