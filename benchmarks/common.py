@@ -10,7 +10,12 @@ import subprocess
 import sys
 import time
 
+import re
+
 import jax
+import optax
+
+from galore_optax import masking
 
 # hidden, intermediate, heads, layers (Zhao et al. 2024, Table 2); vocab 32000.
 LLAMA_SIZES = {
@@ -118,4 +123,26 @@ def environment() -> str:
       f"host CPU: {cpu}, `nproc` = {cores}; 1-min load average at start: {load}",
       f"- versions: python {platform.python_version()}, jax {jax.__version__}, optax {optax.__version__}, numpy {numpy.__version__}",
       f"- galore-optax commit: {commit}",
-  ])
+  ] + [f"- {name}={os.environ[name]}" for name in ("OPENBLAS_NUM_THREADS", "XLA_FLAGS")
+         if os.environ.get(name)])
+
+
+def contrib_galore(learning_rate: float, rank: int, targets: str) -> optax.GradientTransformation:
+  """The peer, `optax.contrib.galore`, projecting the 2-D kernels whose path matches `targets`.
+
+  Adam inside with the reference's eps (1e-6), Flax (in, out) kernels.
+  """
+  pattern = re.compile(targets)
+
+  def dimension_numbers(params):
+    def pick(path, leaf):
+      if leaf.ndim == 2 and pattern.search(masking.path_to_str(path)):
+        return optax.contrib.GaLoreDimensionNumbers(reduction_axis=0, output_axis=1)
+      return None
+
+    return jax.tree_util.tree_map_with_path(pick, params)
+
+  return optax.contrib.galore(
+      learning_rate, rank=rank, base_optimizer=optax.scale_by_adam(eps=1e-6),
+      weight_dimension_numbers=dimension_numbers,
+  )

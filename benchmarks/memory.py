@@ -18,7 +18,6 @@ import dataclasses
 import importlib
 import inspect
 import os
-import re
 import sys
 from typing import Any, Callable, Optional
 
@@ -32,7 +31,6 @@ import common  # noqa: E402
 
 from galore_optax import adam  # noqa: E402
 from galore_optax import adam_8bit  # noqa: E402
-from galore_optax import alias  # noqa: E402
 from galore_optax import masking  # noqa: E402
 from galore_optax import transform  # noqa: E402
 from galore_optax import tree_utils  # noqa: E402
@@ -102,21 +100,7 @@ def _galore_row(module: str, name: str, inner: Optional[Callable[[], Any]], **kw
 
 
 def _contrib_galore(rank):
-  pattern = re.compile(TARGETS)
-
-  def dimension_numbers(params):
-    def pick(path, leaf):
-      if leaf.ndim == 2 and pattern.search(masking.path_to_str(path)):
-        return optax.contrib.GaLoreDimensionNumbers(reduction_axis=0, output_axis=1)
-      return None
-
-    return jax.tree_util.tree_map_with_path(pick, params)
-
-  tx = optax.contrib.galore(
-      LR, rank=rank, base_optimizer=optax.scale_by_adam(eps=1e-6),
-      weight_dimension_numbers=dimension_numbers,
-  )
-  return tx, "`optax.contrib.galore`, scale_by_adam inside"
+  return common.contrib_galore(LR, rank, TARGETS), "`optax.contrib.galore`, scale_by_adam inside"
 
 
 def _adam8bit():
