@@ -15,3 +15,11 @@ Modules:
   train       ``train_and_evaluate(config, workdir)`` and the training CLI
   compare     several optimizers on the same data/seed/token budget -> markdown + PNG
 """
+
+import os as _os
+
+# jaxlib's batched LAPACK kernels (the SVDs and QRs of the subspace refresh) hand
+# their batch to XLA's intra-op thread pool and wait; with one thread per core,
+# two such kernels running at once on a 2-core machine deadlocked. A pool of at
+# least 8 threads avoids it (read once, when jax creates its CPU client).
+_os.environ.setdefault("NPROC", str(max(8, _os.cpu_count() or 1)))
