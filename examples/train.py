@@ -362,8 +362,8 @@ def _train_and_evaluate(config, workdir, dataset, log, t_start, model_cfg, mesh)
   if mesh is not None:
     sizes = dict(mesh.shape)
     shard_model(model, mesh, sizes, model_cfg.scan_layers)
-    # GaLore optimizers derive their state's shardings themselves; the wrapper does the
-    # same for the others (8-bit AdamW, optax.contrib.galore) and is a no-op on the rest.
+    # galore_optax's optimizers derive their state's shardings themselves; the wrapper
+    # does the same for the others (optax.contrib.galore) and is a no-op on the rest.
     tx = go.sharding_aware(tx)
     step_fn = sharded_train_step
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from galore_optax import quantization
+from galore_optax import sharding
 from galore_optax import tree_utils
 
 
@@ -210,7 +211,8 @@ def adamw_8bit(
   the Adam step of `scale_by_adam_8bit` scaled by lr. Since the Adam step does
   not depend on p, this is the same update as
   ``chain(scale_by_adam_8bit(...), add_decayed_weights(wd, mask),
-  scale_by_learning_rate(lr))``, which is what this returns.
+  scale_by_learning_rate(lr))``, which is what this returns (through
+  `sharding_aware`, so that it also runs on sharded NNX models).
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -245,10 +247,13 @@ def adamw_8bit(
     >>> round(float(params["w"][0, 0]), 6)
     0.999
   """
-  return optax.chain(
+  tx = optax.chain(
       scale_by_adam_8bit(
           b1=b1, b2=b2, eps=eps, block_size=block_size, min_8bit_size=min_8bit_size
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
+  # The codes and block scales have shapes of their own: on sharded NNX models
+  # and Explicit-axes meshes they need shardings of their own (a no-op otherwise).
+  return sharding.sharding_aware(tx)

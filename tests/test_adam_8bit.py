@@ -264,3 +264,30 @@ def test_optax_wrappers():
     state = tx.init(params)
     updates, state = jax.jit(tx.update)(g, state, params)
     assert jax.tree.structure(updates) == jax.tree.structure(params)
+
+
+def test_adamw_8bit_in_nnx_optimizer_on_an_explicit_mesh():
+  # nnx.Optimizer copies the kernel's ("fsdp", None) spec onto the 8-bit state,
+  # whose codes and block scales have other shapes; adamw_8bit replaces it.
+  from flax import nnx
+
+  mesh = jax.make_mesh((1,), ("fsdp",))
+  with jax.set_mesh(mesh):
+    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("fsdp", None))
+    model = nnx.Linear(128, 64, kernel_init=init, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(
+        model, adam_8bit.adamw_8bit(1e-3, min_8bit_size=256), wrt=nnx.Param
+    )
+    x = jnp.ones((4, 128))
+
+    @nnx.jit
+    def step(model, optimizer):
+      grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+      optimizer.update(model, grads)
+
+    before = np.asarray(model.kernel[...])
+    for _ in range(2):
+      step(model, optimizer)
+  moment = optimizer.opt_state[0].mu["kernel"]
+  assert moment.codes.dtype == jnp.uint8
+  assert not np.allclose(np.asarray(model.kernel[...]), before)
