@@ -16,6 +16,8 @@ from galore_optax.adafactor import tree_rms
 from galore_optax.adafactor import scale_by_adafactor_hf
 from galore_optax.adam import scale_by_adam_hf
 from galore_optax.adam_8bit import scale_by_adam_8bit
+from galore_optax.refresh import LazyRefresh
+from galore_optax.transform import MomentRealignment
 from galore_optax.transform import scale_by_galore
 from galore_optax.weight_decay import decay_weights_after_update
 
@@ -110,7 +112,8 @@ def galore(
     mu_dtype: optional dtype of the first moment.
     **galore_kwargs: keyword arguments of `scale_by_galore` (update_proj_gap,
       scale, proj_type, mask, dimension_numbers, refresh, projector_dtype,
-      projector_bits).
+      projector_bits, lazy_refresh, realign_moments). `realign_moments=True`
+      realigns with this Adam's b1 and b2.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -120,6 +123,8 @@ def galore(
     >>> tx = optax.chain(go.galore(rank=8), optax.scale_by_learning_rate(1e-3))
     >>> state = tx.init({"w": jnp.zeros((32, 16))})
   """
+  if galore_kwargs.get("realign_moments") is True:
+    galore_kwargs["realign_moments"] = MomentRealignment(b1=b1, b2=b2)
   return scale_by_galore(
       rank, inner=scale_by_adam_hf(b1, b2, eps, mu_dtype), **galore_kwargs
   )
@@ -141,6 +146,8 @@ def galore_adamw(
     refresh: str = "svd",
     projector_dtype: Optional[Any] = None,
     projector_bits: Optional[int] = None,
+    lazy_refresh: Union[None, bool, LazyRefresh] = None,
+    realign_moments: Union[None, bool, MomentRealignment] = None,
     mu_dtype: Optional[Any] = None,
     weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
@@ -168,6 +175,9 @@ def galore_adamw(
     projector_dtype: dtype the projectors are stored in.
     projector_bits: None, 8 or 4: group-quantized projectors (Q-GaLore
       style), see `scale_by_galore`.
+    lazy_refresh: Q-GaLore's per-matrix lazy refresh, see `scale_by_galore`.
+    realign_moments: True (or a `MomentRealignment`) maps the moments into
+      the new subspace at each refresh (LDAdam), see `scale_by_galore`.
     mu_dtype: optional dtype of the first moment.
     weight_decay_mask: which leaves are decayed; default all, as galore-torch.
 
@@ -201,6 +211,8 @@ def galore_adamw(
           refresh=refresh,
           projector_dtype=projector_dtype,
           projector_bits=projector_bits,
+          lazy_refresh=lazy_refresh,
+          realign_moments=realign_moments,
       ),
       *_learning_rate_and_decay(
           learning_rate, weight_decay, after=True if weight_decay_mask is None else weight_decay_mask
@@ -228,6 +240,7 @@ def galore_adamw8bit(
     refresh: str = "svd",
     projector_dtype: Optional[Any] = None,
     projector_bits: Optional[int] = None,
+    lazy_refresh: Union[None, bool, LazyRefresh] = None,
     weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
   """galore-torch's `GaLoreAdamW8bit`: GaLore around bitsandbytes' 8-bit Adam.
@@ -268,6 +281,8 @@ def galore_adamw8bit(
     projector_bits: None, 8 or 4: group-quantized projectors (Q-GaLore
       style), see `scale_by_galore`; with 8-bit moments a bf16 projector is
       as large as the moments.
+    lazy_refresh: Q-GaLore's per-matrix lazy refresh, see `scale_by_galore`.
+      (8-bit moments cannot be realigned, so there is no realign_moments.)
     weight_decay_mask: which leaves are decayed; default all, as galore-torch.
 
   Returns:
@@ -307,6 +322,7 @@ def galore_adamw8bit(
           refresh=refresh,
           projector_dtype=projector_dtype,
           projector_bits=projector_bits,
+          lazy_refresh=lazy_refresh,
       ),
       *_learning_rate_and_decay(
           learning_rate,
@@ -339,6 +355,7 @@ def galore_adafactor(
     refresh: str = "svd",
     projector_dtype: Optional[Any] = None,
     projector_bits: Optional[int] = None,
+    lazy_refresh: Union[None, bool, LazyRefresh] = None,
     weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
   """galore-torch's `GaLoreAdafactor`, step for step.
@@ -386,6 +403,7 @@ def galore_adafactor(
       float32, as the reference, which projects the float32 gradient.
     projector_bits: None, 8 or 4: group-quantized projectors, dequantized to
       float32 on use (see `scale_by_galore`); excludes `projector_dtype`.
+    lazy_refresh: Q-GaLore's per-matrix lazy refresh, see `scale_by_galore`.
     weight_decay_mask: which leaves are decayed; default all, as galore-torch.
 
   Returns:
@@ -439,6 +457,7 @@ def galore_adafactor(
             projector_dtype=projector_dtype
             or (None if projector_bits else jnp.float32),
             projector_bits=projector_bits,
+            lazy_refresh=lazy_refresh,
         ),
         *(
             []

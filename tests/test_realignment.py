@@ -183,3 +183,50 @@ def test_all_options_inside_nnx_optimizer():
 
   losses = [float(train_step(model, optimizer)) for _ in range(5)]
   assert losses[-1] < losses[0]
+
+
+def _run(tx, params, steps=6):
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  out = params
+  for t in range(steps):
+    grads = {"w": jnp.asarray(RNG_STEPS[t]), "b": jnp.ones(6)}
+    updates, state = step(grads, state, out)
+    out = optax.apply_updates(out, updates)
+  return out, state
+
+
+RNG_STEPS = np.random.default_rng(7).standard_normal((6, 10, 6)).astype(np.float32)
+
+
+def test_galore_adamw_takes_lazy_refresh_and_realignment_with_its_own_decays():
+  import galore_optax as go
+
+  params = {"w": jnp.ones((10, 6)), "b": jnp.zeros(6)}
+  options = dict(rank=2, update_proj_gap=2, lazy_refresh=go.LazyRefresh(queue_size=2))
+  alias = go.galore_adamw(1e-2, b1=0.8, b2=0.95, realign_moments=True, **options)
+  manual = optax.chain(
+      go.galore(b1=0.8, b2=0.95, realign_moments=go.MomentRealignment(0.8, 0.95), **options),
+      optax.scale_by_learning_rate(1e-2),
+  )
+  plain = go.galore_adamw(1e-2, b1=0.8, b2=0.95, **options)
+  got, state = _run(alias, params)
+  want, _ = _run(manual, params)
+  without, _ = _run(plain, params)
+  chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+  assert not np.allclose(got["w"], without["w"], atol=1e-6)  # realignment did act
+  assert jax.tree.leaves(state[0].refresh_schedule)  # lazy schedules are in the state
+
+
+@pytest.mark.parametrize("name", ["galore_adamw8bit", "galore_adafactor"])
+def test_other_aliases_take_lazy_refresh(name):
+  import galore_optax as go
+
+  params = {"w": jnp.ones((10, 6)), "b": jnp.zeros(6)}
+  tx = getattr(go, name)(1e-2, rank=2, update_proj_gap=2, lazy_refresh=True)
+  _, state = _run(tx, params)
+  galore_state = next(
+      s for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, "refresh_schedule"))
+      if hasattr(s, "refresh_schedule")
+  )
+  assert jax.tree.leaves(galore_state.refresh_schedule)
