@@ -1,7 +1,5 @@
 """8-bit Adam/AdamW against bitsandbytes.optim.AdamW8bit on CPU, and optax contracts."""
 
-import warnings
-
 import bitsandbytes as bnb
 import jax
 import jax.numpy as jnp
@@ -11,6 +9,8 @@ import torch
 
 from galore_optax import adam_8bit
 from galore_optax import quantization as q
+
+import reference
 
 # A large 2-D leaf in the last-axis layout, one in the flat layout with a
 # padded tail block, and one under min_8bit_size (float32 moments).
@@ -73,20 +73,8 @@ def test_adamw_8bit_matches_bnb_adamw8bit():
 
 def test_adamw_8bit_matches_bnb_with_nearest_rounding():
   """With bitsandbytes' own nearest-code kernel (as on CUDA), parity is ~1e-4."""
-  keyset = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
-  portable = torch.ops.bitsandbytes.quantize_blockwise.default
-
-  def nearest(a, code, blocksize):
-    return portable.redispatch(keyset, a, code, blocksize)
-
-  lib = torch.library.Library("bitsandbytes", "IMPL")
-  try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", UserWarning)  # "overriding a kernel"
-      lib.impl("quantize_blockwise", nearest, "CPU")
+  with reference.bnb_nearest_rounding():
     rel = _run_against_bnb(steps=50, seed=1)
-  finally:
-    lib._destroy()  # restores the native kernel
   assert max(rel.values()) <= 1e-3, rel
 
 
