@@ -320,11 +320,16 @@ def plot(table, sizes, path):
   ax.set_title(f"Optimizer state, LLaMA-{big.upper()} (rank {RANKS[big]}), exact from eval_shape")
   ax.legend(fontsize=8, loc="lower right")
   ax = axes[1]
-  for label in labels:
+  # One colour per row (the default cycle repeats after ten) and fp32 AdamW,
+  # at -100%, left out so the interesting range fills the panel.
+  colors = plt.get_cmap("tab20").colors
+  for i, label in enumerate(labels):
     cells = table[label]
     xs = [s for s in sizes if s in cells]
-    ax.plot(xs, [_reduction(cells[s], table[BASELINE][s]) for s in xs], marker="o",
-            label=label, lw=1)
+    reductions = [_reduction(cells[s], table[BASELINE][s]) for s in xs]
+    if min(reductions) < 0:
+      continue
+    ax.plot(xs, reductions, marker="o", label=label, lw=1, color=colors[i % len(colors)])
   ax.axhline(TARGET_REDUCTION, color="k", ls="--", lw=1)
   ax.set_ylabel("% below bf16 AdamW")
   ax.set_xlabel("model size")
