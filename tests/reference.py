@@ -229,3 +229,32 @@ def run_galore_adafactor(
       adafactor_options,
       dtype,
   )
+
+
+def decaying_gradients(shapes, steps, seed, decay, noise):
+  """Per step, {name: float32 gradient}: a fixed left basis with singular values
+  decay**i times fresh Gaussian right factors, plus `noise`; 1-D leaves Gaussian."""
+  rng = np.random.default_rng(seed)
+  lefts = {
+      k: np.linalg.qr(rng.standard_normal((s[0], min(s))))[0]
+      for k, s in shapes.items()
+      if len(s) == 2
+  }
+  grads = []
+  for _ in range(steps):
+    step = {}
+    for k, s in shapes.items():
+      if len(s) == 2:
+        k_dim = min(s)
+        g = (lefts[k] * decay ** np.arange(k_dim)) @ rng.standard_normal((k_dim, s[1]))
+        g = g + noise * rng.standard_normal(s)
+      else:
+        g = rng.standard_normal(s)
+      step[k] = g.astype(np.float32)
+    grads.append(step)
+  return grads
+
+
+def random_params(shapes, scale, seed):
+  rng = np.random.default_rng(seed)
+  return {k: (scale * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}

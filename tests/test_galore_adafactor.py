@@ -31,30 +31,11 @@ RANK, GAP, SCALE, STEPS = 6, 3, 0.25, 10
 
 
 def gradient_sequence(steps, seed=0):
-  rng = np.random.default_rng(seed)
-  lefts = {
-      k: np.linalg.qr(rng.standard_normal((s[0], min(s))))[0]
-      for k, s in SHAPES.items()
-      if len(s) == 2
-  }
-  grads = []
-  for _ in range(steps):
-    step = {}
-    for k, s in SHAPES.items():
-      if len(s) == 2:
-        k_dim = min(s)
-        g = (lefts[k] * 0.7 ** np.arange(k_dim)) @ rng.standard_normal((k_dim, s[1]))
-        g = g + 0.01 * rng.standard_normal(s)
-      else:
-        g = rng.standard_normal(s)
-      step[k] = g.astype(np.float32)
-    grads.append(step)
-  return grads
+  return reference.decaying_gradients(SHAPES, steps, seed, decay=0.7, noise=0.01)
 
 
 def initial_params(scale=0.5, seed=1):
-  rng = np.random.default_rng(seed)
-  return {k: (scale * rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
+  return reference.random_params(SHAPES, scale, seed)
 
 
 def to_jax(tree, dtype=jnp.float32):

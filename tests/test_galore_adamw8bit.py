@@ -31,31 +31,11 @@ RANK, GAP, SCALE, LR, WD, MIN_8BIT = 16, 25, 0.25, 1e-3, 0.1, 1024
 
 def gradient_sequence(steps, seed=0):
   """Low-rank-ish gradients (decaying spectrum plus noise) and a noisy bias."""
-  rng = np.random.default_rng(seed)
-  lefts = {
-      k: np.linalg.qr(rng.standard_normal((s[0], min(s))))[0]
-      for k, s in SHAPES.items()
-      if len(s) == 2
-  }
-  grads = []
-  for _ in range(steps):
-    step = {}
-    for k, s in SHAPES.items():
-      if len(s) == 2:
-        k_dim = min(s)
-        spectrum = lefts[k] * 0.8 ** np.arange(k_dim)
-        g = spectrum @ rng.standard_normal((k_dim, s[1]))
-        g = g + 0.05 * rng.standard_normal(s)
-      else:
-        g = rng.standard_normal(s)
-      step[k] = g.astype(np.float32)
-    grads.append(step)
-  return grads
+  return reference.decaying_gradients(SHAPES, steps, seed, decay=0.8, noise=0.05)
 
 
 def initial_params(seed=1):
-  rng = np.random.default_rng(seed)
-  return {k: (0.1 * rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
+  return reference.random_params(SHAPES, 0.1, seed)
 
 
 def make_tx(**kw):
