@@ -77,7 +77,9 @@ def projection_side(shape: Sequence[int], proj_type: str) -> str:
   return "left" if tall else "right"
 
 
-def random_projection_shape(shape: Sequence[int], rank: int, proj_type: str) -> tuple[int, int]:
+def random_projection_shape(
+    shape: Sequence[int], rank: int, proj_type: str
+) -> tuple[int, int]:
   """Shape of the random matrix apollo-torch draws for an (out × in) weight.
 
   (rank, in) for the right side, (out, rank) for the left side. Unlike an
@@ -85,12 +87,16 @@ def random_projection_shape(shape: Sequence[int], rank: int, proj_type: str) -> 
   """
   side = projection_side(shape, proj_type)
   if side == "full":
-    raise ValueError("apollo-torch 1.0.3 has no random projection for proj_type='full'")
+    raise ValueError(
+        "apollo-torch 1.0.3 has no random projection for proj_type='full'"
+    )
   out_dim, in_dim = shape
   return (rank, in_dim) if side == "right" else (out_dim, rank)
 
 
-def _ordered(params: dict[str, np.ndarray], projected: set[str]) -> tuple[list[str], list[str]]:
+def _ordered(
+    params: dict[str, np.ndarray], projected: set[str]
+) -> tuple[list[str], list[str]]:
   """Plain parameters first, then projected ones (as the official training
   scripts build their groups); APOLLO's per-parameter seeds follow this order."""
   unknown = set(projected) - set(params)
@@ -100,7 +106,9 @@ def _ordered(params: dict[str, np.ndarray], projected: set[str]) -> tuple[list[s
   lowrank = [k for k in params if k in projected]
   for k in lowrank:
     if np.ndim(params[k]) != 2:
-      raise ValueError(f"projected parameter {k!r} must be a matrix, got shape {np.shape(params[k])}")
+      raise ValueError(
+          f"projected parameter {k!r} must be a matrix, got shape {np.shape(params[k])}"
+      )
   return plain, lowrank
 
 
@@ -130,8 +138,8 @@ def reference_random_matrices(
     shape = random_projection_shape(np.shape(params[name]), rank, proj_type)
     seed, draws = position, []
     for _ in range(refreshes):
-      draw = random_projector.stable_randn(shape, seed=seed, dtype=torch.float32) / math.sqrt(rank)
-      draws.append(draw.numpy())
+      draw = random_projector.stable_randn(shape, seed=seed, dtype=torch.float32)
+      draws.append((draw / math.sqrt(rank)).numpy())
       seed = random_projector.next_seed(seed)
     matrices[name] = draws
   return matrices
@@ -166,21 +174,27 @@ class _InjectedProjector(random_projector.GradientProjector):
     return torch.from_numpy(matrix.copy()).to(weights.dtype)
 
 
-def _step_through(optimizer, tensors, grads, dtype, canonical_signs) -> list[dict[str, np.ndarray]]:
+def _step_through(optimizer, tensors, grads, dtype, canonical_signs):
+  """Applies the gradients step by step; returns the parameters after each."""
   trajectory = []
   signs = reference.canonical_svd() if canonical_signs else contextlib.nullcontext()
   with signs, reference._one_thread():  # pylint: disable=protected-access
     for step_grads in grads:
       for name, tensor in tensors.items():
-        tensor.grad = torch.tensor(np.asarray(step_grads[name]), dtype=torch.float32).to(dtype)
+        grad = torch.tensor(np.asarray(step_grads[name]), dtype=torch.float32)
+        tensor.grad = grad.to(dtype)
       optimizer.step()
-      trajectory.append({k: t.detach().float().numpy().copy() for k, t in tensors.items()})
+      trajectory.append(
+          {k: t.detach().float().numpy().copy() for k, t in tensors.items()}
+      )
   return trajectory
 
 
 def _tensors(params, names, dtype):
   return {
-      k: torch.nn.Parameter(torch.tensor(np.asarray(params[k]), dtype=torch.float32).to(dtype))
+      k: torch.nn.Parameter(
+          torch.tensor(np.asarray(params[k]), dtype=torch.float32).to(dtype)
+      )
       for k in names
   }
 
@@ -228,7 +242,10 @@ def run_fira(
       )
     # fira takes norms over the shorter axis of the low-rank gradient; that is
     # the rank axis only while rank is below the kept side.
-    low_rank_shape = (out_dim, min(rank, in_dim)) if side == "right" else (min(rank, out_dim), in_dim)
+    if side == "right":
+      low_rank_shape = (out_dim, min(rank, in_dim))
+    else:
+      low_rank_shape = (min(rank, out_dim), in_dim)
     per_row = not low_rank_shape[0] < low_rank_shape[1]
     if per_row != (side == "right"):
       raise ValueError(
@@ -250,7 +267,8 @@ def run_fira(
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # FiraAdamW's deprecation warning
     optimizer = FiraAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-  return ReferenceRun(_step_through(optimizer, tensors, grads, dtype, canonical_signs), optimizer, tensors)
+  trajectory = _step_through(optimizer, tensors, grads, dtype, canonical_signs)
+  return ReferenceRun(trajectory, optimizer, tensors)
 
 
 def run_apollo(
@@ -302,20 +320,26 @@ def run_apollo(
     shape = np.shape(params[name])
     side = projection_side(shape, proj_type)
     if proj == "random" and side == "full":
-      raise ValueError("apollo-torch 1.0.3 has no random projection for proj_type='full'")
+      raise ValueError(
+          "apollo-torch 1.0.3 has no random projection for proj_type='full'"
+      )
     # apollo-torch: rows when out >= in, columns otherwise, whatever the side.
     reference_per_row = shape[0] >= shape[1]
-    if scale_type == "channel" and (side == "full" or reference_per_row != (side == "right")):
+    kept_per_row = side == "right"
+    if scale_type == "channel" and (side == "full" or reference_per_row != kept_per_row):
       raise ValueError(
-          f"scale_type='channel' with proj_type={proj_type!r} on {name!r} {shape[0]}x{shape[1]}: "
-          "apollo-torch 1.0.3 takes channels on the rows when out >= in and on the columns "
-          "otherwise, which is not the axis this projection keeps (it crashes for rank > 1 and "
-          "computes one whole-matrix factor at rank 1); use proj_type='std' or scale_type='tensor'"
+          f"scale_type='channel' with proj_type={proj_type!r} on {name!r} "
+          f"{shape[0]}x{shape[1]}: apollo-torch 1.0.3 takes channels on the rows when "
+          "out >= in and on the columns otherwise, which is not the axis this projection "
+          "keeps (it crashes for rank > 1 and computes one whole-matrix factor at rank 1); "
+          "use proj_type='std' or scale_type='tensor'"
       )
   if random_matrices is not None:
     missing = set(lowrank) - set(random_matrices)
     if missing:
-      raise ValueError(f"random_matrices has no entry for projected parameters {sorted(missing)}")
+      raise ValueError(
+          f"random_matrices has no entry for projected parameters {sorted(missing)}"
+      )
   tensors = _tensors(params, plain + lowrank, dtype)
   groups = []
   if plain:
@@ -342,4 +366,5 @@ def run_apollo(
           random_matrices[name], name, rank=rank, update_proj_gap=update_proj_gap,
           scale=scale, proj_type=proj_type,
       )
-  return ReferenceRun(_step_through(optimizer, tensors, grads, dtype, canonical_signs), optimizer, tensors)
+  trajectory = _step_through(optimizer, tensors, grads, dtype, canonical_signs)
+  return ReferenceRun(trajectory, optimizer, tensors)

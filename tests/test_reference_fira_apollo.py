@@ -47,7 +47,9 @@ def moved(trajectory, params):
 @pytest.mark.parametrize("scale_type,rank,scale_front", [
     ("channel", 5, False), ("tensor", 1, True), ("tensor", 1, False),
 ])
-def test_injected_own_draws_reproduce_unpatched_apollo(dtype, shape_name, scale_type, rank, scale_front):
+def test_injected_own_draws_reproduce_unpatched_apollo(
+    dtype, shape_name, scale_type, rank, scale_front
+):
   params, grads = problem(SHAPES[shape_name])
   kw = dict(rank=rank, update_proj_gap=GAP, scale=128.0 if rank == 1 else 1.0,
             scale_type=scale_type, scale_front=scale_front, lr=LR,
@@ -60,7 +62,8 @@ def test_injected_own_draws_reproduce_unpatched_apollo(dtype, shape_name, scale_
   # The projector in use is the last injected matrix, in the parameter dtype.
   held = injected.optimizer.state[injected.tensors["w"]]["projector"].ortho_matrix
   assert held.dtype == dtype
-  np.testing.assert_array_equal(held.float().numpy(), torch.tensor(own["w"][2]).to(dtype).float().numpy())
+  last = torch.tensor(own["w"][2]).to(dtype)
+  np.testing.assert_array_equal(held.float().numpy(), last.float().numpy())
 
 
 def test_other_injected_matrices_change_the_run():
@@ -68,7 +71,8 @@ def test_other_injected_matrices_change_the_run():
   kw = dict(rank=5, update_proj_gap=GAP, scale=1.0, lr=LR)
   own = rfa.reference_random_matrices(params, {"w"}, rank=5, refreshes=3)
   rng = np.random.default_rng(0)
-  other = {"w": [rng.standard_normal(m.shape).astype(np.float32) / np.sqrt(5) for m in own["w"]]}
+  draws = [rng.standard_normal(m.shape) / np.sqrt(5) for m in own["w"]]
+  other = {"w": [d.astype(np.float32) for d in draws]}
   a = rfa.run_apollo(params, grads, {"w"}, random_matrices=own, **kw).trajectory
   b = rfa.run_apollo(params, grads, {"w"}, random_matrices=other, **kw).trajectory
   assert np.max(np.abs(a[-1]["w"] - b[-1]["w"])) > 1e-4
@@ -94,19 +98,26 @@ def test_canonical_signs_leave_one_interval_unchanged(method, shape_name):
   """Within one projection interval the update does not depend on basis signs."""
   params, grads = problem(SHAPES[shape_name])
   if method == "fira":
-    run = lambda **kw: rfa.run_fira(params, grads, {"w"}, rank=5, update_proj_gap=100,
-                                    alpha=0.25, lr=LR, weight_decay=WEIGHT_DECAY, **kw)
+    runner, options = rfa.run_fira, dict(alpha=0.25)
   else:
-    run = lambda **kw: rfa.run_apollo(params, grads, {"w"}, rank=5, update_proj_gap=100,
-                                      scale=1.0, proj="svd", lr=LR, weight_decay=WEIGHT_DECAY, **kw)
+    runner, options = rfa.run_apollo, dict(scale=1.0, proj="svd")
+
+  def run(canonical_signs):
+    return runner(params, grads, {"w"}, rank=5, update_proj_gap=100, lr=LR,
+                  weight_decay=WEIGHT_DECAY, canonical_signs=canonical_signs, **options)
+
   canonical, raw = run(canonical_signs=True), run(canonical_signs=False)
   assert moved(raw.trajectory, params) > 1e-2
   for step_c, step_r in zip(canonical.trajectory, raw.trajectory):
     np.testing.assert_allclose(step_c["w"], step_r["w"], rtol=0, atol=1e-7)
-  basis = canonical.optimizer.state[canonical.tensors["w"]]["projector"].ortho_matrix.numpy()
-  vectors = basis if basis.shape[0] == 5 else basis.T  # rows are basis vectors
-  pivots = vectors[np.arange(5), np.abs(vectors).argmax(axis=1)]
-  assert np.all(pivots > 0)
+  def basis_rows(run):
+    basis = run.optimizer.state[run.tensors["w"]]["projector"].ortho_matrix.numpy()
+    return basis if basis.shape[0] == 5 else basis.T
+
+  # Canonical: each basis vector's largest-|entry| is positive; only signs differ.
+  vectors = basis_rows(canonical)
+  assert np.all(vectors[np.arange(5), np.abs(vectors).argmax(axis=1)] > 0)
+  np.testing.assert_array_equal(np.abs(vectors), np.abs(basis_rows(raw)))
 
 
 def test_fira_full_is_refused_and_really_unsupported():
@@ -141,7 +152,8 @@ def test_bad_injected_matrices_are_refused():
   with pytest.raises(ValueError, match="needs one more"):
     rfa.run_apollo(params, grads, {"w"}, random_matrices={"w": good["w"][:2]}, **kw)
   with pytest.raises(ValueError, match=r"needs \(5, 20\)"):
-    rfa.run_apollo(params, grads, {"w"}, random_matrices={"w": [m.T for m in good["w"]]}, **kw)
+    transposed = {"w": [m.T for m in good["w"]]}
+    rfa.run_apollo(params, grads, {"w"}, random_matrices=transposed, **kw)
   with pytest.raises(ValueError, match="no entry"):
     rfa.run_apollo(params, grads, {"w"}, random_matrices={}, **kw)
   with pytest.raises(ValueError, match="proj must be"):
