@@ -67,6 +67,21 @@ def median_seconds(fn, repeats: int) -> float:
 _START = time.perf_counter()
 
 
+def log_start() -> float:
+  """The `time.perf_counter()` value from which `log` counts."""
+  return _START
+
+
+def set_log_start(start: float) -> None:
+  """Makes `log` count seconds from `start`, a `time.perf_counter()` value.
+
+  On Linux that clock is the system's monotonic clock, so a child process given its
+  parent's start logs on the parent's time line.
+  """
+  global _START
+  _START = start
+
+
 def log(message: str) -> None:
   """Progress on stderr, with the seconds since the benchmark started."""
   print(f"[{time.perf_counter() - _START:7.1f} s] {message}", file=sys.stderr, flush=True)
@@ -93,7 +108,48 @@ def interleaved_medians(fns: dict, rounds: int) -> dict:
   return {n: (statistics.median(t), min(t), max(t)) for n, t in times.items()}
 
 
-def environment() -> str:
+def budgeted_medians(fns: dict, deadline: float, max_rounds: int, min_rounds: int = 1) -> dict:
+  """{name: (median, min, max, rounds)} seconds of each `fn()`, timed round-robin.
+
+  Like `interleaved_medians`, for functions that have already run once (compiled
+  and warm): rounds go on while the next one, estimated from the last, ends
+  before `deadline` (a `time.perf_counter()` value), `min_rounds` at least and
+  `max_rounds` at most. Every `fn` must block until its result is ready.
+  """
+  times = {name: [] for name in fns}
+  last_round = 0.0
+  for i in range(max_rounds):
+    if i >= min_rounds and time.perf_counter() + last_round > deadline:
+      break
+    start = time.perf_counter()
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t)
+    last_round = time.perf_counter() - start
+  return {n: (statistics.median(t), min(t), max(t), len(t)) for n, t in times.items()}
+
+
+def power_law_matrix(m: int, n: int, seed: int = 0, dtype=jax.numpy.float32) -> jax.Array:
+  """An (m × n) matrix with singular values 1, 1/2, 1/3, ... and random singular vectors.
+
+  No gap at any rank: the hard case for sketching methods. Built on the default
+  device (QR of Gaussian matrices), so large sizes need no host work.
+  """
+  jnp = jax.numpy
+  k = min(m, n)
+  ku, kv = jax.random.split(jax.random.key(seed))
+  u = jnp.linalg.qr(jax.random.normal(ku, (m, k), jnp.float32))[0]
+  v = jnp.linalg.qr(jax.random.normal(kv, (n, k), jnp.float32))[0]
+  return ((u / jnp.arange(1, k + 1, dtype=jnp.float32)) @ v.T).astype(dtype)
+
+
+def environment(command: str | None = None) -> str:
+  """Markdown bullet lines: date, command, device, versions, commit.
+
+  Args:
+    command: the command line to show; default: this process's.
+  """
   cpu = platform.processor() or "unknown"
   try:
     for line in open("/proc/cpuinfo"):
@@ -118,7 +174,7 @@ def environment() -> str:
     load = "unknown"
   return "\n".join([
       f"- date: {datetime.date.today().isoformat()}",
-      f"- command: `python {' '.join(sys.argv)}`",
+      f"- command: `{command or 'python ' + ' '.join(sys.argv)}`",
       f"- device: {jax.default_backend()} ({devices}), {jax.local_device_count()} device(s); "
       f"host CPU: {cpu}, `nproc` = {cores}; 1-min load average at start: {load}",
       f"- versions: python {platform.python_version()}, jax {jax.__version__}, optax {optax.__version__}, numpy {numpy.__version__}",

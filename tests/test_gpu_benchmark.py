@@ -1,0 +1,188 @@
+"""benchmarks/gpu.py keeps working on a CPU: its smoke run, its report logic, its errors.
+
+The smoke run is the same code as the GPU run with tiny sizes; it writes to a temporary
+folder, never over benchmarks/results/gpu.md.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu.py")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import gpu  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def _run(*args, timeout=300):
+  return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  """One smoke run of the parts that need no example code: (report json, markdown)."""
+  out = tmp_path_factory.mktemp("gpu") / "gpu.md"
+  proc = _run("--smoke", "--part", "refresh,step,memory", "--out", str(out))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(out.with_suffix(".json")) as f:
+    report = json.load(f)
+  assert out.with_suffix(".png").stat().st_size > 0
+  return report, out.read_text()
+
+
+def test_smoke_refresh_energies(smoke):
+  report, markdown = smoke
+  part = report["parts"]["refresh"]
+  assert part["status"] == "ok"
+  shapes = {(r["m"], r["n"], r["rank"]) for r in part["rows"]}
+  assert shapes == set(gpu.SMOKE.refresh_shapes)
+  for r in part["rows"]:
+    assert 0.0 < r["energy"] <= 1.0 + 1e-6
+    assert 0.0 < r["energy_vs_exact"] <= 1.0 + 1e-6
+    assert 0.0 < r["min_s"] <= r["median_s"] <= r["max_s"] and r["rounds"] >= 1
+    if r["method"] == gpu.EXACT:
+      assert r["energy_vs_exact"] == 1.0
+      # Singular values 1/i: the exact rank-r basis keeps sum_{i<=r} 1/i² of sum_{i<=k} 1/i²
+      # (bf16 rounding of the matrix moves it slightly).
+      k = min(r["m"], r["n"])
+      expected = sum(1 / i**2 for i in range(1, r["rank"] + 1)) / sum(
+          1 / i**2 for i in range(1, k + 1))
+      assert r["energy"] == pytest.approx(expected, abs=5e-3)
+    else:  # the fast methods work: within 5% of the exact energy on these small matrices
+      assert r["energy_vs_exact"] >= 0.95
+  for method in gpu.REFRESH_METHODS:
+    assert f"| {method} |" in markdown
+
+
+def test_smoke_step_table(smoke):
+  report, markdown = smoke
+  part = report["parts"]["step"]
+  assert part["status"] == "ok", part.get("error")
+  rows = {r["name"]: r for r in part["rows"]}
+  assert set(rows) == set(gpu.SMOKE.step_rows)  # none skipped for time
+  adamw = rows[gpu.ADAMW]["plain_s"]
+  for r in rows.values():
+    assert r["refresh_s"] > 0 and r["plain_s"] > 0 and r["plain_s"] / adamw > 0
+    low, high = sorted((r["refresh_s"], r["plain_s"]))
+    assert low <= r["amortized_s"] <= high
+    assert r["state_bytes"] > 0
+  # GaLore's state is smaller than AdamW's.
+  assert rows["galore_adamw, randomized"]["state_bytes"] < rows[gpu.ADAMW]["state_bytes"]
+  # Every step optimizer of the registry is in the report: measured, or named as left out.
+  for name, o in gpu.OPTIMIZERS.items():
+    if o.step:
+      assert name in part["left_out"] or f"| {name} |" in markdown
+      assert f"`{name}`" in markdown or f"| {name} |" in markdown
+
+
+def test_smoke_memory_rows(smoke):
+  report, markdown = smoke
+  part = report["parts"]["memory"]
+  probe = report["probe"]
+  assert part["status"] == "ok", part.get("error")
+  names = [r["name"] for r in part["rows"]]
+  # The fixed rows and the library's smallest-state optimizer, chosen from eval_shape sizes.
+  smallest = min(probe["state_bytes"], key=probe["state_bytes"].get)
+  assert part["smallest"] == smallest and names == list(gpu.SMOKE.memory_rows) + [smallest]
+  dims = gpu.SMOKE.memory_dims
+  for r in part["rows"]:
+    assert r["status"] == "ok"
+    assert r["param_bytes"] == probe["param_bytes"]
+    if r["name"] in probe["state_bytes"]:
+      assert r["state_bytes"] == probe["state_bytes"][r["name"]]
+    # A real language-model loss: about log(vocab) at initialization, for every optimizer.
+    assert len(r["losses"]) == 2
+    assert abs(r["losses"][0] - math.log(dims.vocab)) < 0.5
+    assert r["compiled"]["temp_size_in_bytes"] > 0
+  rows = {r["name"]: r for r in part["rows"]}
+  assert rows[smallest]["state_bytes"] <= rows["galore_adamw8bit"]["state_bytes"] < \
+      rows[gpu.ADAMW]["state_bytes"]
+  assert "n/a (cpu)" in markdown  # no peak statistics on a CPU: none invented
+
+
+def test_smoke_report_header(smoke):
+  report, markdown = smoke
+  assert markdown.startswith("# GPU evidence")
+  assert "**Smoke run**" in markdown
+  assert report["probe"]["backend"] == "cpu"
+  assert "| refresh | 60 s |" in markdown  # the budget table
+  for line in ("- date:", "- command: `python ", "- versions:", "- galore-optax commit:"):
+    assert line in markdown
+  # No verdicts from a smoke run.
+  assert "**met**" not in markdown and "**not met**" not in markdown
+
+
+def _contract_record(name, losses, lr, grid=None, wall=10.0):
+  return dict(name=name, grid=grid or [lr], tuning_losses=[3.0] * len(grid or [lr]),
+              chosen_lr=lr, final_eval_loss=losses, mean=sum(losses) / len(losses),
+              std=0.0, wall_s=wall, state_bytes=2**20, step_time_s=0.01)
+
+
+def test_compare_records_follow_the_contract():
+  data = [_contract_record("adamw", [1.00, 1.02], 3e-3, grid=[1e-3, 3e-3, 9e-3]),
+          _contract_record("galore_adamw", [1.01, 1.03], 1e-2)]
+  records = gpu.compare_records(data)
+  assert [r["name"] for r in records] == ["adamw", "galore_adamw"]
+  assert records[0]["losses"] == [1.00, 1.02] and records[0]["mean"] == pytest.approx(1.01)
+  assert records[0]["grid"] == [1e-3, 3e-3, 9e-3]
+  # The same records keyed by name, with per-seed losses as {seed: loss} and no mean/std.
+  keyed = {"optimizers": {r["name"]: dict(r, final_eval_loss={0: r["final_eval_loss"][0],
+                                                              1: r["final_eval_loss"][1]},
+                                          mean=None, std=None) for r in data}}
+  again = gpu.compare_records(keyed)
+  assert again[1]["mean"] == pytest.approx(1.02) and again[1]["std"] == pytest.approx(0.01)
+  with pytest.raises(ValueError, match="final_eval_loss"):
+    gpu.compare_records([{"name": "adamw", "wall_s": 1.0}])
+  with pytest.raises(ValueError, match="no per-optimizer records"):
+    gpu.compare_records({"optimizers": []})
+
+
+def _report(contrib_refresh=60.0, galore_refresh=0.5, energy=0.995, plain=(10e-3, 10.5e-3),
+            peak_gib=17.5, losses=(1.00, 1.02)):
+  """A report as the parts write it, with chosen figures (to test the verdict logic)."""
+  adamw_plain, galore_plain = plain
+  amortized = lambda refresh, plain: (refresh + (gpu.GAP - 1) * plain) / gpu.GAP
+  step_rows = [
+      dict(name=gpu.ADAMW, refresh_s=adamw_plain, plain_s=adamw_plain,
+           amortized_s=adamw_plain),
+      dict(name=gpu.CONTRIB, refresh_s=contrib_refresh, plain_s=0.02,
+           amortized_s=amortized(contrib_refresh, 0.02)),
+      dict(name="galore_adamw, randomized", refresh_s=galore_refresh, plain_s=galore_plain,
+           amortized_s=amortized(galore_refresh, galore_plain)),
+  ]
+  refresh_rows = [dict(method="randomized", energy_vs_exact=energy, shape=s)
+                  for s in ("a", "b")]
+  return {"parts": {
+      "refresh": {"rows": refresh_rows}, "step": {"rows": step_rows},
+      "memory": {"rows": [dict(name="galore_adamw8bit", peak_bytes=peak_gib * gpu.GIB)]},
+      "quality": {"rows": [dict(name="adamw", mean=losses[0]),
+                           dict(name="galore_adamw", mean=losses[1])]}}}
+
+
+def test_target_verdicts():
+  rows = gpu.target_rows(_report())
+  assert [r[2] for r in rows] == ["**met**"] * 5
+  assert "120.0×" in rows[0][1]  # 60 s / 0.5 s
+  assert "1.05×" in rows[1][1]  # 10.5 ms / 10 ms
+  assert "1.29×" in rows[2][1]  # (0.5 s + 199 × 10.5 ms) / 200 = 12.95 ms
+  worse = gpu.target_rows(_report(galore_refresh=1.0, energy=0.98, plain=(10e-3, 13e-3),
+                                  peak_gib=18.5, losses=(1.00, 1.03)))
+  assert [r[2] for r in worse] == ["**not met**"] * 5
+  # exp(0.03) - 1 = +3.05% perplexity.
+  assert "+3.05%" in worse[4][1]
+  assert gpu.target_rows({"parts": {}})[0][1] == "not measured"
+
+
+def test_bad_arguments_are_named():
+  proc = _run("--part", "refresh,bogus")
+  assert proc.returncode == 2 and "--part" in proc.stderr
+  proc = _run("--smoke", "--budget", "step=soon")
+  assert proc.returncode != 0 and "--budget" in proc.stderr and "number" in proc.stderr
+  proc = _run("--smoke", "--budget", "warmup=10")
+  assert proc.returncode != 0 and "unknown part 'warmup'" in proc.stderr
