@@ -161,9 +161,11 @@ def environment(command: str | None = None) -> str:
   import numpy, optax
   devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
   try:
-    commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                     stderr=subprocess.DEVNULL).strip()
   except (OSError, subprocess.CalledProcessError):
-    commit = "unknown"
+    # A copy of the tree without .git (e.g. on a lent GPU machine): the caller may say.
+    commit = os.environ.get("GALORE_OPTAX_COMMIT", "unknown")
   try:
     cores = len(os.sched_getaffinity(0))
   except AttributeError:

@@ -36,6 +36,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -170,8 +171,9 @@ FULL = Sizes(
     refresh_shapes=((4096, 11008, 1024), (2048, 5461, 512)),
     step_dims=llama_jax.Dims(2048, 5461, 32, 24), step_rank=512,
     memory_dims=llama_jax.Dims(4096, 11008, 32, 32), memory_rank=1024, memory_batch=(4, 256),
-    quality=dict(config="60m", steps=2000, tune_steps=300, batch_size=32, seq_len=256),
-    budgets=dict(refresh=45, step=150, memory=115, quality=150),
+    quality=dict(config="60m", steps=2000, tune_steps=200, batch_size=32, seq_len=256),
+    # 460 s of budgets; with the margins of hard_limit every part ends within 9.6 min.
+    budgets=dict(refresh=40, step=140, memory=110, quality=170),
     max_rounds=10, chain=5,
 )
 SMOKE = Sizes(
@@ -683,7 +685,7 @@ def compare_command(run: Run, out_dir: str, json_path: str, help_text: str) -> l
   cmd = [sys.executable, "-m", "examples.compare", "--config", q["config"],
          "--optimizers", ",".join(QUALITY_OPTIMIZERS),
          # AdamW is tuned on the grid; the GaLore optimizers run the paper's recipe.
-         "--lr", f"galore_adamw={PAPER_LR}", f"optax_contrib_galore={PAPER_LR}",
+         "--lr", f"galore_adamw={PAPER_LR}", "--lr", f"optax_contrib_galore={PAPER_LR}",
          "--lr-grid", "0.333,1,3", "--tune-steps", str(q["tune_steps"]),
          "--steps", str(q["steps"]), "--batch-size", str(q["batch_size"]),
          "--seq-len", str(q["seq_len"]), "--seeds", "0", "--out", out_dir, "--json", json_path]
@@ -691,6 +693,8 @@ def compare_command(run: Run, out_dir: str, json_path: str, help_text: str) -> l
     cmd += ["--update-proj-gap", str(GAP)]  # the paper's gap (compare's own default is for CPU)
   if "--no-progress" in help_text:
     cmd += ["--no-progress"]
+  if "--eval-every" in help_text and q["steps"] >= 1000:
+    cmd += ["--eval-every", str(q["steps"] // 8)]  # the final evaluation is always made
   if run.quality_data:
     cmd += ["--data", run.quality_data]
   return cmd
@@ -720,15 +724,19 @@ def compare_records(data) -> list:
     missing = [k for k in ("name", "final_eval_loss", "wall_s") if k not in r]
     if missing:
       raise ValueError(f"examples.compare --json record lacks {missing}; keys: {sorted(r)}")
-    losses = [float(x) for x in _as_list(r["final_eval_loss"])]
+    losses = [float(x) for x in _as_list(r["final_eval_loss"]) if x is not None]
+    if r.get("error") or not losses:
+      records.append(dict(name=r["name"], error=r.get("error") or "no final eval loss"))
+      continue
     mean = float(r["mean"]) if r.get("mean") is not None else sum(losses) / len(losses)
-    std = float(r["std"]) if r.get("std") is not None else (
-        math.sqrt(sum((x - mean) ** 2 for x in losses) / len(losses)))
+    std = float(r["std"]) if r.get("std") is not None else (  # sample std; none for 1 seed
+        math.sqrt(sum((x - mean) ** 2 for x in losses) / (len(losses) - 1))
+        if len(losses) > 1 else None)
     records.append(dict(name=r["name"], grid=_as_list(r.get("grid")),
                         tuning_losses=_as_list(r.get("tuning_losses")),
-                        chosen_lr=r.get("chosen_lr"), losses=losses, mean=mean, std=std,
-                        wall_s=float(r["wall_s"]), state_bytes=r.get("state_bytes"),
-                        step_time_s=r.get("step_time_s")))
+                        chosen_lr=r.get("chosen_lr"), at_grid_edge=r.get("chosen_at_grid_edge"),
+                        losses=losses, mean=mean, std=std, wall_s=float(r["wall_s"]),
+                        state_bytes=r.get("state_bytes"), step_time_s=r.get("step_time_s")))
   return records
 
 
@@ -748,7 +756,8 @@ def part_quality(run: Run) -> dict:
   out_dir = os.path.join(run.workdir, "compare")
   json_path = os.path.join(run.workdir, "compare.json")
   cmd = compare_command(run, out_dir, json_path, help_text)
-  shown = "python " + " ".join(shlex.quote(c) for c in cmd[1:] if c not in (out_dir, json_path))
+  hidden = {"--out", out_dir, "--json", json_path}  # temporary paths of this run
+  shown = "python " + " ".join(shlex.quote(c) for c in cmd[1:] if c not in hidden)
   log_path = os.path.join(run.workdir, "compare.log")
   common.log(f"quality: {shown}")
   with open(log_path, "w") as log_file:
@@ -760,15 +769,24 @@ def part_quality(run: Run) -> dict:
       proc.wait()
       return dict(status="timeout", command=shown,
                   error=f"examples.compare stopped after {limit:.0f} s (time budget)")
-  tail = open(log_path).read()[-1500:]
-  if proc.returncode != 0:
+  tail = open(log_path).read()[-600:].strip()
+  data = _read_json(json_path)
+  if data is None:
     return dict(status="error", command=shown,
-                error=f"examples.compare exited with code {proc.returncode}: {tail.strip()[-600:]}")
+                error=f"examples.compare exited with code {proc.returncode} and wrote no "
+                f"--json: {tail}")
   try:
-    records = compare_records(_read_json(json_path))
+    records = compare_records(data)
   except ValueError as e:
     return dict(status="error", command=shown, error=str(e))
-  return dict(status="ok", command=shown, rows=records, sizes=run.sizes.quality)
+  failed = [r["name"] for r in records if r.get("error")]
+  config = data.get("config") or {}
+  return dict(status="error" if proc.returncode or failed else "ok", command=shown,
+              rows=records, data=data.get("data"), compare_wall_s=data.get("wall_s"),
+              update_proj_gap=config.get("update_proj_gap"), rank=config.get("rank"),
+              error=(f"examples.compare exited with code {proc.returncode}; failed: "
+                     f"{', '.join(failed) or 'none'}: {tail}") if proc.returncode or failed
+              else None)
 
 
 PART_RUNNERS = {"refresh": part_refresh, "step": part_step, "memory": part_memory,
@@ -864,8 +882,8 @@ def target_rows(report: dict) -> list:
   text = f"60M perplexity within +{TARGET_PPL_GAP:.1%} of tuned AdamW (galore_adamw)"
   anchor = (f"byte-level docs: AdamW eval loss {ANCHORS['adamw_60m_loss']}, contrib "
             f"{ANCHORS['contrib_60m_loss']} (H100)")
-  a, g = quality.get("adamw"), quality.get("galore_adamw")
-  if a and g:
+  a, g = quality.get("adamw", {}), quality.get("galore_adamw", {})
+  if "mean" in a and "mean" in g:
     gap = math.exp(g["mean"] - a["mean"]) - 1
     out.append((text, f"{gap:+.2%} (eval loss {g['mean']:.4f} vs {a['mean']:.4f})",
                 verdict(gap <= TARGET_PPL_GAP), anchor))
@@ -977,23 +995,33 @@ def render_memory(part: dict, sizes: Sizes, probe: dict) -> list:
 def render_quality(part: dict, sizes: Sizes) -> list:
   q = sizes.quality
   rows = part.get("rows", [])
-  by = {r["name"]: r for r in rows}
+  base = next((r for r in rows if r["name"] == "adamw" and "mean" in r), None)
   lines = [f"## 4. Quality: the example's LLaMA `{q['config']}`", "",
-           f"{q['steps']:,} steps of {q['batch_size']}×{q['seq_len']} tokens. AdamW's peak "
-           f"learning rate is tuned on the grid ×(0.333, 1, 3) around its default with "
-           f"{q['tune_steps']}-step runs; galore_adamw and optax.contrib.galore run the paper's "
-           f"recipe (lr {PAPER_LR}, scale 0.25, T = {GAP}). Command (run by this script):", "",
-           f"    {part.get('command', '–')}", "",
+           f"{q['steps']:,} steps of {q['batch_size']}×{q['seq_len']} tokens on "
+           f"{part.get('data') or 'the default corpus'}. AdamW's peak learning rate is tuned "
+           f"on the grid ×(0.333, 1, 3) around its default with {q['tune_steps']}-step runs "
+           "(chosen on a held-out tuning split, not the reported one); galore_adamw and "
+           f"optax.contrib.galore run the paper's recipe (lr {PAPER_LR}, scale 0.25, rank "
+           f"{part.get('rank') or 'of the config'}, T = {part.get('update_proj_gap') or '?'}). "
+           "Command (run by this script):", "", f"    {part.get('command', '–')}", "",
            "| optimizer | peak lr (grid) | final eval loss (mean ± std, seeds) | perplexity | "
            "perplexity vs tuned AdamW | wall time | state |", "|---|---|---:|---:|---:|---:|---:|"]
-  base = by.get("adamw")
   for r in rows:
+    if "mean" not in r:
+      lines.append(f"| {r['name']} | failed: {r.get('error')} | | | | | |")
+      continue
     grid = ", ".join(f"{x:g}" for x in r["grid"] if isinstance(x, (int, float)))
+    if len(r["grid"]) > 1:
+      grid += "; at the grid's edge" if r.get("at_grid_edge") else ""
+    else:
+      grid = "fixed"
     gap = f"{math.exp(r['mean'] - base['mean']) - 1:+.2%}" if base else "–"
+    spread = f" ± {r['std']:.4f}" if r.get("std") is not None else ""
+    seeds = len(r["losses"])
     state = f"{r['state_bytes'] / 2**20:,.1f} MiB" if r.get("state_bytes") else "–"
-    lines.append(f"| {r['name']} | {r['chosen_lr']}" + (f" ({grid})" if grid else "")
-                 + f" | {r['mean']:.4f} ± {r['std']:.4f} ({len(r['losses'])}) | "
-                 f"{math.exp(r['mean']):.2f} | {gap} | {_t(r['wall_s'])} | {state} |")
+    lines.append(f"| {r['name']} | {r['chosen_lr']:g} ({grid}) | {r['mean']:.4f}{spread} "
+                 f"({seeds} seed{'s' if seeds > 1 else ''}) | {math.exp(r['mean']):.2f} | "
+                 f"{gap} | {_t(r['wall_s'])} | {state} |")
   return lines + [""]
 
 
@@ -1083,8 +1111,9 @@ def plot(report: dict, path: str) -> None:
       ax.set_xlabel("peak device memory (GiB)")
       ax.legend(fontsize=7)
     else:
-      ax.barh([r["name"] for r in rows][::-1], [r["mean"] for r in rows][::-1],
-              xerr=[r["std"] for r in rows][::-1])
+      done = [r for r in rows if "mean" in r]
+      ax.barh([r["name"] for r in done][::-1], [r["mean"] for r in done][::-1],
+              xerr=[r["std"] or 0.0 for r in done][::-1])
       ax.set_xlabel("final eval loss")
     ax.tick_params(axis="y", labelsize=7)
     ax.set_title(name, fontsize=9)
@@ -1170,23 +1199,28 @@ def main(argv=None) -> int:
                                         memory_rank=sizes.memory_rank), 180)
   run.report["probe"] = probe
   if probe.get("status") != "ok":
+    shutil.rmtree(run.workdir, ignore_errors=True)
     write_outputs(run)
     print(f"error: the probe child failed: {probe.get('error')}", file=sys.stderr)
     return 1
   run.cpu = probe["backend"] == "cpu"
   common.log(f"probe: {probe['backend']} ({probe['device_kind']})")
   if run.cpu and not args.smoke and not args.allow_cpu:
+    shutil.rmtree(run.workdir, ignore_errors=True)
     print("error: JAX sees no GPU (backend: cpu). Install a CUDA build of jax (see docs/gpu.md), "
           "or pass --smoke (tiny sizes) or --allow-cpu (full sizes on the CPU).", file=sys.stderr)
     return 2
-  for name in parts:
-    common.log(f"{name}: started (budget {run.budgets[name]:.0f} s)")
-    start = time.perf_counter()
-    result = PART_RUNNERS[name](run)
-    result["took_s"] = time.perf_counter() - start
-    run.report["parts"][name] = result
-    common.log(f"{name}: {_status(result)[:200]} in {result['took_s']:.0f} s")
-    write_outputs(run)
+  try:
+    for name in parts:
+      common.log(f"{name}: started (budget {run.budgets[name]:.0f} s)")
+      start = time.perf_counter()
+      result = PART_RUNNERS[name](run)
+      result["took_s"] = time.perf_counter() - start
+      run.report["parts"][name] = result
+      common.log(f"{name}: {_status(result)[:200]} in {result['took_s']:.0f} s")
+      write_outputs(run)
+  finally:
+    shutil.rmtree(run.workdir, ignore_errors=True)
   common.log(f"wrote {run.out}")
   failed = [n for n in parts if run.report["parts"][n].get("status") != "ok"]
   return 1 if failed else 0

@@ -121,7 +121,8 @@ def test_smoke_report_header(smoke):
 def _contract_record(name, losses, lr, grid=None, wall=10.0):
   return dict(name=name, grid=grid or [lr], tuning_losses=[3.0] * len(grid or [lr]),
               chosen_lr=lr, final_eval_loss=losses, mean=sum(losses) / len(losses),
-              std=0.0, wall_s=wall, state_bytes=2**20, step_time_s=0.01)
+              std=None if len(losses) < 2 else 0.01, wall_s=wall, state_bytes=2**20,
+              step_time_s=0.01)
 
 
 def test_compare_records_follow_the_contract():
@@ -136,11 +137,42 @@ def test_compare_records_follow_the_contract():
                                                               1: r["final_eval_loss"][1]},
                                           mean=None, std=None) for r in data}}
   again = gpu.compare_records(keyed)
-  assert again[1]["mean"] == pytest.approx(1.02) and again[1]["std"] == pytest.approx(0.01)
+  assert again[1]["mean"] == pytest.approx(1.02)
+  assert again[1]["std"] == pytest.approx(0.02 / math.sqrt(2))  # sample std of 1.01, 1.03
+  # A failed optimizer is a row with its error, not a crash.
+  failed = gpu.compare_records([dict(data[0], error="diverged", final_eval_loss=[], mean=None)])
+  assert failed == [{"name": "adamw", "error": "diverged"}]
   with pytest.raises(ValueError, match="final_eval_loss"):
     gpu.compare_records([{"name": "adamw", "wall_s": 1.0}])
   with pytest.raises(ValueError, match="no per-optimizer records"):
     gpu.compare_records({"optimizers": []})
+
+
+def test_quality_table():
+  records = gpu.compare_records({"optimizers": [
+      dict(_contract_record("adamw", [1.0], 3e-3, grid=[1e-3, 3e-3, 9e-3]),
+           chosen_at_grid_edge=False),
+      _contract_record("galore_adamw", [1.01], 1e-2),
+      dict(name="optax_contrib_galore", error="diverged", final_eval_loss=[], wall_s=1.0)]})
+  lines = "\n".join(gpu.render_quality(dict(rows=records, command="python -m examples.compare"),
+                                        gpu.FULL))
+  assert "| adamw | 0.003 (0.001, 0.003, 0.009) | 1.0000 (1 seed) |" in lines
+  # exp(0.01) - 1: galore_adamw's perplexity is 1.01% above tuned AdamW's.
+  assert "| galore_adamw | 0.01 (fixed) | 1.0100 (1 seed) | 2.75 | +1.01% |" in lines
+  assert "| optax_contrib_galore | failed: diverged |" in lines
+
+
+def test_compare_cli_takes_what_gpu_py_passes():
+  """The flags and optimizer names of part 4 exist in python -m examples.compare."""
+  proc = subprocess.run([sys.executable, "-m", "examples.compare", "--help"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  text = " ".join(proc.stdout.split())
+  for flag in gpu.COMPARE_FLAGS + ("--update-proj-gap", "--no-progress", "--data"):
+    assert flag in text
+  for name in gpu.QUALITY_OPTIMIZERS:
+    assert name in text
+  assert "repeatable" in text  # --lr NAME=VALUE is given once per pinned optimizer
 
 
 def _report(contrib_refresh=60.0, galore_refresh=0.5, energy=0.995, plain=(10e-3, 10.5e-3),
