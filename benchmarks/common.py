@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -51,6 +52,23 @@ def llama_params(size: str, param_dtype: str = "float32", **overrides) -> dict:
   cfg = configs.get_model_config(size, param_dtype=param_dtype, **overrides)
   model = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def write_json(path: str, value) -> None:
+  """Writes `value` as JSON through a temporary file, so readers never see half of it."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=1)
+  os.replace(tmp, path)
+
+
+def read_json(path: str):
+  """The JSON value in `path`, or None when it does not exist (yet) or is not JSON."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
 
 
 def median_seconds(fn, repeats: int) -> float:

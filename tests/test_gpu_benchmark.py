@@ -17,6 +17,8 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "gpu.py")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import gpu  # noqa: E402  pylint: disable=wrong-import-position
+import gpu_report  # noqa: E402  pylint: disable=wrong-import-position
+import gpu_spec as spec  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def _run(*args, timeout=300):
@@ -41,12 +43,12 @@ def test_smoke_refresh_energies(smoke):
   part = report["parts"]["refresh"]
   assert part["status"] == "ok"
   shapes = {(r["m"], r["n"], r["rank"]) for r in part["rows"]}
-  assert shapes == set(gpu.SMOKE.refresh_shapes)
+  assert shapes == set(spec.SMOKE.refresh_shapes)
   for r in part["rows"]:
     assert 0.0 < r["energy"] <= 1.0 + 1e-6
     assert 0.0 < r["energy_vs_exact"] <= 1.0 + 1e-6
     assert 0.0 < r["min_s"] <= r["median_s"] <= r["max_s"] and r["rounds"] >= 1
-    if r["method"] == gpu.EXACT:
+    if r["method"] == spec.EXACT:
       assert r["energy_vs_exact"] == 1.0
       # Singular values 1/i: the exact rank-r basis keeps sum_{i<=r} 1/i² of sum_{i<=k} 1/i²
       # (bf16 rounding of the matrix moves it slightly).
@@ -56,7 +58,7 @@ def test_smoke_refresh_energies(smoke):
       assert r["energy"] == pytest.approx(expected, abs=5e-3)
     else:  # the fast methods work: within 5% of the exact energy on these small matrices
       assert r["energy_vs_exact"] >= 0.95
-  for method in gpu.REFRESH_METHODS:
+  for method in spec.REFRESH_METHODS:
     assert f"| {method} |" in markdown
 
 
@@ -65,17 +67,17 @@ def test_smoke_step_table(smoke):
   part = report["parts"]["step"]
   assert part["status"] == "ok", part.get("error")
   rows = {r["name"]: r for r in part["rows"]}
-  assert set(rows) == set(gpu.SMOKE.step_rows)  # none skipped for time
-  adamw = rows[gpu.ADAMW]["plain_s"]
+  assert set(rows) == set(spec.SMOKE.step_rows)  # none skipped for time
+  adamw = rows[spec.ADAMW]["plain_s"]
   for r in rows.values():
     assert r["refresh_s"] > 0 and r["plain_s"] > 0 and r["plain_s"] / adamw > 0
     low, high = sorted((r["refresh_s"], r["plain_s"]))
     assert low <= r["amortized_s"] <= high
     assert r["state_bytes"] > 0
   # GaLore's state is smaller than AdamW's.
-  assert rows["galore_adamw, randomized"]["state_bytes"] < rows[gpu.ADAMW]["state_bytes"]
+  assert rows["galore_adamw, randomized"]["state_bytes"] < rows[spec.ADAMW]["state_bytes"]
   # Every step optimizer of the registry is in the report: measured, or named as left out.
-  for name, o in gpu.OPTIMIZERS.items():
+  for name, o in spec.OPTIMIZERS.items():
     if o.step:
       assert name in part["left_out"] or f"| {name} |" in markdown
       assert f"`{name}`" in markdown or f"| {name} |" in markdown
@@ -89,8 +91,8 @@ def test_smoke_memory_rows(smoke):
   names = [r["name"] for r in part["rows"]]
   # The fixed rows and the library's smallest-state optimizer, chosen from eval_shape sizes.
   smallest = min(probe["state_bytes"], key=probe["state_bytes"].get)
-  assert part["smallest"] == smallest and names == list(gpu.SMOKE.memory_rows) + [smallest]
-  dims = gpu.SMOKE.memory_dims
+  assert part["smallest"] == smallest and names == list(spec.SMOKE.memory_rows) + [smallest]
+  dims = spec.SMOKE.memory_dims
   for r in part["rows"]:
     assert r["status"] == "ok"
     assert r["param_bytes"] == probe["param_bytes"]
@@ -102,7 +104,7 @@ def test_smoke_memory_rows(smoke):
     assert r["compiled"]["temp_size_in_bytes"] > 0
   rows = {r["name"]: r for r in part["rows"]}
   assert rows[smallest]["state_bytes"] <= rows["galore_adamw8bit"]["state_bytes"] < \
-      rows[gpu.ADAMW]["state_bytes"]
+      rows[spec.ADAMW]["state_bytes"]
   assert "n/a (cpu)" in markdown  # no peak statistics on a CPU: none invented
 
 
@@ -154,8 +156,8 @@ def test_quality_table():
            chosen_at_grid_edge=False),
       _contract_record("galore_adamw", [1.01], 1e-2),
       dict(name="optax_contrib_galore", error="diverged", final_eval_loss=[], wall_s=1.0)]})
-  lines = "\n".join(gpu.render_quality(dict(rows=records, command="python -m examples.compare"),
-                                        gpu.FULL))
+  lines = "\n".join(gpu_report.render_quality(dict(rows=records, command="python -m examples.compare"),
+                                        spec.FULL))
   assert "| adamw | 0.003 (0.001, 0.003, 0.009) | 1.0000 (1 seed) |" in lines
   # exp(0.01) - 1: galore_adamw's perplexity is 1.01% above tuned AdamW's.
   assert "| galore_adamw | 0.01 (fixed) | 1.0100 (1 seed) | 2.75 | +1.01% |" in lines
@@ -168,9 +170,9 @@ def test_compare_cli_takes_what_gpu_py_passes():
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   text = " ".join(proc.stdout.split())
-  for flag in gpu.COMPARE_FLAGS + ("--update-proj-gap", "--no-progress", "--data"):
+  for flag in spec.COMPARE_FLAGS + ("--update-proj-gap", "--no-progress", "--data"):
     assert flag in text
-  for name in gpu.QUALITY_OPTIMIZERS:
+  for name in spec.QUALITY_OPTIMIZERS:
     assert name in text
   assert "repeatable" in text  # --lr NAME=VALUE is given once per pinned optimizer
 
@@ -179,11 +181,11 @@ def _report(contrib_refresh=60.0, galore_refresh=0.5, energy=0.995, plain=(10e-3
             peak_gib=17.5, losses=(1.00, 1.02)):
   """A report as the parts write it, with chosen figures (to test the verdict logic)."""
   adamw_plain, galore_plain = plain
-  amortized = lambda refresh, plain: (refresh + (gpu.GAP - 1) * plain) / gpu.GAP
+  amortized = lambda refresh, plain: (refresh + (spec.GAP - 1) * plain) / spec.GAP
   step_rows = [
-      dict(name=gpu.ADAMW, refresh_s=adamw_plain, plain_s=adamw_plain,
+      dict(name=spec.ADAMW, refresh_s=adamw_plain, plain_s=adamw_plain,
            amortized_s=adamw_plain),
-      dict(name=gpu.CONTRIB, refresh_s=contrib_refresh, plain_s=0.02,
+      dict(name=spec.CONTRIB, refresh_s=contrib_refresh, plain_s=0.02,
            amortized_s=amortized(contrib_refresh, 0.02)),
       dict(name="galore_adamw, randomized", refresh_s=galore_refresh, plain_s=galore_plain,
            amortized_s=amortized(galore_refresh, galore_plain)),
@@ -192,23 +194,23 @@ def _report(contrib_refresh=60.0, galore_refresh=0.5, energy=0.995, plain=(10e-3
                   for s in ("a", "b")]
   return {"parts": {
       "refresh": {"rows": refresh_rows}, "step": {"rows": step_rows},
-      "memory": {"rows": [dict(name="galore_adamw8bit", peak_bytes=peak_gib * gpu.GIB)]},
+      "memory": {"rows": [dict(name="galore_adamw8bit", peak_bytes=peak_gib * spec.GIB)]},
       "quality": {"rows": [dict(name="adamw", mean=losses[0]),
                            dict(name="galore_adamw", mean=losses[1])]}}}
 
 
 def test_target_verdicts():
-  rows = gpu.target_rows(_report())
+  rows = gpu_report.target_rows(_report())
   assert [r[2] for r in rows] == ["**met**"] * 5
   assert "120.0×" in rows[0][1]  # 60 s / 0.5 s
   assert "1.05×" in rows[1][1]  # 10.5 ms / 10 ms
   assert "1.29×" in rows[2][1]  # (0.5 s + 199 × 10.5 ms) / 200 = 12.95 ms
-  worse = gpu.target_rows(_report(galore_refresh=1.0, energy=0.98, plain=(10e-3, 13e-3),
+  worse = gpu_report.target_rows(_report(galore_refresh=1.0, energy=0.98, plain=(10e-3, 13e-3),
                                   peak_gib=18.5, losses=(1.00, 1.03)))
   assert [r[2] for r in worse] == ["**not met**"] * 5
   # exp(0.03) - 1 = +3.05% perplexity.
   assert "+3.05%" in worse[4][1]
-  assert gpu.target_rows({"parts": {}})[0][1] == "not measured"
+  assert gpu_report.target_rows({"parts": {}})[0][1] == "not measured"
 
 
 def test_bad_arguments_are_named():
