@@ -38,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Optional
 
@@ -171,7 +172,7 @@ def part_memory(run: Run) -> dict:
   pending, children, rows = list(names), {}, []
 
   def start_more():
-    while pending and len(children) < jobs:
+    while pending and len(children) < jobs and time.perf_counter() < deadline:
       name = pending.pop(0)
       tag = f"memory{names.index(name)}"
       children[name] = _spawn(run, "memory", dict(
@@ -181,6 +182,9 @@ def part_memory(run: Run) -> dict:
   for name in names:  # measure one at a time, in order, while the others compile
     if name not in children:
       start_more()
+    if name not in children:  # the part's time is up
+      rows.append(dict(name=name, status="timeout", error=f"not started within {limit:.0f} s"))
+      continue
     proc, task = children[name]
     timed_out = False
     while proc.poll() is None and (common.read_json(task["result"]) or {}).get("status") != "compiled":
@@ -203,8 +207,10 @@ def part_memory(run: Run) -> dict:
     del children[name]
     if row.get("peak_bytes") is not None:
       common.log(f"memory: {name}: peak {row['peak_bytes'] / GIB:.2f} GiB")
+    elif row.get("status") == "ok":
+      common.log(f"memory: {name}: measured (no peak statistics on this backend)")
     else:
-      common.log(f"memory: {name}: {row.get('status')} {row.get('error', '')}")
+      common.log(f"memory: {name}: {row.get('status')}: {row.get('error')}")
     start_more()
   failed = [r for r in rows if r.get("status") != "ok"]
   return dict(status="ok" if not failed else ("timeout" if all(
@@ -291,18 +297,32 @@ def part_quality(run: Run) -> dict:
   cmd = compare_command(run, out_dir, json_path, help_text)
   hidden = {"--out", out_dir, "--json", json_path}  # temporary paths of this run
   shown = "python " + " ".join(shlex.quote(c) for c in cmd[1:] if c not in hidden)
-  log_path = os.path.join(run.workdir, "compare.log")
   common.log(f"quality: {shown}")
-  with open(log_path, "w") as log_file:
-    proc = subprocess.Popen(cmd, env=env, cwd=_ROOT, stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-      proc.wait(timeout=max(limit - (time.perf_counter() - started), 1))
-    except subprocess.TimeoutExpired:
-      proc.kill()
-      proc.wait()
-      return dict(status="timeout", command=shown,
-                  error=f"examples.compare stopped after {limit:.0f} s (time budget)")
-  tail = open(log_path).read()[-600:].strip()
+  proc = subprocess.Popen(cmd, env=env, cwd=_ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  output = []
+
+  def relay():  # compare's own progress lines, on this run's time line
+    for line in proc.stdout:
+      output.append(line)
+      if line.strip() and not line.startswith("|"):
+        common.log(f"quality: {line.rstrip()[:200]}")
+
+  reader = threading.Thread(target=relay, daemon=True)
+  reader.start()
+  timed_out = False
+  try:
+    proc.wait(timeout=max(limit - (time.perf_counter() - started), 1))
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    proc.wait()
+    timed_out = True
+  reader.join(timeout=5)
+  tail = "".join(output)[-600:].strip()
+  if timed_out:
+    return dict(status="timeout", command=shown,
+                error=f"examples.compare stopped after {limit:.0f} s (time budget); its last "
+                f"output: {tail}")
   data = common.read_json(json_path)
   if data is None:
     return dict(status="error", command=shown,

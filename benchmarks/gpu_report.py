@@ -245,8 +245,9 @@ def render_quality(part: dict, sizes: Sizes) -> list:
     if len(r["grid"]) > 1:
       grid += "; at the grid's edge" if r.get("at_grid_edge") else ""
     else:
-      grid = "fixed"
-    gap = f"{math.exp(r['mean'] - base['mean']) - 1:+.2%}" if base else "–"
+      grid = "pinned"
+    gap = ("baseline" if r is base else
+           f"{math.exp(r['mean'] - base['mean']) - 1:+.2%}" if base else "–")
     spread = f" ± {r['std']:.4f}" if r.get("std") is not None else ""
     seeds = len(r["losses"])
     state = f"{r['state_bytes'] / 2**20:,.1f} MiB" if r.get("state_bytes") else "–"

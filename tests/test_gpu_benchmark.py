@@ -158,9 +158,9 @@ def test_quality_table():
       dict(name="optax_contrib_galore", error="diverged", final_eval_loss=[], wall_s=1.0)]})
   lines = "\n".join(gpu_report.render_quality(dict(rows=records, command="python -m examples.compare"),
                                         spec.FULL))
-  assert "| adamw | 0.003 (0.001, 0.003, 0.009) | 1.0000 (1 seed) |" in lines
+  assert "| adamw | 0.003 (0.001, 0.003, 0.009) | 1.0000 (1 seed) | 2.72 | baseline |" in lines
   # exp(0.01) - 1: galore_adamw's perplexity is 1.01% above tuned AdamW's.
-  assert "| galore_adamw | 0.01 (fixed) | 1.0100 (1 seed) | 2.75 | +1.01% |" in lines
+  assert "| galore_adamw | 0.01 (pinned) | 1.0100 (1 seed) | 2.75 | +1.01% |" in lines
   assert "| optax_contrib_galore | failed: diverged |" in lines
 
 
