@@ -359,7 +359,7 @@ def write_outputs(run: Run) -> None:
   except Exception as e:  # pylint: disable=broad-except  (the tables matter more)
     run.report["plot_error"] = f"{type(e).__name__}: {e}"
   with open(run.out, "w") as f:
-    f.write(gpu_report.render(run.report, run.sizes, run.budgets, run.smoke))
+    f.write(gpu_report.render(run.report, run.sizes, run.smoke))
   common.write_json(stem + ".json", run.report)
 
 
@@ -397,6 +397,9 @@ def main(argv=None) -> int:
                       help="memory children compiling at once (default: all; 2 on a CPU)")
   parser.add_argument("--allow-cpu", action="store_true",
                       help="run the full sizes even when JAX sees no GPU")
+  parser.add_argument("--merge", action="store_true",
+                      help="keep the parts of the report already at --out that this call does "
+                      "not run (e.g. a part rerun with a larger budget)")
   args = parser.parse_args(argv)
   # This process never needs the accelerator (and must not hold its memory): children do.
   os.environ["JAX_PLATFORMS"] = "cpu"
@@ -414,6 +417,14 @@ def main(argv=None) -> int:
             budgets=_parse_budgets(args.budget, sizes.budgets), quality_data=args.quality_data,
             memory_jobs=args.memory_jobs)
   run.report = dict(smoke=args.smoke, command=run.command, budgets=run.budgets, parts={})
+  if args.merge:
+    earlier = common.read_json(os.path.splitext(args.out)[0] + ".json")
+    if earlier is None or "parts" not in earlier:
+      parser.error(f"--merge: no report next to {args.out} (its .json) to merge into")
+    if earlier.get("smoke") != args.smoke:
+      parser.error("--merge: the report at --out comes from a "
+                   + ("smoke" if earlier.get("smoke") else "full-size") + " run; this one is not")
+    run.report["parts"] = {k: v for k, v in earlier["parts"].items() if k not in parts}
 
   common.log("probe: device, versions, state sizes")
   probe = _run_child(run, "probe", dict(command=run.command, budget_s=120,
@@ -437,8 +448,11 @@ def main(argv=None) -> int:
       common.log(f"{name}: started (budget {run.budgets[name]:.0f} s)")
       start = time.perf_counter()
       result = PART_RUNNERS[name](run)
-      result["took_s"] = time.perf_counter() - start
+      result.update(took_s=time.perf_counter() - start, budget_s=run.budgets[name],
+                    call=run.command, device=probe["device_kind"],
+                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
       run.report["parts"][name] = result
+      run.report["parts"] = {k: run.report["parts"][k] for k in PARTS if k in run.report["parts"]}
       common.log(f"{name}: {gpu_report.status_text(result)[:200]} in {result['took_s']:.0f} s")
       write_outputs(run)
   finally:

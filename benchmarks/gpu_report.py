@@ -257,7 +257,7 @@ def render_quality(part: dict, sizes: Sizes) -> list:
   return lines + [""]
 
 
-def render(report: dict, sizes: Sizes, budgets: dict, smoke: bool) -> str:
+def render(report: dict, sizes: Sizes, smoke: bool) -> str:
   """The markdown report of a run (or of the parts done so far)."""
   probe = report.get("probe", {})
   parts = report.get("parts", {})
@@ -275,12 +275,16 @@ def render(report: dict, sizes: Sizes, budgets: dict, smoke: bool) -> str:
     lines.append("- also: " + ", ".join(f"{k} {v}" for k, v in probe["versions"].items()))
   if probe.get("device_memory_bytes"):
     lines.append(f"- device memory available to JAX: {probe['device_memory_bytes'] / GIB:.1f} GiB")
-  lines += ["", "| part | budget | took | status |", "|---|---:|---:|---|"]
+  lines += ["", "| part | budget | took | finished | status |", "|---|---:|---:|---|---|"]
   for name in PARTS:
     if name in parts:
       p = parts[name]
-      lines.append(f"| {name} | {budgets[name]:g} s | {p.get('took_s', 0):.0f} s | "
-                   f"{status_text(p)[:300]} |")
+      lines.append(f"| {name} | {p.get('budget_s', 0):g} s | {p.get('took_s', 0):.0f} s | "
+                   f"{p.get('date', '–')}, {p.get('device', '?')} | {status_text(p)[:300]} |")
+  earlier = {n: p["call"] for n, p in parts.items() if p.get("call") not in (None,
+                                                                            report.get("command"))}
+  if earlier:  # parts kept by --merge from an earlier call
+    lines += [""] + [f"- {n} is from an earlier call: `{call}`" for n, call in earlier.items()]
   lines += ["", "## Targets (issue 13)", "",
             "Previous anchors were measured on an H100 by an earlier session (jax 0.11, optax "
             "0.2.8, its own plain-JAX LLaMA); they are not from this run."

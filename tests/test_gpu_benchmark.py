@@ -120,6 +120,29 @@ def test_smoke_report_header(smoke):
   assert "**met**" not in markdown and "**not met**" not in markdown
 
 
+def test_merge_keeps_the_other_parts(smoke, tmp_path):
+  report, _ = smoke
+  out = tmp_path / "gpu.md"
+  with open(tmp_path / "gpu.json", "w") as f:
+    json.dump(report, f)
+  proc = _run("--smoke", "--part", "refresh", "--merge", "--out", str(out))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "gpu.json") as f:
+    merged = json.load(f)
+  assert list(merged["parts"]) == ["refresh", "step", "memory"]
+  assert merged["parts"]["step"] == report["parts"]["step"]
+  assert merged["parts"]["memory"] == report["parts"]["memory"]
+  assert merged["parts"]["refresh"]["call"].endswith("--merge --out " + str(out))
+  markdown = out.read_text()
+  assert "- step is from an earlier call: `python " in markdown
+  assert "## 3. Peak memory" in markdown
+  # Nothing to merge into, or a report of the other kind: clear errors, nothing run.
+  proc = _run("--smoke", "--merge", "--out", str(tmp_path / "none.md"))
+  assert proc.returncode == 2 and "--merge: no report" in proc.stderr
+  proc = _run("--merge", "--out", str(out))
+  assert proc.returncode == 2 and "comes from a smoke run" in proc.stderr
+
+
 def _contract_record(name, losses, lr, grid=None, wall=10.0):
   return dict(name=name, grid=grid or [lr], tuning_losses=[3.0] * len(grid or [lr]),
               chosen_lr=lr, final_eval_loss=losses, mean=sum(losses) / len(losses),
