@@ -66,6 +66,7 @@ class Run:
   budgets: dict
   quality_data: Optional[str]
   memory_jobs: Optional[int]
+  compile_threads: int
   report: dict = dataclasses.field(default_factory=dict)
   cpu: bool = False  # the children's backend is the CPU
 
@@ -125,7 +126,7 @@ def _run_child(run: Run, name: str, task: dict, limit: float) -> dict:
 
 def part_refresh(run: Run) -> dict:
   task = dict(shapes=run.sizes.refresh_shapes, budget_s=run.budgets["refresh"],
-              max_rounds=run.sizes.max_rounds)
+              max_rounds=run.sizes.max_rounds, compile_threads=run.compile_threads)
   return _run_child(run, "refresh", task, run.hard_limit("refresh"))
 
 
@@ -141,7 +142,7 @@ def part_step(run: Run) -> dict:
                            run.sizes.step_rows)
   task = dict(dims=dataclasses.asdict(run.sizes.step_dims), rank=run.sizes.step_rank, rows=rows,
               budget_s=run.budgets["step"], max_rounds=run.sizes.max_rounds,
-              chain=run.sizes.chain)
+              chain=run.sizes.chain, compile_threads=run.compile_threads)
   result = _run_child(run, "step", task, run.hard_limit("step"))
   done = {r["name"] for r in result.get("rows", [])} | set(result.get("errors", {}))
   result.setdefault("skipped", [])
@@ -395,6 +396,9 @@ def main(argv=None) -> int:
                       help="--data for examples.compare (default: its embedded corpus)")
   parser.add_argument("--memory-jobs", type=int, default=None,
                       help="memory children compiling at once (default: all; 2 on a CPU)")
+  parser.add_argument("--compile-threads", type=int, default=os.cpu_count() or 1,
+                      help="threads compiling the refresh and step programs side by side "
+                      "(default: one per core; 1 compiles one after another)")
   parser.add_argument("--allow-cpu", action="store_true",
                       help="run the full sizes even when JAX sees no GPU")
   parser.add_argument("--merge", action="store_true",
@@ -409,13 +413,15 @@ def main(argv=None) -> int:
     parser.error(f"--part {args.part!r}: choose from {','.join(PARTS)}")
   if args.memory_jobs is not None and args.memory_jobs < 1:
     parser.error("--memory-jobs must be at least 1")
+  if args.compile_threads < 1:
+    parser.error("--compile-threads must be at least 1")
   sizes = SMOKE if args.smoke else FULL
   shown = [os.path.relpath(os.path.abspath(__file__), os.getcwd())] + list(
       sys.argv[1:] if argv is None else argv)
   run = Run(sizes=sizes, smoke=args.smoke, out=args.out, workdir=tempfile.mkdtemp(prefix="gpu_"),
             command="python " + " ".join(shlex.quote(a) for a in shown),
             budgets=_parse_budgets(args.budget, sizes.budgets), quality_data=args.quality_data,
-            memory_jobs=args.memory_jobs)
+            memory_jobs=args.memory_jobs, compile_threads=args.compile_threads)
   run.report = dict(smoke=args.smoke, command=run.command, budgets=run.budgets, parts={})
   if args.merge:
     earlier = common.read_json(os.path.splitext(args.out)[0] + ".json")

@@ -107,7 +107,7 @@ def worker_refresh(task: dict, result: dict, save: Callable[[], None]) -> None:
         except Exception as e:  # pylint: disable=broad-except
           result["errors"][f"{name}, {m}×{n}"] = error_text(e)
 
-  futures = _compile_all(lowered())
+  futures = _compile_all(lowered(), task["compile_threads"])
   for i, (m, n, rank) in enumerate(task["shapes"]):
     fns, energies, first = {}, {}, {}
     for name in REFRESH_METHODS:
@@ -150,14 +150,14 @@ def _step_fn(tx):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def _compile_all(lowered) -> dict:
-  """{name: future of (compiled, seconds)}, compiling on a thread pool.
+def _compile_all(lowered, threads: int) -> dict:
+  """{name: future of (compiled, seconds)}, compiling on `threads` threads.
 
   `lowered` yields (name, jax.stages.Lowered) pairs; each is submitted as soon as it is
   lowered, so tracing the next one overlaps the compilation of the last. XLA releases
   the GIL while it compiles, so a many-core host compiles them side by side.
   """
-  pool = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads)
 
   def compile_one(lowered_one):
     start = time.perf_counter()
@@ -191,7 +191,7 @@ def worker_step(task: dict, result: dict, save: Callable[[], None]) -> None:
         result["errors"][name] = error_text(e)
         common.log(f"step: {name}: {result['errors'][name]}")
 
-  futures = _compile_all(lowered())
+  futures = _compile_all(lowered(), task["compile_threads"])
   live = {}  # name -> [params, state, compiled]
   exact_cost = 0.0  # the slowest exact-SVD refresh step so far
   for name, tx in txs.items():

@@ -179,7 +179,7 @@ def render_step(part: dict, sizes: Sizes) -> list:
 def _not_measured(part: dict, name: str) -> list:
   lines = []
   for key, why in (("skipped", "not measured (time budget); run them with a larger budget, "
-                    f"e.g. `python benchmarks/gpu.py --part {name} --budget {name}=400`"),
+                    f"e.g. `python benchmarks/gpu.py --part {name} --budget {name}=400 --merge`"),
                    ("left_out", "left out of the smoke run")):
     if part.get(key):
       lines += ["", f"{', '.join(f'`{n}`' for n in part[key])}: {why}."]
