@@ -1,41 +1,60 @@
-"""galore-optax: memory-efficient full-parameter training with low-rank gradient projection."""
+"""galore-optax: memory-efficient full-parameter training with low-rank gradient projection.
 
-from galore_optax.adam import ScaleByAdamHFState, scale_by_adam_hf
-from galore_optax.adam_8bit import ScaleByAdam8bitState, adamw_8bit, scale_by_adam_8bit
+Every optimizer factory exported here returns a transformation wrapped once
+in `sharding_aware`, the package's boundary with meshes and Flax NNX.
+"""
+
+from galore_optax import adafactor as _adafactor
+from galore_optax import adam_8bit as _adam_8bit
+from galore_optax import alias as _alias
+from galore_optax import gradnorm as _gradnorm
+from galore_optax import transform as _transform
 from galore_optax.adafactor import (
     AddAdafactorDecayedWeightsState,
     FactoredMoment,
     ScaleByAdafactorHFState,
     add_adafactor_decayed_weights,
-    scale_by_adafactor_hf,
 )
-from galore_optax.alias import galore, galore_adafactor, galore_adamw, galore_adamw8bit
-from galore_optax.gradnorm import GradNormLoRPState, gradnorm_lorp, gradnorm_lorp8bit
+from galore_optax.adam import ScaleByAdamHFState, scale_by_adam_hf
+from galore_optax.adam_8bit import ScaleByAdam8bitState
+from galore_optax.gradnorm import GradNormLoRPState
 from galore_optax.masking import path_mask
 from galore_optax.matrix_view import DimensionNumbers
+from galore_optax.options import GaLoreOptions
+from galore_optax.projector_quantization import (
+    QuantizedProjector,
+    dequantize_projector,
+    quantize_projector,
+)
 from galore_optax.quantization import (
     QuantizedArray,
     dequantize_blockwise,
     dynamic_map,
     quantize_blockwise,
 )
-from galore_optax.projector_quantization import (
-    QuantizedProjector,
-    dequantize_projector,
-    quantize_projector,
-)
+from galore_optax.realignment import MomentRealignment
 from galore_optax.refresh import (
-    LazyRefresh,
-    LazyRefreshState,
     canonical_signs,
     power_refresh,
     randomized_refresh,
     svd_refresh,
 )
-from galore_optax.sharding import opt_state_shardings, sharding_aware
-from galore_optax.transform import GaLoreState, MomentRealignment, scale_by_galore
+from galore_optax.schedules import LazyRefresh, LazyRefreshState
+from galore_optax.sharding import opt_state_shardings, public as _public, sharding_aware
+from galore_optax.transform import GaLoreState
 from galore_optax.tree_utils import tree_bytes
 from galore_optax.weight_decay import decay_weights_after_update
+
+scale_by_galore = _public(_transform.scale_by_galore)
+galore = _public(_alias.galore)
+galore_adamw = _public(_alias.galore_adamw)
+galore_adamw8bit = _public(_alias.galore_adamw8bit)
+galore_adafactor = _public(_alias.galore_adafactor)
+gradnorm_lorp = _public(_gradnorm.gradnorm_lorp)
+gradnorm_lorp8bit = _public(_gradnorm.gradnorm_lorp8bit)
+scale_by_adam_8bit = _public(_adam_8bit.scale_by_adam_8bit)
+adamw_8bit = _public(_adam_8bit.adamw_8bit)
+scale_by_adafactor_hf = _public(_adafactor.scale_by_adafactor_hf)
 
 __version__ = "0.1.0"
 
@@ -43,6 +62,7 @@ __all__ = (
     "AddAdafactorDecayedWeightsState",
     "DimensionNumbers",
     "FactoredMoment",
+    "GaLoreOptions",
     "GaLoreState",
     "GradNormLoRPState",
     "LazyRefresh",

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from galore_optax import tree_utils
+from galore_optax import axis_specs
 
 
 class FactoredMoment(NamedTuple):
@@ -141,17 +141,28 @@ def _init_second_moment(leaf):
   shape = jnp.shape(leaf)
   if 0 in shape:
     return jnp.zeros((1,), jnp.float32)
-  if len(shape) >= 2:
-    return FactoredMoment(
-        row=jnp.zeros(shape[:-1], jnp.float32),
-        col=jnp.zeros(shape[:-2] + shape[-1:], jnp.float32),
-    )
-  return jnp.zeros(shape, jnp.float32)
+  layout = axis_specs.layout_of(leaf)
+  if len(shape) < 2:
+    return axis_specs.zeros(shape, jnp.float32, layout, layout and layout.like(shape))
+  # The row statistic keeps every axis but the last, the column one every
+  # axis but the second to last: each keeps those axes' shardings.
+  row, col = shape[:-1], shape[:-2] + shape[-1:]
+  row_spec = col_spec = None
+  if layout is not None:
+    e = layout.entries
+    row_spec, col_spec = layout.derive(row, e[:-1]), layout.derive(col, e[:-2] + e[-1:])
+  return FactoredMoment(
+      row=axis_specs.zeros(row, jnp.float32, layout, row_spec),
+      col=axis_specs.zeros(col, jnp.float32, layout, col_spec),
+  )
 
 
 def _init_first_moment(leaf):
   shape = jnp.shape(leaf)
-  return jnp.zeros((1,) if 0 in shape else shape, jnp.float32)
+  if 0 in shape:
+    return jnp.zeros((1,), jnp.float32)
+  layout = axis_specs.layout_of(leaf)
+  return axis_specs.zeros(shape, jnp.float32, layout, layout and layout.like(shape))
 
 
 def scale_by_adafactor_hf(
@@ -251,7 +262,6 @@ def scale_by_adafactor_hf(
         return g, nu, mu
       gf = g.astype(jnp.float32)
       sq = jnp.square(gf) + eps1
-      nu = tree_utils.restore_named_tuple(FactoredMoment, nu)
       if isinstance(nu, FactoredMoment):
         row = beta2t * nu.row + (1.0 - beta2t) * jnp.mean(sq, axis=-1)
         col = beta2t * nu.col + (1.0 - beta2t) * jnp.mean(sq, axis=-2)

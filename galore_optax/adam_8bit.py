@@ -10,7 +10,6 @@ fresh block scales, exactly the order of bitsandbytes' blockwise kernels.
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any, Callable, NamedTuple, Optional, Union
 
@@ -20,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from galore_optax import axis_specs
 from galore_optax import quantization
-from galore_optax import sharding
-from galore_optax import tree_utils
+from galore_optax import validation
 
 
 class ScaleByAdam8bitState(NamedTuple):
@@ -38,43 +37,41 @@ class ScaleByAdam8bitState(NamedTuple):
   nu: optax.Updates
 
 
-def _static_int(value: Any, name: str) -> Optional[int]:
-  """`value` as a Python int, or None when it is traced.
-
-  `optax.inject_hyperparams` turns integer arguments into arrays, which are
-  traced under `jit`/`eval_shape`. The update never needs them (the layout is
-  read off the state); `init` then falls back to the defaults.
-  """
-  try:
-    return int(value)
-  except (jax.errors.ConcretizationTypeError, TypeError) as e:
-    if isinstance(value, jax.core.Tracer):
-      return None
-    raise TypeError(f"{name} must be an integer, got {value!r}.") from e
-
-
-def _default(fn: Callable[..., Any], name: str) -> int:
-  return inspect.signature(fn).parameters[name].default
-
-
 def _init_moment(leaf, block_size: int, min_8bit_size: int):
   shape = np.shape(leaf)
   size = math.prod(shape)
+  layout = axis_specs.layout_of(leaf)
   if size == 0:
     # Keeps the state free of zero-size arrays (orbax refuses them).
     return jnp.zeros((1,), jnp.float32)
-  if size >= max(min_8bit_size, 1):
-    # absmax 0 dequantizes any code to 0 (bitsandbytes also starts from 0s).
-    codes_shape, absmax_shape = quantization.blockwise_layout(shape, block_size)
-    return quantization.QuantizedArray(
-        codes=jnp.zeros(codes_shape, jnp.uint8),
-        absmax=jnp.zeros(absmax_shape, jnp.float32),
-    )
-  return jnp.zeros(shape, jnp.float32)
+  if size < max(min_8bit_size, 1):
+    return axis_specs.zeros(shape, jnp.float32, layout, layout and layout.like(shape))
+  # absmax 0 dequantizes any code to 0 (bitsandbytes also starts from 0s).
+  codes_shape, absmax_shape = quantization.blockwise_layout(shape, block_size)
+  spec = None if layout is None else _blockwise_spec(layout, shape, codes_shape, absmax_shape)
+  return quantization.QuantizedArray(
+      codes=axis_specs.zeros(codes_shape, jnp.uint8, layout, spec),
+      absmax=axis_specs.zeros(absmax_shape, jnp.float32, layout, spec),
+  )
+
+
+def _blockwise_spec(layout, shape, codes_shape, absmax_shape):
+  """One spec for the codes and their block scales, so that every device holds
+  whole blocks together with their absmax.
+
+  In the last-axis layout the codes have the moment's shape and the absmax
+  the same leading axes: a split of the absmax is a split of the codes into
+  whole blocks. The flat layout splits its one block axis over the names of
+  all the moment's axes (blocks are row-major).
+  """
+  if tuple(codes_shape) == tuple(shape):
+    entries = layout.entries
+  else:
+    entries = (layout.merged(range(len(shape))),)
+  return layout.derive(absmax_shape, entries)
 
 
 def _load(moment, shape, signed: bool) -> jax.Array:
-  moment = tree_utils.restore_named_tuple(quantization.QuantizedArray, moment)
   if not isinstance(moment, quantization.QuantizedArray):
     return moment
   block_size = moment.codes.size // moment.absmax.size
@@ -85,11 +82,10 @@ def _load(moment, shape, signed: bool) -> jax.Array:
 
 
 def _store(value: jax.Array, like, signed: bool):
-  like = tree_utils.restore_named_tuple(quantization.QuantizedArray, like)
   if not isinstance(like, quantization.QuantizedArray):
     return value
   # The block size is read off the state, so the update needs no static
-  # hyperparameter (see `_static_int`).
+  # hyperparameter.
   block_size = like.codes.size // like.absmax.size
   code = quantization.dynamic_map(signed)
   return quantization.quantize_blockwise(value, code, block_size)
@@ -152,20 +148,22 @@ def scale_by_adam_8bit(
     >>> round(float(updates["w"][0, 0]), 6), round(float(updates["b"][0]), 6)
     (-0.001, -0.001)
   """
-  block_size_int = _static_int(block_size, "block_size")
-  min_8bit_size_int = _static_int(min_8bit_size, "min_8bit_size")
+  # Under optax.inject_hyperparams the sizes arrive as arrays (traced in the
+  # update, which reads the layout off the state); only `init` needs them.
+  validation.positive_int(block_size, "block_size")
+  validation.positive_int(min_8bit_size, "min_8bit_size", minimum=0)
+  validation.decay(b1, "b1")
+  validation.decay(b2, "b2")
+  validation.non_negative(eps, "eps")
 
   def init_fn(params):
-    bs = block_size_int
-    if bs is None:
-      bs = _default(scale_by_adam_8bit, "block_size")
-    min_size = min_8bit_size_int
-    if min_size is None:
-      min_size = _default(scale_by_adam_8bit, "min_8bit_size")
+    size = validation.static_int(block_size, "block_size")
+    smallest = validation.static_int(min_8bit_size, "min_8bit_size", minimum=0)
+    init = lambda p: _init_moment(p, size, smallest)
     return ScaleByAdam8bitState(
         count=jnp.zeros([], jnp.int32),
-        mu=jax.tree.map(lambda p: _init_moment(p, bs, min_size), params),
-        nu=jax.tree.map(lambda p: _init_moment(p, bs, min_size), params),
+        mu=jax.tree.map(init, params),
+        nu=jax.tree.map(init, params),
     )
 
   def update_fn(updates, state, params=None):
@@ -211,8 +209,7 @@ def adamw_8bit(
   the Adam step of `scale_by_adam_8bit` scaled by lr. Since the Adam step does
   not depend on p, this is the same update as
   ``chain(scale_by_adam_8bit(...), add_decayed_weights(wd, mask),
-  scale_by_learning_rate(lr))``, which is what this returns (through
-  `sharding_aware`, so that it also runs on sharded NNX models).
+  scale_by_learning_rate(lr))``, which is what this returns.
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -227,10 +224,8 @@ def adamw_8bit(
 
   Returns:
     An `optax.GradientTransformation`. Works under
-    `optax.inject_hyperparams`; if its `init` is traced there (e.g. under
-    `jax.eval_shape`), integer arguments are traced too and the default
-    `block_size`/`min_8bit_size` are used, unless they are listed in
-    ``static_args``.
+    `optax.inject_hyperparams`; `block_size` and `min_8bit_size` fix array
+    shapes, so an `init` traced there needs them in ``static_args``.
 
   References:
     Loshchilov and Hutter, Decoupled Weight Decay Regularization, 2019
@@ -254,6 +249,4 @@ def adamw_8bit(
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
-  # The codes and block scales have shapes of their own: on sharded NNX models
-  # and Explicit-axes meshes they need shardings of their own (a no-op otherwise).
-  return sharding.sharding_aware(tx)
+  return tx

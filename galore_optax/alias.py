@@ -1,27 +1,33 @@
-"""Ready-made optimizers: chains of the transformations in this package."""
+"""Ready-made GaLore optimizers: chains of the transformations in this package.
+
+Every alias takes the GaLore options (`go.GaLoreOptions`: rank,
+update_proj_gap, scale, proj_type, mask, dimension_numbers, refresh,
+projector_dtype, projector_bits, lazy_refresh, realign_moments); the first
+six in the positions galore-torch users know, the rest as keywords.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional, Union
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
 
 from galore_optax import masking
-from galore_optax import sharding
+from galore_optax import validation
 from galore_optax.adafactor import add_adafactor_decayed_weights
-from galore_optax.adafactor import tree_rms
 from galore_optax.adafactor import scale_by_adafactor_hf
+from galore_optax.adafactor import tree_rms
 from galore_optax.adam import scale_by_adam_hf
 from galore_optax.adam_8bit import scale_by_adam_8bit
-from galore_optax.refresh import LazyRefresh
-from galore_optax.transform import MomentRealignment
-from galore_optax.transform import scale_by_galore
+from galore_optax.options import GaLoreOptions, accepts_galore_options
+from galore_optax.transform import galore_transform
 from galore_optax.weight_decay import decay_weights_after_update
 
 MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
+
+NO_8BIT_REALIGNMENT = "8-bit moments are codes with block scales and cannot be rotated."
 
 
 def _is_static_zero(x) -> bool:
@@ -29,7 +35,17 @@ def _is_static_zero(x) -> bool:
   return isinstance(x, (int, float)) and x == 0
 
 
-def _learning_rate_and_decay(
+def check_adam_args(b1, b2, eps, weight_decay, learning_rate=None) -> None:
+  """Validates the Adam(W) hyperparameters shared by the aliases."""
+  if learning_rate is not None:
+    validation.learning_rate(learning_rate)
+  validation.decay(b1, "b1")
+  validation.decay(b2, "b2")
+  validation.non_negative(eps, "eps")
+  validation.non_negative(weight_decay, "weight_decay")
+
+
+def learning_rate_and_decay(
     learning_rate: optax.ScalarOrSchedule,
     weight_decay: Any,
     *,
@@ -62,15 +78,13 @@ def _learning_rate_and_decay(
   return transforms
 
 
-def _and_masks(projection_mask: MaskOrFn, projected: bool, other: MaskOrFn):
+def _projected_and(options: GaLoreOptions, projected: bool, other: MaskOrFn):
   """A mask callable: leaves that are (or are not) projected and in `other`."""
 
   def mask_fn(tree):
-    flags = masking.resolve_mask(projection_mask, tree)
+    flags = jax.tree.leaves(options.projected_mask(tree))
     try:
-      extra = (
-          [True] * len(flags) if other is None else masking.resolve_mask(other, tree)
-      )
+      extra = [True] * len(flags) if other is None else masking.resolve_mask(other, tree)
     except (ValueError, TypeError) as e:
       raise type(e)(f"weight_decay_mask: {e}") from None
     return jax.tree.structure(tree).unflatten(
@@ -80,9 +94,13 @@ def _and_masks(projection_mask: MaskOrFn, projected: bool, other: MaskOrFn):
   return mask_fn
 
 
-def _zero_nonfinite() -> optax.GradientTransformation:
-  # Zeroed before the projection: a NaN/Inf element would otherwise spread to
-  # a whole row of the low-rank gradient and, at a refresh, to the projector.
+def zero_nonfinite() -> optax.GradientTransformation:
+  """Sets non-finite gradient elements to zero.
+
+  Before a projection: a NaN/Inf element would otherwise spread to a whole
+  row of the low-rank gradient and, at a refresh, to the projector, and then
+  poison whole blocks of 8-bit state for the rest of training.
+  """
   return optax.stateless(
       lambda updates, params: jax.tree.map(
           lambda g: jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g)), updates
@@ -90,6 +108,7 @@ def _zero_nonfinite() -> optax.GradientTransformation:
   )
 
 
+@accepts_galore_options
 def galore(
     rank: int = 128,
     *,
@@ -97,7 +116,7 @@ def galore(
     b2: float = 0.999,
     eps: float = 1e-6,
     mu_dtype: Optional[Any] = None,
-    **galore_kwargs,
+    **options,
 ) -> optax.GradientTransformation:
   """GaLore with a low-rank Adam inside and no learning rate.
 
@@ -110,10 +129,8 @@ def galore(
     b2: Adam's second-moment decay.
     eps: Adam's eps, added before bias correction.
     mu_dtype: optional dtype of the first moment.
-    **galore_kwargs: keyword arguments of `scale_by_galore` (update_proj_gap,
-      scale, proj_type, mask, dimension_numbers, refresh, projector_dtype,
-      projector_bits, lazy_refresh, realign_moments). `realign_moments=True`
-      realigns with this Adam's b1 and b2.
+    **options: the other GaLore options (`go.GaLoreOptions`).
+      `realign_moments=True` realigns with this Adam's b1 and b2.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -123,18 +140,17 @@ def galore(
     >>> tx = optax.chain(go.galore(rank=8), optax.scale_by_learning_rate(1e-3))
     >>> state = tx.init({"w": jnp.zeros((32, 16))})
   """
-  if galore_kwargs.get("realign_moments") is True:
-    galore_kwargs["realign_moments"] = MomentRealignment(b1=b1, b2=b2)
-  return scale_by_galore(
-      rank, inner=scale_by_adam_hf(b1, b2, eps, mu_dtype), **galore_kwargs
-  )
+  check_adam_args(b1, b2, eps, 0.0)
+  opts = GaLoreOptions.create("galore", rank=rank, **options).with_realignment_decays(b1, b2)
+  return galore_transform(opts, scale_by_adam_hf(b1, b2, eps, mu_dtype))
 
 
+@accepts_galore_options
 def galore_adamw(
     learning_rate: optax.ScalarOrSchedule,
     rank: int = 128,
-    update_proj_gap: Union[int, chex.Array] = 200,
-    scale: Union[float, chex.Array] = 1.0,
+    update_proj_gap: Any = 200,
+    scale: Any = 1.0,
     proj_type: str = "std",
     b1: float = 0.9,
     b2: float = 0.999,
@@ -143,13 +159,9 @@ def galore_adamw(
     mask: MaskOrFn = None,
     dimension_numbers: Optional[Any] = None,
     *,
-    refresh: str = "svd",
-    projector_dtype: Optional[Any] = None,
-    projector_bits: Optional[int] = None,
-    lazy_refresh: Union[None, bool, LazyRefresh] = None,
-    realign_moments: Union[None, bool, MomentRealignment] = None,
     mu_dtype: Optional[Any] = None,
     weight_decay_mask: MaskOrFn = None,
+    **options,
 ) -> optax.GradientTransformation:
   """galore-torch's `GaLoreAdamW`, step for step.
 
@@ -160,24 +172,13 @@ def galore_adamw(
 
   Args:
     learning_rate: a float or an optax schedule.
-    rank: projection rank (clamped to each matrix's smaller side).
-    update_proj_gap: steps between projector refreshes.
-    scale: α, the multiplier of the projected-back update (paper: 0.25).
-    proj_type: 'std', 'reverse_std', 'left', 'right' or 'full'.
+    rank, update_proj_gap, scale, proj_type, mask, dimension_numbers,
+      **options: the GaLore options (`go.GaLoreOptions`).
+      `realign_moments=True` realigns with this optimizer's b1 and b2.
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: Adam's eps, added to sqrt(v) before bias correction.
     weight_decay: decoupled weight decay, applied after the update.
-    mask: which leaves are projected (pytree of bools or callable); default
-      every leaf with at least two axes. See `path_mask`.
-    dimension_numbers: see `scale_by_galore`.
-    refresh: projector refresh method, see `scale_by_galore`.
-    projector_dtype: dtype the projectors are stored in.
-    projector_bits: None, 8 or 4: group-quantized projectors (Q-GaLore
-      style), see `scale_by_galore`.
-    lazy_refresh: Q-GaLore's per-matrix lazy refresh, see `scale_by_galore`.
-    realign_moments: True (or a `MomentRealignment`) maps the moments into
-      the new subspace at each refresh (LDAdam), see `scale_by_galore`.
     mu_dtype: optional dtype of the first moment.
     weight_decay_mask: which leaves are decayed; default all, as galore-torch.
 
@@ -196,37 +197,26 @@ def galore_adamw(
     >>> updates, state = tx.update(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
   """
-  tx = optax.chain(
-      galore(
-          rank,
-          b1=b1,
-          b2=b2,
-          eps=eps,
-          mu_dtype=mu_dtype,
-          update_proj_gap=update_proj_gap,
-          scale=scale,
-          proj_type=proj_type,
-          mask=mask,
-          dimension_numbers=dimension_numbers,
-          refresh=refresh,
-          projector_dtype=projector_dtype,
-          projector_bits=projector_bits,
-          lazy_refresh=lazy_refresh,
-          realign_moments=realign_moments,
-      ),
-      *_learning_rate_and_decay(
-          learning_rate, weight_decay, after=True if weight_decay_mask is None else weight_decay_mask
+  check_adam_args(b1, b2, eps, weight_decay, learning_rate)
+  opts = GaLoreOptions.create(
+      "galore_adamw", rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+      proj_type=proj_type, mask=mask, dimension_numbers=dimension_numbers, **options,
+  ).with_realignment_decays(b1, b2)
+  return optax.chain(
+      galore_transform(opts, scale_by_adam_hf(b1, b2, eps, mu_dtype)),
+      *learning_rate_and_decay(
+          learning_rate, weight_decay,
+          after=True if weight_decay_mask is None else weight_decay_mask,
       ),
   )
-  # NNX metadata and Explicit mesh axes for the whole chain (no-op otherwise).
-  return sharding.sharding_aware(tx, dimension_numbers=dimension_numbers)
 
 
+@accepts_galore_options
 def galore_adamw8bit(
     learning_rate: optax.ScalarOrSchedule,
     rank: int = 128,
-    update_proj_gap: Union[int, chex.Array] = 200,
-    scale: Union[float, chex.Array] = 1.0,
+    update_proj_gap: Any = 200,
+    scale: Any = 1.0,
     proj_type: str = "std",
     b1: float = 0.9,
     b2: float = 0.999,
@@ -237,11 +227,8 @@ def galore_adamw8bit(
     *,
     block_size: int = 256,
     min_8bit_size: int = 4096,
-    refresh: str = "svd",
-    projector_dtype: Optional[Any] = None,
-    projector_bits: Optional[int] = None,
-    lazy_refresh: Union[None, bool, LazyRefresh] = None,
     weight_decay_mask: MaskOrFn = None,
+    **options,
 ) -> optax.GradientTransformation:
   """galore-torch's `GaLoreAdamW8bit`: GaLore around bitsandbytes' 8-bit Adam.
 
@@ -262,27 +249,16 @@ def galore_adamw8bit(
 
   Args:
     learning_rate: a float or an optax schedule.
-    rank: projection rank (clamped to each matrix's smaller side).
-    update_proj_gap: steps between projector refreshes.
-    scale: α, the multiplier of the projected-back update.
-    proj_type: 'std', 'reverse_std', 'left', 'right' or 'full'.
+    rank, update_proj_gap, scale, proj_type, mask, dimension_numbers,
+      **options: the GaLore options (`go.GaLoreOptions`), except
+      realign_moments (8-bit moments cannot be rotated).
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: added to sqrt(v) inside the bias correction, as bitsandbytes.
     weight_decay: decoupled weight decay (see above for its placement).
-    mask: which leaves are projected (pytree of bools or callable); default
-      every leaf with at least two axes. See `path_mask`.
-    dimension_numbers: see `scale_by_galore`.
     block_size: elements per quantization block (bitsandbytes: 256; the
       GaLore paper's runs: 2048).
     min_8bit_size: moments with fewer elements stay float32.
-    refresh: projector refresh method, see `scale_by_galore`.
-    projector_dtype: dtype the projectors are stored in.
-    projector_bits: None, 8 or 4: group-quantized projectors (Q-GaLore
-      style), see `scale_by_galore`; with 8-bit moments a bf16 projector is
-      as large as the moments.
-    lazy_refresh: Q-GaLore's per-matrix lazy refresh, see `scale_by_galore`.
-      (8-bit moments cannot be realigned, so there is no realign_moments.)
     weight_decay_mask: which leaves are decayed; default all, as galore-torch.
 
   Returns:
@@ -303,43 +279,33 @@ def galore_adamw8bit(
     >>> updates, state = tx.update(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
   """
-  tx = optax.chain(
-      _zero_nonfinite(),
-      scale_by_galore(
-          rank,
-          update_proj_gap=update_proj_gap,
-          scale=scale,
-          proj_type=proj_type,
-          inner=scale_by_adam_8bit(
-              b1=b1,
-              b2=b2,
-              eps=eps,
-              block_size=block_size,
-              min_8bit_size=min_8bit_size,
-          ),
-          mask=mask,
-          dimension_numbers=dimension_numbers,
-          refresh=refresh,
-          projector_dtype=projector_dtype,
-          projector_bits=projector_bits,
-          lazy_refresh=lazy_refresh,
-      ),
-      *_learning_rate_and_decay(
+  check_adam_args(b1, b2, eps, weight_decay, learning_rate)
+  opts = GaLoreOptions.create(
+      "galore_adamw8bit", rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+      proj_type=proj_type, mask=mask, dimension_numbers=dimension_numbers, **options,
+  )
+  opts.refuse("realign_moments", "galore_adamw8bit", NO_8BIT_REALIGNMENT)
+  inner = scale_by_adam_8bit(
+      b1=b1, b2=b2, eps=eps, block_size=block_size, min_8bit_size=min_8bit_size
+  )
+  return optax.chain(
+      zero_nonfinite(),
+      galore_transform(opts, inner),
+      *learning_rate_and_decay(
           learning_rate,
           weight_decay,
-          before=_and_masks(mask, False, weight_decay_mask),
-          after=_and_masks(mask, True, weight_decay_mask),
+          before=_projected_and(opts, False, weight_decay_mask),
+          after=_projected_and(opts, True, weight_decay_mask),
       ),
   )
-  # NNX metadata and Explicit mesh axes for the whole chain (no-op otherwise).
-  return sharding.sharding_aware(tx, dimension_numbers=dimension_numbers)
 
 
+@accepts_galore_options
 def galore_adafactor(
     learning_rate: Optional[optax.ScalarOrSchedule] = None,
     rank: int = 128,
-    update_proj_gap: Union[int, chex.Array] = 200,
-    scale: Union[float, chex.Array] = 1.0,
+    update_proj_gap: Any = 200,
+    scale: Any = 1.0,
     proj_type: str = "std",
     eps: tuple[float, float] = (1e-30, 1e-3),
     clip_threshold: float = 1.0,
@@ -352,11 +318,8 @@ def galore_adafactor(
     mask: MaskOrFn = None,
     dimension_numbers: Optional[Any] = None,
     *,
-    refresh: str = "svd",
-    projector_dtype: Optional[Any] = None,
-    projector_bits: Optional[int] = None,
-    lazy_refresh: Union[None, bool, LazyRefresh] = None,
     weight_decay_mask: MaskOrFn = None,
+    **options,
 ) -> optax.GradientTransformation:
   """galore-torch's `GaLoreAdafactor`, step for step.
 
@@ -383,10 +346,11 @@ def galore_adafactor(
   Args:
     learning_rate: external step size (float or schedule), or None for the
       relative step size.
-    rank: projection rank (clamped to each matrix's smaller side).
-    update_proj_gap: steps between projector refreshes.
-    scale: α, the multiplier of the projected-back update.
-    proj_type: 'std', 'reverse_std', 'left', 'right' or 'full'.
+    rank, update_proj_gap, scale, proj_type, mask, dimension_numbers,
+      **options: the GaLore options (`go.GaLoreOptions`), except
+      realign_moments (Adafactor keeps no Adam moments). projector_dtype
+      defaults to float32 here, as the reference projects the float32
+      gradient.
     eps: (eps1, eps2), see `scale_by_adafactor_hf`.
     clip_threshold: RMS clipping threshold of the (low-rank) update.
     decay_rate: second-moment decay exponent.
@@ -395,15 +359,6 @@ def galore_adafactor(
     scale_parameter: multiply ρ_t by max(eps2, RMS(weight)).
     relative_step: see above.
     warmup_init: linear warm-up of the relative step size.
-    mask: which leaves are projected (pytree of bools or callable); default
-      every leaf with at least two axes. See `path_mask`.
-    dimension_numbers: see `scale_by_galore`.
-    refresh: projector refresh method, see `scale_by_galore`.
-    projector_dtype: dtype the projectors are stored in; None means
-      float32, as the reference, which projects the float32 gradient.
-    projector_bits: None, 8 or 4: group-quantized projectors, dequantized to
-      float32 on use (see `scale_by_galore`); excludes `projector_dtype`.
-    lazy_refresh: Q-GaLore's per-matrix lazy refresh, see `scale_by_galore`.
     weight_decay_mask: which leaves are decayed; default all, as galore-torch.
 
   Returns:
@@ -427,6 +382,19 @@ def galore_adafactor(
     >>> updates, state = tx.update(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
   """
+  if learning_rate is not None:
+    validation.learning_rate(learning_rate)
+  validation.non_negative(weight_decay, "weight_decay")
+  validation.real(clip_threshold, "clip_threshold", low=0.0, low_open=True)
+  if beta1 is not None:
+    validation.decay(beta1, "beta1")
+  if options.get("projector_dtype") is None and options.get("projector_bits") is None:
+    options["projector_dtype"] = jnp.float32
+  opts = GaLoreOptions.create(
+      "galore_adafactor", rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+      proj_type=proj_type, mask=mask, dimension_numbers=dimension_numbers, **options,
+  )
+  opts.refuse("realign_moments", "galore_adafactor", "Adafactor keeps no Adam moments to rotate.")
   adafactor_kw = dict(
       learning_rate=learning_rate,
       eps=eps,
@@ -436,40 +404,14 @@ def galore_adafactor(
   )
 
   def build(weight_rms):
-    return optax.chain(
-        scale_by_galore(
-            rank,
-            update_proj_gap=update_proj_gap,
-            scale=scale,
-            proj_type=proj_type,
-            inner=scale_by_adafactor_hf(
-                clip_threshold=clip_threshold,
-                decay_rate=decay_rate,
-                beta1=beta1,
-                param_rms=weight_rms,
-                **adafactor_kw,
-            ),
-            mask=mask,
-            dimension_numbers=dimension_numbers,
-            refresh=refresh,
-            # Not a default argument: optax.inject_hyperparams would take the
-            # callable jnp.float32 for a schedule.
-            projector_dtype=projector_dtype
-            or (None if projector_bits else jnp.float32),
-            projector_bits=projector_bits,
-            lazy_refresh=lazy_refresh,
-        ),
-        *(
-            []
-            if _is_static_zero(weight_decay)
-            else [
-                add_adafactor_decayed_weights(
-                    weight_decay, mask=weight_decay_mask, **adafactor_kw
-                )
-            ]
-        ),
-        optax.scale(-1.0),
+    inner = scale_by_adafactor_hf(
+        clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
+        param_rms=weight_rms, **adafactor_kw,
     )
+    decay = [] if _is_static_zero(weight_decay) else [
+        add_adafactor_decayed_weights(weight_decay, mask=weight_decay_mask, **adafactor_kw)
+    ]
+    return optax.chain(galore_transform(opts, inner), *decay, optax.scale(-1.0))
 
   build(None)  # Validates the arguments now rather than at the first update.
 
@@ -493,9 +435,4 @@ def galore_adafactor(
         state,
     )
 
-  # Around the whole update: the weights' RMS computed here feeds the inner
-  # Adafactor, so both must see the same mesh axes (see `sharding_aware`).
-  return sharding.sharding_aware(
-      optax.GradientTransformation(init_fn, update_fn),
-      dimension_numbers=dimension_numbers,
-  )
+  return optax.GradientTransformation(init_fn, update_fn)

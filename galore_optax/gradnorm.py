@@ -22,14 +22,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from galore_optax import axis_specs
 from galore_optax import masking
 from galore_optax import matrix_view
-from galore_optax import sharding
 from galore_optax.adam import scale_by_adam_hf
 from galore_optax.adam_8bit import scale_by_adam_8bit
-from galore_optax.transform import GaLoreState, scale_by_galore
-
-MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
+from galore_optax.alias import NO_8BIT_REALIGNMENT, MaskOrFn, check_adam_args
+from galore_optax.options import GaLoreOptions, accepts_galore_options
+from galore_optax.transform import GaLoreState, galore_transform
 
 
 class GradNormLoRPState(NamedTuple):
@@ -67,43 +67,36 @@ def _check_norm_axis(norm_axis: Any) -> None:
     )
 
 
-def _norm_axes_per_leaf(params, mask, dimension_numbers, norm_axis):
-  """The norm axes of each projected leaf, None for the others (flatten order).
+def _norm_axes(plan, norm_axis) -> tuple[int, ...]:
+  """The axes one leaf's magnitude is the norm over.
 
   Magnitudes are per output channel and per slice of a stack: the norm runs
   over the reduction (input) axes by default, and never over a batch axis,
   which would tie the magnitudes of different layers together.
   """
-  flags = masking.resolve_mask(mask, params)
-  dims = masking.resolve_dimension_numbers(dimension_numbers, params)
-  plans = []
-  for (path, leaf), flag, dn in zip(
-      jax.tree_util.tree_flatten_with_path(params)[0], flags, dims
-  ):
-    if not flag:
-      plans.append(None)
-      continue
-    where = masking.path_to_str(path)
-    shape = jnp.shape(leaf)
-    ndim = len(shape)
-    matrix_view.make_view(shape, dn, where)  # validates the dimension numbers
-    reduction = matrix_view._normalize_axes(
-        dn.reduction_axes, ndim, "reduction_axes", where
+  view = plan.view
+  if norm_axis is None:
+    return tuple(sorted(view.reduction_axes))
+  axes = matrix_view.normalize_axes(norm_axis, len(view.shape), "norm_axis", plan.path)
+  if set(axes) & set(view.batch_axes):
+    raise ValueError(
+        f"{plan.path}: norm_axis={norm_axis!r} includes batch axes "
+        f"{sorted(view.batch_axes)} of shape {view.shape} (stacked layers get one "
+        "magnitude per slice); name reduction or output axes only, or leave "
+        "norm_axis=None."
     )
-    output = matrix_view._normalize_axes(dn.output_axes, ndim, "output_axes", where)
-    if norm_axis is None:
-      axes = reduction
-    else:
-      axes = matrix_view._normalize_axes(norm_axis, ndim, "norm_axis", where)
-      batch = sorted(set(range(ndim)) - set(reduction) - set(output))
-      if set(axes) & set(batch):
-        raise ValueError(
-            f"{where}: norm_axis={norm_axis!r} includes batch axes {batch} of "
-            f"shape {tuple(shape)} (stacked layers get one magnitude per slice); "
-            "name reduction or output axes only, or leave norm_axis=None."
-        )
-    plans.append(tuple(sorted(axes)))
-  return plans
+  return tuple(sorted(axes))
+
+
+def _init_magnitude(leaf, axes):
+  """Zeros of the magnitude's shape, sharded like the axes it keeps."""
+  shape = _magnitude_shape(jnp.shape(leaf), axes)
+  layout = axis_specs.layout_of(leaf)
+  spec = None
+  if layout is not None:
+    entries = tuple(() if a in axes else e for a, e in enumerate(layout.entries))
+    spec = layout.derive(shape, entries)
+  return axis_specs.zeros(shape, jnp.float32, layout, spec)
 
 
 def _magnitude_shape(shape, axes):
@@ -111,9 +104,13 @@ def _magnitude_shape(shape, axes):
 
 
 def _safe_divide(x, norm):
-  """x / norm, and 0 where the norm is 0 (no 0/0 NaN)."""
-  positive = norm > 0
-  return jnp.where(positive, x / jnp.where(positive, norm, 1.0), 0.0)
+  """x / norm, and 0 where the norm is exactly 0 (no 0/0 NaN).
+
+  A NaN or infinite norm is not zero: its NaN goes through, so a non-finite
+  value can never turn into a finite but zeroed weight.
+  """
+  zero = norm == 0
+  return jnp.where(zero, 0.0, x / jnp.where(zero, 1.0, norm))
 
 
 def _split_gradient(w, grad, axes):
@@ -135,6 +132,7 @@ def _split_gradient(w, grad, axes):
   return g, v, dg, dv
 
 
+@accepts_galore_options
 def gradnorm_lorp(
     learning_rate: optax.ScalarOrSchedule,
     rank: int = 128,
@@ -150,9 +148,8 @@ def gradnorm_lorp(
     inner: Optional[optax.GradientTransformation] = None,
     norm_axis: Optional[Union[int, Sequence[int]]] = None,
     *,
-    refresh: Any = "svd",
-    projector_dtype: Optional[Any] = None,
     weight_decay_mask: MaskOrFn = None,
+    **options,
 ) -> optax.GradientTransformation:
   """GradNormLoRP: gradient weight-normalized low-rank projection.
 
@@ -185,31 +182,24 @@ def gradnorm_lorp(
 
   Args:
     learning_rate: a float or an optax schedule.
-    rank: projection rank of ∂V (clamped to each matrix's smaller side).
-    update_proj_gap: steps between projector refreshes.
-    scale: α, the multiplier of the projected-back direction update; it does
-      not scale the magnitude update or the weight decay.
-    proj_type: 'std', 'reverse_std', 'left', 'right' or 'full' (the paper's
-      two-sided projection).
+    rank, update_proj_gap, scale, proj_type, mask, dimension_numbers,
+      **options: the GaLore options (`go.GaLoreOptions`), applied to ∂V.
+      `mask` selects the leaves that are weight-normalized and projected;
+      `scale` multiplies the projected-back direction update only, not the
+      magnitude update or the weight decay; proj_type 'full' is the paper's
+      two-sided projection. `realign_moments=True` realigns the direction
+      moments with this optimizer's b1 and b2.
     b1: Adam's first-moment decay (ignored when `inner` is given).
     b2: Adam's second-moment decay (ignored when `inner` is given).
     eps: Adam's eps, added before bias correction as in galore-torch
       (ignored when `inner` is given).
     weight_decay: decoupled weight decay, applied to the updated weights.
-    mask: which leaves are weight-normalized and projected (pytree of bools
-      or callable); default every leaf with at least two axes. See
-      `path_mask`.
-    dimension_numbers: which axes are (in, out) and which batch, as in
-      `scale_by_galore`; default Flax layout (reduction axis -2).
     inner: the optimizer run on the low-rank ∂V, on ∂g and on unprojected
       gradients; default galore-torch's Adam (`scale_by_adam_hf(b1, b2,
       eps)`). `go.scale_by_adam_8bit()` gives 8-bit states.
     norm_axis: axes the magnitude is the norm over: None for each leaf's
       reduction (input) axes, i.e. one magnitude per output channel, or an
       int / tuple of ints for every projected leaf (never a batch axis).
-    refresh: projector refresh method, see `scale_by_galore`.
-    projector_dtype: dtype the projectors are stored in; default the
-      gradient's.
     weight_decay_mask: which leaves are decayed; default all.
 
   Returns:
@@ -239,6 +229,7 @@ def gradnorm_lorp(
     >>> params = optax.apply_updates(params, updates)
   """
   _check_norm_axis(norm_axis)
+  check_adam_args(b1, b2, eps, weight_decay, learning_rate)
   if inner is None:
     inner = scale_by_adam_hf(b1, b2, eps)
   elif not isinstance(inner, optax.GradientTransformation):
@@ -246,31 +237,31 @@ def gradnorm_lorp(
         f"inner must be an optax.GradientTransformation (e.g. "
         f"go.scale_by_adam_8bit()), got {type(inner).__name__}."
     )
-  # Builds (and validates rank, update_proj_gap, proj_type, refresh) now, so
-  # bad arguments fail at construction rather than at the first update.
-  galore = scale_by_galore(
-      rank,
-      update_proj_gap=update_proj_gap,
-      scale=scale,
-      proj_type=proj_type,
-      inner=inner,
-      mask=mask,
-      dimension_numbers=dimension_numbers,
-      refresh=refresh,
-      projector_dtype=projector_dtype,
+  opts = GaLoreOptions.create(
+      "gradnorm_lorp", rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+      proj_type=proj_type, mask=mask, dimension_numbers=dimension_numbers, **options,
+  ).with_realignment_decays(b1, b2)
+  return _weight_normalized(
+      learning_rate, opts, inner, norm_axis, weight_decay, weight_decay_mask
   )
+
+
+def _weight_normalized(
+    learning_rate, opts, inner, norm_axis, weight_decay, weight_decay_mask,
+    zero_nonfinite_grads=False,
+) -> optax.GradientTransformation:
+  """GradNormLoRP's transformation; see `gradnorm_lorp`."""
+  galore = galore_transform(opts, inner)
   decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
 
-  def plans_for(tree):
-    return _norm_axes_per_leaf(tree, mask, dimension_numbers, norm_axis)
+  def norm_axes(tree):
+    return [None if p is None else _norm_axes(p, norm_axis) for p in opts.plan(tree)]
 
   def init_fn(params):
     leaves, treedef = jax.tree.flatten(params)
     magnitudes = [
-        optax.MaskedNode()
-        if axes is None
-        else jnp.zeros(_magnitude_shape(jnp.shape(leaf), axes), jnp.float32)
-        for leaf, axes in zip(leaves, plans_for(params))
+        optax.MaskedNode() if axes is None else _init_magnitude(leaf, axes)
+        for leaf, axes in zip(leaves, norm_axes(params))
     ]
     return GradNormLoRPState(
         count=jnp.zeros([], jnp.int32),
@@ -286,78 +277,72 @@ def gradnorm_lorp(
       )
     grads, treedef = jax.tree.flatten(updates)
     weights = treedef.flatten_up_to(params)
-    plans = plans_for(updates)
-    paths = masking.leaf_paths(updates)
-    for path, grad, w in zip(paths, grads, weights):
-      if jnp.shape(grad) != jnp.shape(w):
-        raise ValueError(
-            f"{path}: gradient shape {jnp.shape(grad)} differs from the "
-            f"parameter's {jnp.shape(w)}; pass the params the gradients are of."
-        )
-    if weight_decay_mask is None:
-      decayed = [True] * len(grads)
-    else:
-      decayed = masking.resolve_mask(weight_decay_mask, params)
-
-    directions, magnitude_grads, split = list(grads), [], {}
-    direction_params = list(weights)
-    for i, (grad, w, axes) in enumerate(zip(grads, weights, plans)):
-      if axes is None:
-        magnitude_grads.append(optax.MaskedNode())
-        continue
-      g, v, dg, dv = _split_gradient(
-          w.astype(jnp.float32), grad.astype(jnp.float32), axes
-      )
-      split[i] = (g, v)
-      directions[i] = dv.astype(grad.dtype)
-      direction_params[i] = v.astype(w.dtype)
-      magnitude_grads.append(dg)
-
+    _check_shapes(masking.leaf_paths(updates), grads, weights)
+    if zero_nonfinite_grads:
+      grads = [jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g)) for g in grads]
+    axes = norm_axes(updates)
+    # 1. W = g ⊙ V/‖V‖ at V = W: magnitude and direction gradients.
+    split = [None if a is None else _split_gradient(
+        w.astype(jnp.float32), g.astype(jnp.float32), a)
+        for g, w, a in zip(grads, weights, axes)]
+    directions = [g if s is None else s[3].astype(g.dtype) for g, s in zip(grads, split)]
+    direction_params = [w if s is None else s[1].astype(w.dtype) for w, s in zip(weights, split)]
+    magnitude_grads = [optax.MaskedNode() if s is None else s[2] for s in split]
+    # 2. GaLore on the direction, the inner optimizer on the magnitude.
     galore_out, galore_state = galore.update(
-        treedef.unflatten(directions),
-        state.galore_state,
-        treedef.unflatten(direction_params),
+        treedef.unflatten(directions), state.galore_state, treedef.unflatten(direction_params)
     )
     magnitude_out, magnitude_state = inner.update(
         treedef.unflatten(magnitude_grads), state.magnitude_state
     )
-    galore_out = treedef.flatten_up_to(galore_out)
-    magnitude_out = treedef.flatten_up_to(magnitude_out)
-
+    # 3. The new weights, as updates.
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    out = []
-    for i, (grad, w, axes) in enumerate(zip(grads, weights, plans)):
-      decay = lr * weight_decay if decays and decayed[i] else None
-      if axes is None:
-        # Plain AdamW, as galore_adamw: decay evaluated on the updated weights.
-        u = -lr * galore_out[i].astype(jnp.float32)
-        if decay is not None:
-          u = u - decay * (w.astype(jnp.float32) + u)
-        out.append(u.astype(grad.dtype))
-        continue
-      g, v = split[i]
-      v_new = v - lr * galore_out[i].astype(jnp.float32)
-      g_new = g - lr * magnitude_out[i]
-      if decay is not None:
-        g_new = (1.0 - decay) * g_new
-      v_norm = jnp.sqrt(jnp.sum(jnp.square(v_new), axis=axes, keepdims=True))
-      w_new = g_new * _safe_divide(v_new, v_norm)
-      out.append((w_new - w.astype(jnp.float32)).astype(grad.dtype))
-
+    decayed = [True] * len(grads) if weight_decay_mask is None else masking.resolve_mask(
+        weight_decay_mask, params)
+    out = [
+        _new_weight_update(
+            g, w, a, s, u, mu, lr, lr * weight_decay if decays and d else None)
+        for g, w, a, s, u, mu, d in zip(
+            grads, weights, axes, split, treedef.flatten_up_to(galore_out),
+            treedef.flatten_up_to(magnitude_out), decayed)
+    ]
     return treedef.unflatten(out), GradNormLoRPState(
         count=optax.safe_increment(state.count),
         galore_state=galore_state,
         magnitude_state=magnitude_state,
     )
 
-  # The magnitude moments are (…, 1, out): on sharded NNX models and
-  # Explicit-axes meshes they need their own shardings too.
-  return sharding.sharding_aware(
-      optax.GradientTransformation(init_fn, update_fn),
-      dimension_numbers=dimension_numbers,
-  )
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _check_shapes(paths, grads, weights) -> None:
+  for path, grad, w in zip(paths, grads, weights):
+    if jnp.shape(grad) != jnp.shape(w):
+      raise ValueError(
+          f"{path}: gradient shape {jnp.shape(grad)} differs from the "
+          f"parameter's {jnp.shape(w)}; pass the params the gradients are of."
+      )
+
+
+def _new_weight_update(grad, w, axes, split, direction_update, magnitude_update, lr, decay):
+  """W' − W for one leaf: W' = g' ⊙ V'/‖V'‖ (plain AdamW for unprojected leaves)."""
+  if axes is None:
+    # Plain AdamW, as galore_adamw: decay evaluated on the updated weights.
+    u = -lr * direction_update.astype(jnp.float32)
+    if decay is not None:
+      u = u - decay * (w.astype(jnp.float32) + u)
+    return u.astype(grad.dtype)
+  g, v = split[0], split[1]
+  v_new = v - lr * direction_update.astype(jnp.float32)
+  g_new = g - lr * magnitude_update
+  if decay is not None:
+    g_new = (1.0 - decay) * g_new
+  v_norm = jnp.sqrt(jnp.sum(jnp.square(v_new), axis=axes, keepdims=True))
+  w_new = g_new * _safe_divide(v_new, v_norm)
+  return (w_new - w.astype(jnp.float32)).astype(grad.dtype)
+
+
+@accepts_galore_options
 def gradnorm_lorp8bit(
     learning_rate: optax.ScalarOrSchedule,
     rank: int = 128,
@@ -374,9 +359,8 @@ def gradnorm_lorp8bit(
     *,
     block_size: int = 256,
     min_8bit_size: int = 4096,
-    refresh: Any = "svd",
-    projector_dtype: Optional[Any] = None,
     weight_decay_mask: MaskOrFn = None,
+    **options,
 ) -> optax.GradientTransformation:
   """`gradnorm_lorp` with bitsandbytes-style blockwise 8-bit Adam states.
 
@@ -384,25 +368,23 @@ def gradnorm_lorp8bit(
   min_8bit_size)`: the low-rank direction moments, the magnitude moments and
   the moments of unprojected leaves are 8-bit where a state tensor has at
   least `min_8bit_size` elements (in practice the low-rank moments and large
-  unprojected leaves such as embeddings) and float32 otherwise.
+  unprojected leaves such as embeddings) and float32 otherwise. As in the
+  other 8-bit optimizers, non-finite gradient elements are set to zero
+  before anything else, so one NaN cannot poison the projector or a block of
+  8-bit state (wrap with `optax.apply_if_finite` to skip such steps).
 
   Args:
     learning_rate: a float or an optax schedule.
-    rank: projection rank of the direction gradient.
-    update_proj_gap: steps between projector refreshes.
-    scale: α, the multiplier of the projected-back direction update.
-    proj_type: 'std', 'reverse_std', 'left', 'right' or 'full'.
+    rank, update_proj_gap, scale, proj_type, mask, dimension_numbers,
+      **options: the GaLore options (`go.GaLoreOptions`), except
+      realign_moments (8-bit moments cannot be rotated).
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: Adam's eps, bitsandbytes' placement (see `scale_by_adam_8bit`).
     weight_decay: decoupled weight decay, applied to the updated weights.
-    mask: which leaves are weight-normalized and projected.
-    dimension_numbers: see `scale_by_galore`.
     norm_axis: see `gradnorm_lorp`.
     block_size: elements per quantization block.
     min_8bit_size: state tensors with fewer elements stay float32.
-    refresh: projector refresh method, see `scale_by_galore`.
-    projector_dtype: dtype the projectors are stored in.
     weight_decay_mask: which leaves are decayed; default all.
 
   Returns:
@@ -423,20 +405,17 @@ def gradnorm_lorp8bit(
     dtype('uint8')
     >>> updates, state = tx.update(params, state, params)
   """
-  return gradnorm_lorp(
-      learning_rate,
-      rank,
-      update_proj_gap,
-      scale,
-      proj_type,
-      weight_decay=weight_decay,
-      mask=mask,
-      dimension_numbers=dimension_numbers,
-      inner=scale_by_adam_8bit(
-          b1=b1, b2=b2, eps=eps, block_size=block_size, min_8bit_size=min_8bit_size
-      ),
-      norm_axis=norm_axis,
-      refresh=refresh,
-      projector_dtype=projector_dtype,
-      weight_decay_mask=weight_decay_mask,
+  _check_norm_axis(norm_axis)
+  check_adam_args(b1, b2, eps, weight_decay, learning_rate)
+  opts = GaLoreOptions.create(
+      "gradnorm_lorp8bit", rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+      proj_type=proj_type, mask=mask, dimension_numbers=dimension_numbers, **options,
+  )
+  opts.refuse("realign_moments", "gradnorm_lorp8bit", NO_8BIT_REALIGNMENT)
+  inner = scale_by_adam_8bit(
+      b1=b1, b2=b2, eps=eps, block_size=block_size, min_8bit_size=min_8bit_size
+  )
+  return _weight_normalized(
+      learning_rate, opts, inner, norm_axis, weight_decay, weight_decay_mask,
+      zero_nonfinite_grads=True,
   )

@@ -10,6 +10,7 @@ batch axis with an independent projector per slice.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Sequence, Union
 
 import jax
@@ -42,28 +43,43 @@ class MatrixView(NamedTuple):
   """
 
   shape: tuple[int, ...]
-  perm: tuple[int, ...]  # transposes the leaf to batch + output + reduction axes
-  batch_shape: tuple[int, ...]
+  batch_axes: tuple[int, ...]
+  output_axes: tuple[int, ...]
+  reduction_axes: tuple[int, ...]
   m: int
   n: int
+
+  @property
+  def perm(self) -> tuple[int, ...]:
+    """Transposes the leaf to batch + output + reduction axes."""
+    return self.batch_axes + self.output_axes + self.reduction_axes
+
+  @property
+  def batch_shape(self) -> tuple[int, ...]:
+    return tuple(self.shape[a] for a in self.batch_axes)
 
   @property
   def matrix_shape(self) -> tuple[int, ...]:
     return self.batch_shape + (self.m, self.n)
 
 
-def _normalize_axes(axes: Axes, ndim: int, role: str, where: str) -> tuple[int, ...]:
-  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+def _is_int(x) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def normalize_axes(axes: Axes, ndim: int, role: str, where: str) -> tuple[int, ...]:
+  """`axes` (an int or a sequence of ints) as non-negative axes of an ndim leaf."""
+  axes = (axes,) if _is_int(axes) else tuple(axes)
   if not axes:
     raise ValueError(f"{where}: {role} is empty; name at least one axis.")
   out = []
   for axis in axes:
-    if not isinstance(axis, int) or not -ndim <= axis < ndim:
+    if not _is_int(axis) or not -ndim <= axis < ndim:
       raise ValueError(
           f"{where}: {role} axis {axis!r} is out of range for a leaf with "
           f"{ndim} axes; pass go.DimensionNumbers with axes in [-{ndim}, {ndim})."
       )
-    out.append(axis % ndim)
+    out.append(int(axis) % ndim)
   if len(set(out)) != len(out):
     raise ValueError(f"{where}: {role} {axes} names an axis twice.")
   return tuple(out)
@@ -94,10 +110,10 @@ def make_view(
     raise TypeError(
         f"{where}: expected go.DimensionNumbers, got {dimension_numbers!r}."
     )
-  reduction = _normalize_axes(
+  reduction = normalize_axes(
       dimension_numbers.reduction_axes, ndim, "reduction_axes", where
   )
-  output = _normalize_axes(dimension_numbers.output_axes, ndim, "output_axes", where)
+  output = normalize_axes(dimension_numbers.output_axes, ndim, "output_axes", where)
   if set(reduction) & set(output):
     raise ValueError(
         f"{where}: reduction_axes {dimension_numbers.reduction_axes} and "
@@ -107,8 +123,9 @@ def make_view(
   batch = tuple(a for a in range(ndim) if a not in reduction and a not in output)
   return MatrixView(
       shape=shape,
-      perm=batch + output + reduction,
-      batch_shape=tuple(shape[a] for a in batch),
+      batch_axes=batch,
+      output_axes=output,
+      reduction_axes=reduction,
       m=math.prod(shape[a] for a in output),
       n=math.prod(shape[a] for a in reduction),
   )

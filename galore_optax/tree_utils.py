@@ -1,8 +1,7 @@
-"""Pytree helpers: sizes of array trees, NamedTuples back from nnx State."""
+"""Pytree helpers: sizes of array trees."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -35,19 +34,3 @@ def tree_bytes(tree: Any) -> int:
     if shape is not None and dtype is not None:
       total += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
   return total
-
-
-def restore_named_tuple(cls, stored: Any) -> Any:
-  """`stored` as a `cls` NamedTuple when it holds exactly `cls`'s fields.
-
-  `nnx.Optimizer` writes the state back through `nnx.state`, which turns a
-  NamedTuple stored per parameter (a quantized moment, a factored moment, a
-  quantized projector) into a State mapping of its fields. Rebuilding the
-  NamedTuple lets `isinstance` checks and both `lax.cond` branches see one
-  structure. Anything else is returned unchanged.
-  """
-  if isinstance(stored, cls):
-    return stored
-  if isinstance(stored, Mapping) and set(stored.keys()) == set(cls._fields):
-    return cls(**{field: stored[field] for field in cls._fields})
-  return stored

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 import torch
 
 from galore_optax import adam_8bit
@@ -213,9 +214,14 @@ def test_inject_hyperparams():
   u_inj, _ = jax.jit(injected.update)(grads[0], s_inj, params)
   u_plain, _ = jax.jit(plain.update)(grads[0], s_plain, params)
   np.testing.assert_allclose(u_inj["w"], 2 * u_plain["w"], rtol=1e-5)
-  # init traced: integer hyperparameters are tracers there.
-  shapes = jax.eval_shape(injected.init, params)
-  assert jax.tree.structure(shapes) == jax.tree.structure(s_inj)
+  # init traced: integer hyperparameters are tracers there. They fix the
+  # state's shapes, so they must be static; nothing falls back to a default.
+  with pytest.raises(TypeError, match="block_size.*static_args"):
+    jax.eval_shape(injected.init, params)
+  static = optax.inject_hyperparams(
+      adam_8bit.adamw_8bit, static_args=("block_size", "min_8bit_size"))(learning_rate=1e-3)
+  shapes = jax.eval_shape(static.init, params)
+  assert jax.tree.structure(shapes.inner_state) == jax.tree.structure(s_inj.inner_state)
 
 
 def test_schedule_and_mask():
@@ -258,13 +264,14 @@ def test_adamw_8bit_in_nnx_optimizer_on_an_explicit_mesh():
   # nnx.Optimizer copies the kernel's ("fsdp", None) spec onto the 8-bit state,
   # whose codes and block scales have other shapes; adamw_8bit replaces it.
   from flax import nnx
+  import galore_optax as go  # the public factory, wrapped for nnx once
 
   mesh = jax.make_mesh((1,), ("fsdp",))
   with jax.set_mesh(mesh):
     init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("fsdp", None))
     model = nnx.Linear(128, 64, kernel_init=init, rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(
-        model, adam_8bit.adamw_8bit(1e-3, min_8bit_size=256), wrt=nnx.Param
+        model, go.adamw_8bit(1e-3, min_8bit_size=256), wrt=nnx.Param
     )
     x = jnp.ones((4, 128))
 

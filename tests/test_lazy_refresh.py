@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from galore_optax import refresh as refresh_lib
-from galore_optax.refresh import LazyRefresh
+from galore_optax import schedules
+from galore_optax.schedules import LazyRefresh
 from galore_optax.transform import scale_by_galore
 
 _rng = np.random.default_rng(0)
@@ -142,8 +142,8 @@ def test_stable_shapes_single_trace_and_eval_shape():
 
 def test_advance_lazy_state_window_mean():
   config = LazyRefresh(queue_size=2, threshold=0.5)
-  state = refresh_lib.init_lazy_state((3,), 10, config)
-  advance = jax.jit(lambda s, due, sim, step: refresh_lib.advance_lazy_state(s, due, sim, step, config))
+  state = schedules.init_lazy_state((3,), 10, config)
+  advance = jax.jit(lambda s, due, sim, step: schedules.advance_lazy_state(s, due, sim, step, config))
   due = jnp.array([True, True, False])
   state = advance(state, due, jnp.full(3, 0.9), 0)
   # first refresh: nothing compared yet, next refresh one gap later

@@ -10,7 +10,8 @@ import pytest
 from galore_optax import projection
 from galore_optax.adam import scale_by_adam_hf
 from galore_optax.adam_8bit import scale_by_adam_8bit
-from galore_optax.transform import MomentRealignment, _realign_adam, scale_by_galore
+from galore_optax.realignment import MomentRealignment, _realign_adam
+from galore_optax.transform import scale_by_galore
 
 RNG = np.random.default_rng(0)
 
@@ -164,10 +165,11 @@ def test_bad_realignment_argument():
 def test_all_options_inside_nnx_optimizer():
   """nnx.Optimizer turns state NamedTuples into State mappings; all still work."""
   from flax import nnx
+  import galore_optax as go  # the public factories: wrapped for nnx once
 
   model = nnx.Linear(32, 48, rngs=nnx.Rngs(0))
   tx = optax.chain(
-      scale_by_galore(
+      go.scale_by_galore(
           rank=4, update_proj_gap=2, projector_bits=4, lazy_refresh=True, realign_moments=True
       ),
       optax.scale(-1e-2),

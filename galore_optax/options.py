@@ -1,0 +1,181 @@
+"""The GaLore options: declared, documented and validated once.
+
+Every GaLore-based optimizer (`scale_by_galore`, `galore`, `galore_adamw`,
+`galore_adamw8bit`, `galore_adafactor`, `gradnorm_lorp`, ...) accepts these
+keywords with these meanings; the aliases forward the ones they do not name
+in their own signature through `**options`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Optional
+
+import jax
+
+from galore_optax import plan as plan_lib
+from galore_optax import projection
+from galore_optax import projector_quantization as pq
+from galore_optax import projector_storage
+from galore_optax import realignment
+from galore_optax import refresh as refresh_lib
+from galore_optax import schedules
+from galore_optax import validation
+
+
+@dataclasses.dataclass(frozen=True)
+class GaLoreOptions:
+  """What is projected, how bases are computed and stored, and when.
+
+  Attributes:
+    rank: rank of the projection; clamped to the smaller side of each matrix.
+      A static int (it fixes array shapes).
+    update_proj_gap: steps between projector refreshes (T): each matrix is
+      refreshed at 0-based steps 0, T, 2T, … from the current gradient.
+    scale: α, the multiplier of the projected-back update (the paper: 0.25).
+    proj_type: 'std' (compress the smaller side, as galore-torch),
+      'reverse_std', 'left' (output side), 'right' (input side) or 'full'.
+      Applied to the roles of the axes, so a Flax (in, out) kernel and a
+      PyTorch (out, in) weight are treated alike.
+    mask: pytree of bools (True = projected) or callable(params) returning
+      one. Default: every floating-point leaf with at least two axes.
+      Zero-size leaves are never projected. See `go.path_mask`.
+    dimension_numbers: a `DimensionNumbers` for every leaf, a pytree of them
+      (None entries for unprojected leaves), or a callable(params) returning
+      one. Default: Flax layout, reduction axis -2 and output axis -1; other
+      axes are batch axes with one projector per slice.
+    refresh: how bases are computed: 'svd' (exact float32 SVD), 'randomized'
+      (randomized range finder, one power iteration), 'power' (subspace
+      iteration warm-started from the previous projector), or a function with
+      the signature of `go.svd_refresh` (e.g. `go.randomized_refresh(16)`).
+    projector_dtype: dtype the bases are stored in; default the leaf's.
+    projector_bits: None (bases stored as arrays), 8 or 4: bases stored
+      group-quantized (Q-GaLore style) and dequantized where used; excludes
+      `projector_dtype`.
+    lazy_refresh: None, True or a `go.LazyRefresh(...)`: Q-GaLore's
+      layer-adaptive schedule, under which each matrix's gap grows while its
+      leading singular vector stays put. Leaves then refresh independently.
+    realign_moments: None, True or a `go.MomentRealignment(b1, b2)`: at each
+      refresh, map the inner Adam's moments into the new basis (LDAdam).
+      `True` uses the optimizer's own b1 and b2. Needs float `mu`/`nu`
+      moments in the inner state (not 8-bit, not Adafactor).
+  """
+
+  rank: int = 128
+  update_proj_gap: Any = 200
+  scale: Any = 1.0
+  proj_type: str = "std"
+  mask: Any = None
+  dimension_numbers: Any = None
+  refresh: Any = "svd"
+  projector_dtype: Any = None
+  projector_bits: Optional[int] = None
+  lazy_refresh: Any = None
+  realign_moments: Any = None
+
+  def __post_init__(self):
+    set_ = lambda name, value: object.__setattr__(self, name, value)
+    set_("rank", validation.static_int(self.rank, "rank"))
+    set_("update_proj_gap", validation.positive_int(self.update_proj_gap, "update_proj_gap"))
+    validation.real(self.scale, "scale")
+    projection.check_proj_type(self.proj_type)
+    refresh_lib.get_refresh_method(self.refresh)
+    validation.float_dtype(self.projector_dtype, "projector_dtype")
+    if self.projector_bits is not None:
+      validation.choice(self.projector_bits, "projector_bits", pq.SUPPORTED_BITS)
+      if self.projector_dtype is not None:
+        raise ValueError(
+            "projector_dtype and projector_bits both set: a quantized projector "
+            "is stored as uint8 codes and dequantized to the gradient's dtype; "
+            "pass only one of them."
+        )
+    set_("lazy_refresh", schedules.resolve_lazy_refresh(self.lazy_refresh))
+    _check_realignment(self.realign_moments)
+
+  @classmethod
+  def create(cls, owner: str, **kwargs) -> "GaLoreOptions":
+    """Options from keywords, with an error naming `owner` for unknown ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+      raise TypeError(
+          f"{owner} got unexpected keyword argument(s) {', '.join(unknown)}; "
+          f"its GaLore options are {', '.join(sorted(known))} (see go.GaLoreOptions)."
+      )
+    return cls(**kwargs)
+
+  def with_realignment_decays(self, b1, b2) -> "GaLoreOptions":
+    """`realign_moments=True` resolved to the optimizer's own Adam decays."""
+    if self.realign_moments is not True:
+      return self
+    return dataclasses.replace(self, realign_moments=realignment.MomentRealignment(b1, b2))
+
+  def refuse(self, option: str, owner: str, why: str) -> None:
+    """Raises if `option` is set although `owner` cannot apply it."""
+    if getattr(self, option) not in (None, False):
+      raise ValueError(f"{owner} does not support {option}: {why}")
+
+  def plan(self, tree) -> list:
+    """A `plan.LeafPlan` per projected leaf of `tree` (flat order), else None."""
+    return plan_lib.plan_leaves(
+        tree,
+        rank=self.rank,
+        proj_type=self.proj_type,
+        mask=self.mask,
+        dimension_numbers=self.dimension_numbers,
+    )
+
+  def projected_mask(self, tree) -> Any:
+    """A pytree of bools like `tree`: True where a leaf is projected."""
+    flags = [p is not None for p in self.plan(tree)]
+    return jax.tree.structure(tree).unflatten(flags)
+
+  # The parts of the update that these options choose.
+
+  @property
+  def refresh_fn(self):
+    return refresh_lib.get_refresh_method(self.refresh)
+
+  @property
+  def storage(self):
+    return projector_storage.storage_for(self.projector_dtype, self.projector_bits)
+
+  @property
+  def schedule(self):
+    return schedules.schedule_for(self.update_proj_gap, self.lazy_refresh)
+
+  @property
+  def realignment(self):
+    return realignment.realignment_for(self.realign_moments)
+
+
+def _check_realignment(value) -> None:
+  if value is None or isinstance(value, bool):
+    return
+  if not isinstance(value, realignment.MomentRealignment):
+    raise TypeError(
+        f"realign_moments={value!r}: pass None, True or "
+        "go.MomentRealignment(b1=..., b2=...) with the inner Adam's decays."
+    )
+  validation.decay(value.b1, "realign_moments.b1")
+  validation.decay(value.b2, "realign_moments.b2")
+
+
+def accepts_galore_options(factory):
+  """Lists the GaLore options in `factory`'s signature as keyword-only.
+
+  The aliases take the options they do not name through `**options`; with
+  this their signature shows every option with its default, which is what
+  `help()` prints and what `optax.inject_hyperparams` binds arguments by.
+  """
+  sig = inspect.signature(factory)
+  params = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
+  named = {p.name for p in params}
+  params += [
+      inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
+      for f in dataclasses.fields(GaLoreOptions)
+      if f.name not in named
+  ]
+  factory.__signature__ = sig.replace(parameters=params)
+  return factory

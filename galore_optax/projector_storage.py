@@ -1,0 +1,112 @@
+"""How projector bases are stored between refreshes.
+
+A storage turns the float32 bases a refresh computes into their stored form
+and back:
+
+  init(plan, leaf, layout) -> stored zeros (sharded like the bases)
+  encode(bases, plan, leaf_dtype) -> stored
+  decode(stored, plan, dtype) -> {side: (*batch, …) array in dtype}
+
+`PlainStorage` keeps arrays in a float dtype (the gradient's by default);
+`QuantizedStorage` keeps Q-GaLore-style group-quantized codes (see
+`projector_quantization`). Every stored field keeps the batch axes first, so
+a per-matrix `jnp.where` can choose between two stored projectors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from galore_optax import axis_specs
+from galore_optax import projector_quantization as pq
+from galore_optax.plan import LeafPlan
+from galore_optax.projection import INPUT_SIDE, OUTPUT_SIDE
+
+# The axis each side's basis vectors run along, which is also the basis's
+# long axis (r <= m and r <= n): projector quantization groups along it.
+VECTOR_AXIS = {OUTPUT_SIDE: -2, INPUT_SIDE: -1}
+
+
+class PlainStorage(NamedTuple):
+  """Bases stored as arrays of `dtype` (None: the parameter's dtype)."""
+
+  dtype: Optional[Any] = None
+
+  def _dtype(self, leaf_dtype):
+    return jnp.dtype(self.dtype or leaf_dtype)
+
+  def init(self, plan: LeafPlan, leaf, layout) -> dict:
+    dtype = self._dtype(jnp.result_type(leaf))
+    return {
+        side: axis_specs.zeros(
+            shape, dtype, layout, layout and plan.basis_spec(side, layout)
+        )
+        for side, shape in plan.basis_shapes.items()
+    }
+
+  def encode(self, bases: dict, plan: LeafPlan, leaf_dtype) -> dict:
+    del plan
+    return {side: b.astype(self._dtype(leaf_dtype)) for side, b in bases.items()}
+
+  def decode(self, stored: dict, plan: LeafPlan, dtype) -> dict:
+    return {side: stored[side].astype(dtype) for side in plan.sides}
+
+
+class QuantizedStorage(NamedTuple):
+  """Bases stored as 8- or 4-bit group-quantized codes (Q-GaLore)."""
+
+  bits: int
+
+  def init(self, plan: LeafPlan, leaf, layout) -> dict:
+    del leaf
+    stored = {}
+    for side, shape in plan.basis_shapes.items():
+      shapes = pq.quantized_shapes(shape, self.bits, VECTOR_AXIS[side])
+      specs = (None,) * 3
+      if layout is not None:
+        specs = _quantized_specs(plan.basis_spec(side, layout), shapes, side, layout)
+      stored[side] = pq.QuantizedProjector(
+          *(axis_specs.zeros(s.shape, s.dtype, layout, spec) for s, spec in zip(shapes, specs))
+      )
+    return stored
+
+  def encode(self, bases: dict, plan: LeafPlan, leaf_dtype) -> dict:
+    del plan, leaf_dtype
+    return {
+        side: pq.quantize_projector(b, self.bits, axis=VECTOR_AXIS[side])
+        for side, b in bases.items()
+    }
+
+  def decode(self, stored: dict, plan: LeafPlan, dtype) -> dict:
+    return {
+        side: pq.dequantize_projector(
+            stored[side],
+            self.bits,
+            plan.basis_shapes[side],
+            axis=VECTOR_AXIS[side],
+            dtype=dtype,
+        )
+        for side in plan.sides
+    }
+
+
+def _quantized_specs(basis_spec, shapes: pq.QuantizedProjector, side, layout):
+  """Codes and group statistics split like the basis: the groups axis takes
+  the vector axis' names, the codes within a group stay whole."""
+  ndim = len(shapes.scale.shape)
+  entries = tuple(axis_specs.names(e) for e in basis_spec) + ((),) * (ndim - len(basis_spec))
+  a = VECTOR_AXIS[side] % ndim
+  grouped = entries[:a] + (entries[a], ()) + entries[a + 1 :]
+  codes = layout.derive(shapes.codes.shape, grouped)
+  per_group = layout.derive(shapes.scale.shape, entries)
+  return codes, per_group, per_group
+
+
+def storage_for(projector_dtype, projector_bits):
+  """The storage the `projector_dtype` / `projector_bits` options ask for."""
+  if projector_bits is None:
+    return PlainStorage(projector_dtype)
+  return QuantizedStorage(projector_bits)

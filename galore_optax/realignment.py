@@ -1,0 +1,174 @@
+"""What a projector refresh does to the inner optimizer's state.
+
+By default nothing: GaLore and galore-torch carry the moments over into the
+new basis unchanged. `MomentRealignment` maps Adam's moments into the new
+subspace instead (LDAdam). A realignment has two methods:
+
+  check(inner_state, plans)            raises at `init` if it cannot apply
+  apply(inner_state, plans, previous, new, moved, count) -> inner_state
+
+where `previous` and `new` are each projected leaf's float32 bases before
+and after the refresh (by flat index; as stored, so quantization error is
+included), `moved` flags the matrices that were refreshed and `count` is
+the GaLore step count.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from galore_optax import projection
+
+
+class MomentRealignment(NamedTuple):
+  """Maps Adam's moments into the new subspace at each refresh (LDAdam).
+
+  With C = P_newᵀ P_old (`projection.change_of_basis`) and t the inner
+  Adam's step count, bias corrections c1 = 1 − b1^t, c2 = 1 − b2^t:
+
+    m ← C m
+    v ← c2 · |(C∘C)(v / c2 − m² / c1²) + (C m)² / c1²|
+
+  i.e. the bias-corrected second moment is split into a variance, mapped by
+  the squared entries of C (the diagonal of C diag(·) Cᵀ), and the square of
+  the mapped mean (Robert et al., LDAdam, the projection-aware update of the
+  optimizer states; SubTrack++ adopts the same rule). Both maps are the
+  identity when P_new = P_old. The inner's moments are found by name (the
+  `mu` and `nu` fields of its state, e.g. `scale_by_adam_hf`,
+  `optax.scale_by_adam`, or chains and wrappers holding one of them).
+
+  Attributes:
+    b1: the inner Adam's first-moment decay (for its bias correction).
+    b2: the inner Adam's second-moment decay.
+
+  References:
+    Robert et al., LDAdam: Adaptive Optimization from Low-Dimensional Gradient
+    Statistics, ICLR 2025. https://arxiv.org/abs/2410.16103
+
+    Rajabi et al., SubTrack++: Gradient Subspace Tracking for Scalable LLM
+    Training, 2025. https://arxiv.org/abs/2502.01586
+  """
+
+  b1: float = 0.9
+  b2: float = 0.999
+
+  def check(self, inner_state, plans) -> None:
+    _moment_slots(inner_state, plans)
+
+  def apply(self, inner_state, plans, previous, new, moved, count):
+    flat, treedef = jax.tree.flatten(inner_state)
+    slots = _moment_slots(inner_state, plans)
+    # The inner Adam's own count, else GaLore's (they agree unless wrapped).
+    t = flat[slots.count] if slots.count is not None else count
+    for plan in plans:
+      if plan is None:
+        continue
+      i = plan.index
+      m, v = flat[slots.mu[i]], flat[slots.nu[i]]
+      c = projection.change_of_basis(new[i], previous[i])
+      new_m, new_v = _realign_adam(m, v, c, t, self)
+      # No moments to move before the first update.
+      flags = jnp.broadcast_to(moved[i] & (t > 0), plan.batch_shape)
+      flat[slots.mu[i]] = _select_matrices(flags, new_m, m)
+      flat[slots.nu[i]] = _select_matrices(flags, new_v, v)
+    return treedef.unflatten(flat)
+
+
+def _select_matrices(flags, new, old):
+  flags = flags.reshape(flags.shape + (1,) * (new.ndim - flags.ndim))
+  return jnp.where(flags, new, old)
+
+
+def _path_entry_name(entry) -> Optional[str]:
+  for attr in ("name", "key"):  # NamedTuple fields; dict keys
+    value = getattr(entry, attr, None)
+    if isinstance(value, str):
+      return value
+  return None
+
+
+class _MomentSlots(NamedTuple):
+  """Where the inner state's Adam moments sit among its flattened leaves."""
+
+  mu: list  # flat index of each parameter leaf's first moment
+  nu: list
+  count: Optional[int]  # flat index of the same state's step count, if any
+
+
+def _moment_slots(inner_state, plans) -> _MomentSlots:
+  """Finds the `mu`/`nu` leaves of an Adam-like inner state, or raises."""
+  flat = jax.tree_util.tree_flatten_with_path(inner_state)[0]
+  found: dict[str, dict[tuple, list[int]]] = {"mu": {}, "nu": {}}
+  count_paths = {}
+  for index, (path, _) in enumerate(flat):
+    names = [_path_entry_name(e) for e in path]
+    for depth, name in enumerate(names):
+      if name in found:
+        found[name].setdefault(tuple(path[:depth]), []).append(index)
+        break
+    if names and names[-1] == "count":
+      count_paths[tuple(path[:-1])] = index
+  hint = (
+      "it works with go.scale_by_adam_hf() and optax.scale_by_adam() (alone, "
+      "chained or wrapped); pass realign_moments=None for this inner."
+  )
+  if not found["mu"] or not found["nu"]:
+    raise ValueError(
+        "realign_moments: the inner state has no Adam first and second "
+        f"moments (state fields named mu and nu); {hint}"
+    )
+  if len(found["mu"]) > 1 or len(found["nu"]) > 1:
+    raise ValueError(
+        "realign_moments: the inner state holds more than one set of Adam "
+        f"moments, so which to realign is ambiguous; {hint}"
+    )
+  (parent, mu), (nu_parent, nu) = found["mu"].popitem(), found["nu"].popitem()
+  if parent != nu_parent or len(mu) != len(plans) or len(nu) != len(mu):
+    raise ValueError(
+        "realign_moments: the inner state's mu and nu do not hold one array "
+        "per parameter (quantized moments, as in 8-bit Adam, cannot be "
+        f"rotated); {hint}"
+    )
+  for plan in plans:
+    if plan is None:
+      continue
+    for name, index in (("mu", mu[plan.index]), ("nu", nu[plan.index])):
+      leaf = flat[index][1]
+      if (
+          jnp.shape(leaf) != plan.low_rank_shape
+          or not jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+      ):
+        raise ValueError(
+            f"realign_moments: {plan.path}: the inner's {name} is "
+            f"{jnp.result_type(leaf)}{list(jnp.shape(leaf))}, not a float array "
+            f"of the low-rank shape {list(plan.low_rank_shape)} (quantized "
+            f"moments, as in 8-bit Adam, cannot be rotated); {hint}"
+        )
+  return _MomentSlots(mu=mu, nu=nu, count=count_paths.get(parent))
+
+
+def _realign_adam(m, v, c, t, config: MomentRealignment):
+  """LDAdam's projection-aware map of one leaf's moments; see MomentRealignment."""
+  f32 = jnp.float32
+  m32, v32 = m.astype(f32), v.astype(f32)
+  t = jnp.maximum(t, 1).astype(f32)  # t = 0: zero moments, any finite map
+  c1 = 1.0 - jnp.power(config.b1, t)
+  c2 = 1.0 - jnp.power(config.b2, t)
+  new_m = projection.rebase(m32, c)
+  variance = v32 / c2 - jnp.square(m32) / jnp.square(c1)
+  new_v = c2 * jnp.abs(
+      projection.rebase(variance, c, squared=True) + jnp.square(new_m) / jnp.square(c1)
+  )
+  return new_m.astype(m.dtype), new_v.astype(v.dtype)
+
+
+def realignment_for(realign_moments) -> Optional[MomentRealignment]:
+  """The realignment the `realign_moments` option asks for (None: none)."""
+  if realign_moments is None or realign_moments is False:
+    return None
+  if realign_moments is True:
+    return MomentRealignment()
+  return realign_moments
