@@ -2,12 +2,14 @@
 
 Every alias takes the GaLore options (`go.GaLoreOptions`: rank,
 update_proj_gap, scale, proj_type, mask, dimension_numbers, refresh,
-projector_dtype, projector_bits, lazy_refresh, realign_moments); the first
-six in the positions galore-torch users know, the rest as keywords.
+projector_dtype, projector_bits, lazy_refresh, realign_moments), added to
+its signature by `options.galore_optimizer`: the first six in the positions
+galore-torch users know, the rest as keywords.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional, Union
 
 import jax
@@ -21,13 +23,13 @@ from galore_optax.adafactor import scale_by_adafactor_hf
 from galore_optax.adafactor import tree_rms
 from galore_optax.adam import scale_by_adam_hf
 from galore_optax.adam_8bit import scale_by_adam_8bit
-from galore_optax.options import GaLoreOptions, accepts_galore_options
+from galore_optax.options import GaLoreOptions, galore_optimizer
 from galore_optax.transform import galore_transform
 from galore_optax.weight_decay import decay_weights_after_update
 
 MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
 
-NO_8BIT_REALIGNMENT = "8-bit moments are codes with block scales and cannot be rotated."
+NO_8BIT_REALIGNMENT = {"realign_moments": "8-bit moments are codes with block scales and cannot be rotated."}
 
 
 def _is_static_zero(x) -> bool:
@@ -108,15 +110,14 @@ def zero_nonfinite() -> optax.GradientTransformation:
   )
 
 
-@accepts_galore_options
+@galore_optimizer(leading=(), options_first=("rank",))
 def galore(
-    rank: int = 128,
     *,
+    galore: GaLoreOptions,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
     mu_dtype: Optional[Any] = None,
-    **options,
 ) -> optax.GradientTransformation:
   """GaLore with a low-rank Adam inside and no learning rate.
 
@@ -124,13 +125,12 @@ def galore(
   transformation. The Adam is galore-torch's (`scale_by_adam_hf`).
 
   Args:
-    rank: projection rank.
+    {galore_options}
+      `realign_moments=True` realigns with this Adam's b1 and b2.
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: Adam's eps, added before bias correction.
     mu_dtype: optional dtype of the first moment.
-    **options: the other GaLore options (`go.GaLoreOptions`).
-      `realign_moments=True` realigns with this Adam's b1 and b2.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -141,27 +141,21 @@ def galore(
     >>> state = tx.init({"w": jnp.zeros((32, 16))})
   """
   check_adam_args(b1, b2, eps, 0.0)
-  opts = GaLoreOptions.create("galore", rank=rank, **options).with_realignment_decays(b1, b2)
-  return galore_transform(opts, scale_by_adam_hf(b1, b2, eps, mu_dtype))
+  galore = galore.with_realignment_decays(b1, b2)
+  return galore_transform(galore, scale_by_adam_hf(b1, b2, eps, mu_dtype))
 
 
-@accepts_galore_options
+@galore_optimizer(middle=("b1", "b2", "eps", "weight_decay"))
 def galore_adamw(
     learning_rate: optax.ScalarOrSchedule,
-    rank: int = 128,
-    update_proj_gap: Any = 200,
-    scale: Any = 1.0,
-    proj_type: str = "std",
+    *,
+    galore: GaLoreOptions,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
     weight_decay: float = 0.0,
-    mask: MaskOrFn = None,
-    dimension_numbers: Optional[Any] = None,
-    *,
     mu_dtype: Optional[Any] = None,
     weight_decay_mask: MaskOrFn = None,
-    **options,
 ) -> optax.GradientTransformation:
   """galore-torch's `GaLoreAdamW`, step for step.
 
@@ -172,8 +166,7 @@ def galore_adamw(
 
   Args:
     learning_rate: a float or an optax schedule.
-    rank, update_proj_gap, scale, proj_type, mask, dimension_numbers,
-      **options: the GaLore options (`go.GaLoreOptions`).
+    {galore_options}
       `realign_moments=True` realigns with this optimizer's b1 and b2.
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
@@ -198,12 +191,9 @@ def galore_adamw(
     >>> params = optax.apply_updates(params, updates)
   """
   check_adam_args(b1, b2, eps, weight_decay, learning_rate)
-  opts = GaLoreOptions.create(
-      "galore_adamw", rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-      proj_type=proj_type, mask=mask, dimension_numbers=dimension_numbers, **options,
-  ).with_realignment_decays(b1, b2)
+  galore = galore.with_realignment_decays(b1, b2)
   return optax.chain(
-      galore_transform(opts, scale_by_adam_hf(b1, b2, eps, mu_dtype)),
+      galore_transform(galore, scale_by_adam_hf(b1, b2, eps, mu_dtype)),
       *learning_rate_and_decay(
           learning_rate, weight_decay,
           after=True if weight_decay_mask is None else weight_decay_mask,
@@ -211,24 +201,18 @@ def galore_adamw(
   )
 
 
-@accepts_galore_options
+@galore_optimizer(middle=("b1", "b2", "eps", "weight_decay"), refuses=NO_8BIT_REALIGNMENT)
 def galore_adamw8bit(
     learning_rate: optax.ScalarOrSchedule,
-    rank: int = 128,
-    update_proj_gap: Any = 200,
-    scale: Any = 1.0,
-    proj_type: str = "std",
+    *,
+    galore: GaLoreOptions,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
-    mask: MaskOrFn = None,
-    dimension_numbers: Optional[Any] = None,
-    *,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
     weight_decay_mask: MaskOrFn = None,
-    **options,
 ) -> optax.GradientTransformation:
   """galore-torch's `GaLoreAdamW8bit`: GaLore around bitsandbytes' 8-bit Adam.
 
@@ -249,9 +233,7 @@ def galore_adamw8bit(
 
   Args:
     learning_rate: a float or an optax schedule.
-    rank, update_proj_gap, scale, proj_type, mask, dimension_numbers,
-      **options: the GaLore options (`go.GaLoreOptions`), except
-      realign_moments (8-bit moments cannot be rotated).
+    {galore_options}
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: added to sqrt(v) inside the bias correction, as bitsandbytes.
@@ -280,33 +262,28 @@ def galore_adamw8bit(
     >>> params = optax.apply_updates(params, updates)
   """
   check_adam_args(b1, b2, eps, weight_decay, learning_rate)
-  opts = GaLoreOptions.create(
-      "galore_adamw8bit", rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-      proj_type=proj_type, mask=mask, dimension_numbers=dimension_numbers, **options,
-  )
-  opts.refuse("realign_moments", "galore_adamw8bit", NO_8BIT_REALIGNMENT)
-  inner = scale_by_adam_8bit(
-      b1=b1, b2=b2, eps=eps, block_size=block_size, min_8bit_size=min_8bit_size
-  )
   return optax.chain(
       zero_nonfinite(),
-      galore_transform(opts, inner),
+      galore_transform(galore, scale_by_adam_8bit(b1, b2, eps, block_size, min_8bit_size)),
       *learning_rate_and_decay(
           learning_rate,
           weight_decay,
-          before=_projected_and(opts, False, weight_decay_mask),
-          after=_projected_and(opts, True, weight_decay_mask),
+          before=_projected_and(galore, False, weight_decay_mask),
+          after=_projected_and(galore, True, weight_decay_mask),
       ),
   )
 
 
-@accepts_galore_options
+_ADAFACTOR_ARGS = ("eps", "clip_threshold", "decay_rate", "beta1", "weight_decay",
+                   "scale_parameter", "relative_step", "warmup_init")
+
+
+@galore_optimizer(middle=_ADAFACTOR_ARGS, refuses={
+    "realign_moments": "Adafactor keeps no Adam moments to rotate."})
 def galore_adafactor(
     learning_rate: Optional[optax.ScalarOrSchedule] = None,
-    rank: int = 128,
-    update_proj_gap: Any = 200,
-    scale: Any = 1.0,
-    proj_type: str = "std",
+    *,
+    galore: GaLoreOptions,
     eps: tuple[float, float] = (1e-30, 1e-3),
     clip_threshold: float = 1.0,
     decay_rate: float = -0.8,
@@ -315,11 +292,7 @@ def galore_adafactor(
     scale_parameter: bool = True,
     relative_step: Optional[bool] = None,
     warmup_init: bool = False,
-    mask: MaskOrFn = None,
-    dimension_numbers: Optional[Any] = None,
-    *,
     weight_decay_mask: MaskOrFn = None,
-    **options,
 ) -> optax.GradientTransformation:
   """galore-torch's `GaLoreAdafactor`, step for step.
 
@@ -346,11 +319,8 @@ def galore_adafactor(
   Args:
     learning_rate: external step size (float or schedule), or None for the
       relative step size.
-    rank, update_proj_gap, scale, proj_type, mask, dimension_numbers,
-      **options: the GaLore options (`go.GaLoreOptions`), except
-      realign_moments (Adafactor keeps no Adam moments). projector_dtype
-      defaults to float32 here, as the reference projects the float32
-      gradient.
+    {galore_options} projector_dtype defaults to float32 here, as the
+      reference projects the float32 gradient.
     eps: (eps1, eps2), see `scale_by_adafactor_hf`.
     clip_threshold: RMS clipping threshold of the (low-rank) update.
     decay_rate: second-moment decay exponent.
@@ -388,14 +358,9 @@ def galore_adafactor(
   validation.real(clip_threshold, "clip_threshold", low=0.0, low_open=True)
   if beta1 is not None:
     validation.decay(beta1, "beta1")
-  if options.get("projector_dtype") is None and options.get("projector_bits") is None:
-    options["projector_dtype"] = jnp.float32
-  opts = GaLoreOptions.create(
-      "galore_adafactor", rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-      proj_type=proj_type, mask=mask, dimension_numbers=dimension_numbers, **options,
-  )
-  opts.refuse("realign_moments", "galore_adafactor", "Adafactor keeps no Adam moments to rotate.")
-  adafactor_kw = dict(
+  if galore.projector_dtype is None and galore.projector_bits is None:
+    galore = dataclasses.replace(galore, projector_dtype=jnp.float32)
+  step_size = dict(
       learning_rate=learning_rate,
       eps=eps,
       scale_parameter=scale_parameter,
@@ -406,14 +371,23 @@ def galore_adafactor(
   def build(weight_rms):
     inner = scale_by_adafactor_hf(
         clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
-        param_rms=weight_rms, **adafactor_kw,
+        param_rms=weight_rms, **step_size,
     )
     decay = [] if _is_static_zero(weight_decay) else [
-        add_adafactor_decayed_weights(weight_decay, mask=weight_decay_mask, **adafactor_kw)
+        add_adafactor_decayed_weights(weight_decay, mask=weight_decay_mask, **step_size)
     ]
-    return optax.chain(galore_transform(opts, inner), *decay, optax.scale(-1.0))
+    return optax.chain(galore_transform(galore, inner), *decay, optax.scale(-1.0))
 
   build(None)  # Validates the arguments now rather than at the first update.
+  return _with_weight_rms(build, scale_parameter)
+
+
+def _with_weight_rms(build, scale_parameter: bool) -> optax.GradientTransformation:
+  """`build(weight_rms)` run each step with the full weights' RMS.
+
+  The chain is rebuilt per call only to close over this step's weight RMS;
+  its state layout does not depend on it.
+  """
 
   def init_fn(params):
     return build(None).init(params)
@@ -425,8 +399,6 @@ def galore_adafactor(
           "is relative to the weights' RMS): call tx.update(grads, state, "
           "params), or pass scale_parameter=False."
       )
-    # The chain is rebuilt per call only to close over this step's weight RMS;
-    # its state layout does not depend on it.
     weight_rms = tree_rms(params) if scale_parameter else None
     f32 = jax.tree.map(lambda g: jnp.asarray(g, jnp.float32), updates)
     new_updates, state = build(weight_rms).update(f32, state, params)

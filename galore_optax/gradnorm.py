@@ -28,7 +28,7 @@ from galore_optax import matrix_view
 from galore_optax.adam import scale_by_adam_hf
 from galore_optax.adam_8bit import scale_by_adam_8bit
 from galore_optax.alias import NO_8BIT_REALIGNMENT, MaskOrFn, check_adam_args
-from galore_optax.options import GaLoreOptions, accepts_galore_options
+from galore_optax.options import GaLoreOptions, galore_optimizer
 from galore_optax.transform import GaLoreState, galore_transform
 
 
@@ -132,24 +132,18 @@ def _split_gradient(w, grad, axes):
   return g, v, dg, dv
 
 
-@accepts_galore_options
+@galore_optimizer(middle=("b1", "b2", "eps", "weight_decay"), trailing=("inner", "norm_axis"))
 def gradnorm_lorp(
     learning_rate: optax.ScalarOrSchedule,
-    rank: int = 128,
-    update_proj_gap: Union[int, chex.Array] = 200,
-    scale: Union[float, chex.Array] = 1.0,
-    proj_type: str = "std",
+    *,
+    galore: GaLoreOptions,
+    inner: Optional[optax.GradientTransformation] = None,
+    norm_axis: Optional[Union[int, Sequence[int]]] = None,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
     weight_decay: Union[float, chex.Array] = 0.0,
-    mask: MaskOrFn = None,
-    dimension_numbers: Optional[Any] = None,
-    inner: Optional[optax.GradientTransformation] = None,
-    norm_axis: Optional[Union[int, Sequence[int]]] = None,
-    *,
     weight_decay_mask: MaskOrFn = None,
-    **options,
 ) -> optax.GradientTransformation:
   """GradNormLoRP: gradient weight-normalized low-rank projection.
 
@@ -182,8 +176,7 @@ def gradnorm_lorp(
 
   Args:
     learning_rate: a float or an optax schedule.
-    rank, update_proj_gap, scale, proj_type, mask, dimension_numbers,
-      **options: the GaLore options (`go.GaLoreOptions`), applied to ∂V.
+    {galore_options} They apply to ∂V.
       `mask` selects the leaves that are weight-normalized and projected;
       `scale` multiplies the projected-back direction update only, not the
       magnitude update or the weight decay; proj_type 'full' is the paper's
@@ -237,12 +230,9 @@ def gradnorm_lorp(
         f"inner must be an optax.GradientTransformation (e.g. "
         f"go.scale_by_adam_8bit()), got {type(inner).__name__}."
     )
-  opts = GaLoreOptions.create(
-      "gradnorm_lorp", rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-      proj_type=proj_type, mask=mask, dimension_numbers=dimension_numbers, **options,
-  ).with_realignment_decays(b1, b2)
   return _weight_normalized(
-      learning_rate, opts, inner, norm_axis, weight_decay, weight_decay_mask
+      learning_rate, galore.with_realignment_decays(b1, b2), inner, norm_axis,
+      weight_decay, weight_decay_mask,
   )
 
 
@@ -342,25 +332,20 @@ def _new_weight_update(grad, w, axes, split, direction_update, magnitude_update,
   return (w_new - w.astype(jnp.float32)).astype(grad.dtype)
 
 
-@accepts_galore_options
+@galore_optimizer(middle=("b1", "b2", "eps", "weight_decay"), trailing=("norm_axis",),
+                  refuses=NO_8BIT_REALIGNMENT)
 def gradnorm_lorp8bit(
     learning_rate: optax.ScalarOrSchedule,
-    rank: int = 128,
-    update_proj_gap: Union[int, chex.Array] = 200,
-    scale: Union[float, chex.Array] = 1.0,
-    proj_type: str = "std",
+    *,
+    galore: GaLoreOptions,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    norm_axis: Optional[Union[int, Sequence[int]]] = None,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: Union[float, chex.Array] = 0.0,
-    mask: MaskOrFn = None,
-    dimension_numbers: Optional[Any] = None,
-    norm_axis: Optional[Union[int, Sequence[int]]] = None,
-    *,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
     weight_decay_mask: MaskOrFn = None,
-    **options,
 ) -> optax.GradientTransformation:
   """`gradnorm_lorp` with bitsandbytes-style blockwise 8-bit Adam states.
 
@@ -375,9 +360,7 @@ def gradnorm_lorp8bit(
 
   Args:
     learning_rate: a float or an optax schedule.
-    rank, update_proj_gap, scale, proj_type, mask, dimension_numbers,
-      **options: the GaLore options (`go.GaLoreOptions`), except
-      realign_moments (8-bit moments cannot be rotated).
+    {galore_options}
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: Adam's eps, bitsandbytes' placement (see `scale_by_adam_8bit`).
@@ -407,15 +390,8 @@ def gradnorm_lorp8bit(
   """
   _check_norm_axis(norm_axis)
   check_adam_args(b1, b2, eps, weight_decay, learning_rate)
-  opts = GaLoreOptions.create(
-      "gradnorm_lorp8bit", rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-      proj_type=proj_type, mask=mask, dimension_numbers=dimension_numbers, **options,
-  )
-  opts.refuse("realign_moments", "gradnorm_lorp8bit", NO_8BIT_REALIGNMENT)
-  inner = scale_by_adam_8bit(
-      b1=b1, b2=b2, eps=eps, block_size=block_size, min_8bit_size=min_8bit_size
-  )
+  inner = scale_by_adam_8bit(b1, b2, eps, block_size, min_8bit_size)
   return _weight_normalized(
-      learning_rate, opts, inner, norm_axis, weight_decay, weight_decay_mask,
+      learning_rate, galore, inner, norm_axis, weight_decay, weight_decay_mask,
       zero_nonfinite_grads=True,
   )

@@ -9,7 +9,9 @@ in their own signature through `**options`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
+import textwrap
 from typing import Any, Optional
 
 import jax
@@ -111,11 +113,6 @@ class GaLoreOptions:
       return self
     return dataclasses.replace(self, realign_moments=realignment.MomentRealignment(b1, b2))
 
-  def refuse(self, option: str, owner: str, why: str) -> None:
-    """Raises if `option` is set although `owner` cannot apply it."""
-    if getattr(self, option) not in (None, False):
-      raise ValueError(f"{owner} does not support {option}: {why}")
-
   def plan(self, tree) -> list:
     """A `plan.LeafPlan` per projected leaf of `tree` (flat order), else None."""
     return plan_lib.plan_leaves(
@@ -162,20 +159,81 @@ def _check_realignment(value) -> None:
   validation.decay(value.b2, "realign_moments.b2")
 
 
-def accepts_galore_options(factory):
-  """Lists the GaLore options in `factory`'s signature as keyword-only.
+_LEADING_OPTIONS = ("rank", "update_proj_gap", "scale", "proj_type")
+_TRAILING_OPTIONS = ("mask", "dimension_numbers")
 
-  The aliases take the options they do not name through `**options`; with
-  this their signature shows every option with its default, which is what
-  `help()` prints and what `optax.inject_hyperparams` binds arguments by.
+
+def _options_doc(positional, refuses) -> str:
+  keywords = [f.name for f in dataclasses.fields(GaLoreOptions)
+              if f.name not in positional and f.name not in refuses]
+  named = [n for n in positional if n not in refuses]
+  text = (f"{', '.join(named)}, and the keywords {', '.join(keywords)}: the GaLore "
+          "options, documented in `go.GaLoreOptions`.")
+  for option, why in refuses.items():
+    text += f" {option} does not apply: {why}"
+  return textwrap.fill(text, width=76, subsequent_indent="      ")
+
+
+def galore_optimizer(
+    *, leading=("learning_rate",), middle=(), trailing=(), options_first=None, refuses=None,
+):
+  """Gives an optimizer factory the GaLore options, declared once here.
+
+  The decorated `factory` names only its own arguments and takes a keyword
+  `galore`, a validated `GaLoreOptions`. The public signature puts them in
+  the positions galore-torch users know:
+
+    (*leading, rank, update_proj_gap, scale, proj_type, *middle, mask,
+     dimension_numbers, *trailing, *, <factory's keywords>, refresh,
+     projector_dtype, projector_bits, lazy_refresh, realign_moments)
+
+  `options_first` overrides which options come before `middle` (the others
+  are keyword-only). `refuses` maps options the factory cannot apply to the
+  reason, raised as a ValueError when one is set. Unknown keywords raise a
+  TypeError naming the factory; `optax.inject_hyperparams` and `help()` see
+  every option, and "{galore_options}" in the docstring becomes their
+  description.
   """
-  sig = inspect.signature(factory)
-  params = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
-  named = {p.name for p in params}
-  params += [
-      inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
-      for f in dataclasses.fields(GaLoreOptions)
-      if f.name not in named
-  ]
-  factory.__signature__ = sig.replace(parameters=params)
-  return factory
+  refuses = dict(refuses or {})
+
+  def decorate(factory):
+    own = inspect.signature(factory).parameters
+    field_defaults = {f.name: f.default for f in dataclasses.fields(GaLoreOptions)}
+    first = _LEADING_OPTIONS if options_first is None else options_first
+    after = _TRAILING_OPTIONS if options_first is None else ()
+    positional = list(leading) + list(first) + list(middle) + list(after) + list(trailing)
+    keyword = [n for n in own if n not in positional and n != "galore"]
+    keyword += [n for n in field_defaults if n not in positional]
+
+    def param(name, kind):
+      if name in own:
+        return own[name].replace(kind=kind)
+      return inspect.Parameter(name, kind, default=field_defaults[name])
+
+    signature = inspect.Signature(
+        [param(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in positional]
+        + [param(n, inspect.Parameter.KEYWORD_ONLY) for n in keyword],
+        return_annotation=inspect.signature(factory).return_annotation,
+    )
+
+    @functools.wraps(factory)
+    def build(*args, **kwargs):
+      try:
+        bound = signature.bind(*args, **kwargs)
+      except TypeError as e:
+        raise TypeError(f"{factory.__name__}: {e}") from None
+      bound.apply_defaults()
+      values = bound.arguments
+      galore = GaLoreOptions.create(
+          factory.__name__, **{n: values.pop(n) for n in field_defaults})
+      for option, why in refuses.items():
+        if getattr(galore, option) not in (None, False):
+          raise ValueError(f"{factory.__name__} does not support {option}: {why}")
+      return factory(**values, galore=galore)
+
+    build.__signature__ = signature
+    build.__doc__ = (factory.__doc__ or "").replace(
+        "{galore_options}", _options_doc(list(first) + list(after), refuses))
+    return build
+
+  return decorate

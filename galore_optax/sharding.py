@@ -1,22 +1,19 @@
-"""Where the library meets meshes and Flax NNX: state shardings, nnx repairs.
+"""Where the library meets meshes and Flax NNX.
 
-The transformations declare their state's shardings themselves: on a mesh
-with Explicit axes, `tx.init` reads each parameter's sharding from its type
-and creates every state leaf sharded by the rule of the transform that owns
-it (see `axis_specs` and `plan.LeafPlan`). This module reads those
-declarations back for the cases that have no Explicit types:
+The transformations declare their state's shardings themselves: under an
+Explicit mesh, `tx.init` creates every state leaf sharded by the rule of the
+transform that owns it (`axis_specs`, `plan.LeafPlan`). This module reads
+those declarations back where arrays carry no Explicit types:
 
 * `opt_state_shardings(tx, params)` runs `tx.init` under `jax.eval_shape`
   on an Explicit stand-in of the mesh (Auto meshes, PartitionSpecs, NNX
   metadata) and returns a `NamedSharding` per state leaf;
-* `sharding_aware(tx)` is the public boundary every optimizer of this
-  package is wrapped in once: `init` on an NNX `State` gives each state leaf
-  a Variable whose `out_sharding` is its declared spec (`nnx.Optimizer`
-  would otherwise copy the parameter's spec onto a low-rank moment), and
-  `update` turns the state `nnx.Optimizer` hands back (NamedTuples flattened
-  into State mappings) into the transform's own structure, and runs under
-  `jax.sharding.auto_axes` on Explicit meshes so XLA picks the collectives
-  of the projection matmuls.
+* `sharding_aware(tx)`, the boundary every optimizer of this package is
+  wrapped in once, gives `nnx.Optimizer` the declared spec of each state
+  Variable (it would copy the parameter's onto a low-rank moment), rebuilds
+  the transform's own state structure from the State mappings nnx hands
+  back, and runs `update` under `jax.sharding.auto_axes` on Explicit meshes
+  so XLA picks the collectives of the projection matmuls.
 """
 
 from __future__ import annotations
@@ -37,7 +34,7 @@ from galore_optax import masking
 
 
 def _nnx():
-  """`flax.nnx` if the program has imported it (never imported here)."""
+  """`flax.nnx` if the program imported it (this module never does)."""
   return sys.modules.get("flax.nnx")
 
 
@@ -46,20 +43,10 @@ def _is_variable(x) -> bool:
   return nnx is not None and isinstance(x, nnx.Variable)
 
 
-def _strip_variables(tree):
-  """NNX Variables replaced by their values (no-op without flax)."""
-  if _nnx() is None:
-    return tree
-  return jax.tree.map(
-      lambda v: v.get_value() if _is_variable(v) else v, tree, is_leaf=_is_variable
-  )
-
-
 def _metadata_spec(variable) -> Optional[PartitionSpec]:
   """A Variable's `optimizer_sharding` or `out_sharding`, logical names resolved."""
-  spec = variable.get_metadata("optimizer_sharding", None)
-  if spec is None:
-    spec = variable.get_metadata("out_sharding", None)
+  spec = variable.get_metadata("optimizer_sharding", None) or variable.get_metadata(
+      "out_sharding", None)
   if spec is None:
     return None
   if isinstance(spec, NamedSharding):
@@ -126,21 +113,13 @@ def opt_state_shardings(
   Use it where shardings are not part of the arrays' types (Auto meshes,
   PartitionSpecs, NNX metadata): ``jax.jit(tx.init,
   out_shardings=opt_state_shardings(tx, params))``, and as the state's
-  in/out shardings of the train step. It reads the shardings the
-  transformations declare (under an Explicit mesh, `jax.jit(tx.init)` gives
-  them without this helper):
-
-  * a projector shares the sharding of the matrix axis it spans (``u``:
-    the output axes, ``vh``: the input axes), a low-rank moment that of the
-    axis it keeps, batch (stacked-layer) axes keep theirs, and the rank axis
-    is replicated (any rank works, also one no mesh axis divides);
-  * mesh axes that the rules leave unused, or that no longer divide a
-    shorter axis, move to the leaf's largest axis they divide, so an FSDP
-    state stays split over every device;
-  * 8-bit moments split their codes and absmax alike (whole blocks per
-    device); state of any transformation that is built like the parameters
-    (moments of unprojected leaves, accumulators) takes the parameter's
-    sharding; anything else (counts, scalars) is replicated.
+  in/out shardings of the train step. It reads what the transformations
+  declare (under an Explicit mesh `jax.jit(tx.init)` gives it directly): a
+  projector is sharded like the matrix axis it spans, a low-rank moment
+  like the axis it keeps, batch axes keep theirs, the rank axis is
+  replicated, unused mesh axes move to the largest axis they divide, 8-bit
+  codes and their block scales split alike; state built like a parameter
+  takes its sharding, anything else (counts) is replicated.
 
   Args:
     tx: the optimizer.
@@ -176,11 +155,8 @@ def opt_state_shardings(
     P(None, None)
   """
   if dimension_numbers is not None:
-    warnings.warn(
-        "opt_state_shardings(dimension_numbers=...) is ignored: the "
-        "transformations declare their states' shardings themselves.",
-        DeprecationWarning, stacklevel=2,
-    )
+    warnings.warn("opt_state_shardings(dimension_numbers=...) is ignored: the transforms "
+                  "declare their states' shardings.", DeprecationWarning, stacklevel=2)
   params, found = _params_and_shardings(params)
   leaves, treedef = jax.tree.flatten(params)
   paths = masking.leaf_paths(params)
@@ -288,15 +264,12 @@ def sharding_aware(tx: optax.GradientTransformation) -> optax.GradientTransforma
     it) with the same state as `tx`.
 
   Example:
-    >>> import jax, jax.numpy as jnp, optax, galore_optax as go
-    >>> tx = go.sharding_aware(optax.chain(go.scale_by_galore(rank=3), optax.sgd(1e-3)))
-    >>> params = {"w": jnp.ones((16, 8))}
-    >>> state = tx.init(params)
-    >>> updates, state = tx.update(params, state, params)
+    >>> import optax, galore_optax as go
+    >>> tx = go.sharding_aware(optax.contrib.galore(learning_rate=1e-3))
   """
 
   def init_fn(params):
-    state = tx.init(_strip_variables(params))
+    state = tx.init(_params_and_shardings(params)[0])
     return _nnx_state_variables(tx, params, state) if _nnx() is not None else state
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -25,7 +25,7 @@ from galore_optax import outputs
 from galore_optax import plan as plan_lib
 from galore_optax import projection
 from galore_optax.adam import scale_by_adam_hf
-from galore_optax.options import GaLoreOptions
+from galore_optax.options import GaLoreOptions, galore_optimizer
 
 # Root of the keys handed to random refresh methods; each matrix folds in its
 # leaf's index, the step of the refresh and its slice of the stack.
@@ -58,20 +58,11 @@ class GaLoreState(NamedTuple):
   output_state: Any = optax.EmptyState()
 
 
+@galore_optimizer(leading=(), options_first=("rank",))
 def scale_by_galore(
-    rank: int = 128,
     *,
-    update_proj_gap: Any = 200,
-    scale: Any = 1.0,
-    proj_type: str = "std",
+    galore: GaLoreOptions,
     inner: Optional[optax.GradientTransformation] = None,
-    mask: Any = None,
-    dimension_numbers: Any = None,
-    refresh: Any = "svd",
-    projector_dtype: Any = None,
-    projector_bits: Optional[int] = None,
-    lazy_refresh: Any = None,
-    realign_moments: Any = None,
 ) -> optax.GradientTransformation:
   """Runs `inner` on low-rank projections of the gradients (GaLore).
 
@@ -83,9 +74,7 @@ def scale_by_galore(
   not projected go through the same `inner` at full size, in the same state.
 
   Args:
-    rank, update_proj_gap, scale, proj_type, mask, dimension_numbers, refresh,
-      projector_dtype, projector_bits, lazy_refresh, realign_moments: the
-      GaLore options, documented once in `go.GaLoreOptions`.
+    {galore_options}
     inner: transformation run on the low-rank gradients; default the Adam of
       galore-torch's `GaLoreAdamW` (`scale_by_adam_hf`). If `params` are
       given it receives them projected like the gradients (PᵀW).
@@ -110,20 +99,7 @@ def scale_by_galore(
     >>> q.projectors["w"]["u"].codes.dtype   # 4-bit codes, two per byte
     dtype('uint8')
   """
-  options = GaLoreOptions(
-      rank=rank,
-      update_proj_gap=update_proj_gap,
-      scale=scale,
-      proj_type=proj_type,
-      mask=mask,
-      dimension_numbers=dimension_numbers,
-      refresh=refresh,
-      projector_dtype=projector_dtype,
-      projector_bits=projector_bits,
-      lazy_refresh=lazy_refresh,
-      realign_moments=realign_moments,
-  )
-  return galore_transform(options, inner)
+  return galore_transform(galore, inner)
 
 
 def galore_transform(

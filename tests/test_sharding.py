@@ -110,19 +110,18 @@ def test_unknown_mesh_axis_names_the_parameter():
     )
 
 
-def test_state_that_fits_no_layout_names_the_parameter():
+def test_custom_dimension_numbers_need_not_be_repeated():
+  # The transform declares its state's shardings from its own per-leaf plan,
+  # so opt_state_shardings needs no layout hint (it used to guess one).
   mesh = jax.make_mesh((1,), ("fsdp",))
   params = {"conv": jnp.zeros((3, 3, 8, 16))}
   dn = go.DimensionNumbers(reduction_axes=(0, 1, 2), output_axes=3)
   tx = go.galore_adamw(1e-3, rank=4, dimension_numbers=dn)
-  with pytest.raises(ValueError, match=r"conv: the projector state .* dimension_numbers"):
-    go.opt_state_shardings(tx, params, shardings={"conv": P()}, mesh=mesh)
-  # With the optimizer's dimension numbers it works: out = 16 < kh*kw*in = 72,
-  # so u (16, 4) spans the output axis.
+  # out = 16 < kh*kw*in = 72, so u (16, 4) spans the output axis.
   got = specs(go.opt_state_shardings(
-      tx, params, shardings={"conv": P(None, None, None, "fsdp")}, mesh=mesh,
-      dimension_numbers=dn))
+      tx, params, shardings={"conv": P(None, None, None, "fsdp")}, mesh=mesh))
   assert got[0].projectors["conv"]["u"] == ("fsdp", None)
+  assert got[0].inner_state.mu["conv"] == (None, None)  # (4, 72): input axes unsharded
 
 
 def test_params_without_shardings_need_a_mesh():
