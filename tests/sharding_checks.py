@@ -4,7 +4,7 @@ tests/test_sharding.py runs this file once and asserts on the JSON object it
 prints last: one entry per check, holding measured numbers (differences,
 counts, bytes, shardings found), not verdicts.
 
-    python tests/sharding_checks.py [group ...]   # groups: parity nnx orbax example
+    python tests/sharding_checks.py [group ...]   # explicit_init parity nnx orbax example
 
 The device count is fixed when jax starts, so this runs apart from the rest
 of the suite, which keeps its single device.
@@ -685,6 +685,57 @@ def check_example(results):
       }
 
 
+# Every optimizer of the library, as a user writes it, for the Explicit-init check.
+EXPLICIT_INIT = {
+    **{name: (lambda name=name: optimizer(name)) for name in (
+        "galore_adamw", "galore_adamw8bit", "galore_adafactor", "gradnorm_lorp",
+        "gradnorm_lorp8bit", "galore_adamw_projector_bits8", "galore_lazy_refresh")},
+    "galore": lambda: go.galore(rank=RANK, mask=MASK),
+    "scale_by_galore_bits4_lazy_realigned": lambda: go.scale_by_galore(
+        rank=RANK, mask=MASK, projector_bits=4, lazy_refresh=True, realign_moments=True),
+    "adamw_8bit": lambda: go.adamw_8bit(1e-2, block_size=BLOCK, min_8bit_size=1024),
+    "scale_by_adam_8bit": lambda: go.scale_by_adam_8bit(block_size=BLOCK, min_8bit_size=1024),
+    "scale_by_adafactor_hf": lambda: go.scale_by_adafactor_hf(1e-2, scale_parameter=False),
+}
+
+
+def check_explicit_init(results):
+  """jax.jit(tx.init) on FSDP-sharded params under an Explicit mesh, no helper.
+
+  Records the state leaves of >= 1 KiB that came out fully replicated although
+  an axis of theirs divides the mesh (so the rules would split them), and any
+  leaf whose sharding differs from what opt_state_shardings reads back.
+  """
+  mesh = jax.make_mesh((DEVICES,), ("fsdp",), axis_types=(AxisType.Explicit,))
+  host = llama_tiny_params(jax.random.key(0))
+  for name, make in EXPLICIT_INIT.items():
+    entry = {}
+    try:
+      with jax.set_mesh(mesh):
+        specs = param_specs(host, ("fsdp",))
+        params = jax.tree.map(lambda x, s: jax.device_put(x, s), host, specs)
+        tx = make()
+        state = jax.jit(tx.init)(params)
+        helper = go.opt_state_shardings(tx, params)
+      flat = jax.tree_util.tree_flatten_with_path(state)[0]
+      wanted = jax.tree.leaves(helper)
+      entry["replicated_but_divisible"] = [
+          f"{path_str(p)} {x.shape}" for p, x in flat
+          if x.nbytes >= 1024 and x.sharding.is_fully_replicated
+          and any(d % DEVICES == 0 for d in x.shape)
+      ]
+      entry["helper_mismatches"] = [
+          f"{path_str(p)}: {spec_str(x.sharding)} != {spec_str(w)}"
+          for (p, x), w in zip(flat, wanted)
+          if not x.sharding.is_equivalent_to(w, x.ndim)
+      ]
+      entry["sharded_bytes"] = sum(x.nbytes for _, x in flat if not x.sharding.is_fully_replicated)
+      entry["total_bytes"] = sum(x.nbytes for _, x in flat)
+    except Exception as e:  # pylint: disable=broad-except
+      entry["error"] = f"{type(e).__name__}: {e}"[:2000]
+    results[f"explicit_init/{name}"] = entry
+
+
 def main(groups):
   results = {"devices": jax.device_count()}
   t0 = time.perf_counter()
@@ -697,4 +748,4 @@ def main(groups):
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:] or ["parity", "nnx", "orbax", "example"])
+  main(sys.argv[1:] or ["explicit_init", "parity", "nnx", "orbax", "example"])

@@ -13,6 +13,8 @@ from galore_optax import quantization as q
 
 import reference
 
+pytestmark = pytest.mark.parity  # needs the PyTorch reference packages
+
 # A large 2-D leaf in the last-axis layout, one in the flat layout with a
 # padded tail block, and one under min_8bit_size (float32 moments).
 SHAPES = {"w": (96, 512), "emb": (50, 100), "b": (64,)}

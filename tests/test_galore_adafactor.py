@@ -21,6 +21,8 @@ from galore_optax import adafactor
 from galore_optax.alias import galore_adafactor
 from galore_optax.matrix_view import DimensionNumbers
 
+pytestmark = pytest.mark.parity  # needs the PyTorch reference packages
+
 TORCH_LAYOUT = DimensionNumbers(reduction_axes=-1, output_axes=-2)
 SHAPES = {"tall": (48, 24), "wide": (24, 48), "emb": (16, 20), "b": (48,)}  # (out, in)
 PROJECTED = {"tall", "wide"}

@@ -22,6 +22,8 @@ from galore_optax.alias import galore_adamw8bit
 from galore_optax.matrix_view import DimensionNumbers
 from galore_optax.tree_utils import tree_bytes
 
+pytestmark = pytest.mark.parity  # needs the PyTorch reference packages
+
 TORCH_LAYOUT = DimensionNumbers(reduction_axes=-1, output_axes=-2)
 SHAPES = {"tall": (128, 64), "wide": (64, 128), "emb": (32, 64), "b": (128,)}
 PROJECTED = {"tall", "wide"}

@@ -15,6 +15,8 @@ import torch
 import galore_optax as go
 import reference
 
+pytestmark = pytest.mark.parity  # needs the PyTorch reference packages
+
 STEPS = 10  # refreshes at 0, 3, 6, 9: three full intervals and one more refresh
 GAP = 3
 LR = 1e-2

@@ -14,6 +14,8 @@ import torch
 
 from galore_optax import quantization as q
 
+pytestmark = pytest.mark.parity  # needs the PyTorch reference packages
+
 BLOCK = 256
 
 

@@ -203,6 +203,12 @@ ORBAX = [
     "gradnorm_lorp8bit", "galore_adamw_projector_bits8", "galore_lazy_refresh",
 ]
 EXAMPLE = ["mesh=2,2,2/scan=True", "mesh=data=1,fsdp=8,tensor=1/scan=False"]
+EXPLICIT_INIT = [
+    "galore_adamw", "galore_adamw8bit", "galore_adafactor", "gradnorm_lorp",
+    "gradnorm_lorp8bit", "galore_adamw_projector_bits8", "galore_lazy_refresh", "galore",
+    "scale_by_galore_bits4_lazy_realigned", "adamw_8bit", "scale_by_adam_8bit",
+    "scale_by_adafactor_hf",
+]
 REFRESH = ["svd", "randomized", "power"]
 
 
@@ -242,6 +248,7 @@ def entry(checks, key):
   return value
 
 
+@pytest.mark.slow
 def test_every_check_reported(checks):
   assert checks["devices"] == 8
   expected = (
@@ -250,6 +257,7 @@ def test_every_check_reported(checks):
       | {f"nnx/{k}" for k in NNX}
       | {f"orbax/{k}" for k in ORBAX}
       | {f"example/{k}" for k in EXAMPLE}
+      | {f"explicit_init/{k}" for k in EXPLICIT_INIT}
   )
   reported = {k for k in checks if "/" in k and not k.startswith("seconds/")}
   assert reported == expected, (
@@ -257,6 +265,7 @@ def test_every_check_reported(checks):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", PARITY)
 def test_sharded_steps_match_one_device(checks, key):
   e = entry(checks, f"parity/{key}")
@@ -285,6 +294,7 @@ def test_sharded_steps_match_one_device(checks, key):
       break
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axes", ["Explicit", "Auto"])
 @pytest.mark.parametrize("opt", ["galore_adamw", "galore_adamw8bit", "gradnorm_lorp"])
 def test_fsdp_state_is_split_over_every_device(checks, axes, opt):
@@ -299,6 +309,7 @@ def test_fsdp_state_is_split_over_every_device(checks, axes, opt):
       f"the emptiest device holds {e['min_device_bytes']} bytes, total/8 = {ideal:.0f}")
 
 
+@pytest.mark.slow
 def test_matmul_refreshes_gather_less_than_exact_svd(checks):
   svd = entry(checks, "parity/refresh_collectives/svd")
   for method in ("randomized", "power"):
@@ -309,6 +320,7 @@ def test_matmul_refreshes_gather_less_than_exact_svd(checks):
     assert other["total_bytes"] * 2 <= svd["total_bytes"], (method, other, svd)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", NNX)
 def test_nnx_optimizer_on_sharded_model(checks, key):
   e = entry(checks, f"nnx/{key}")
@@ -336,6 +348,7 @@ def test_nnx_optimizer_on_sharded_model(checks, key):
       f"{e['max_param_diff_vs_single_device']} ({codes['mismatched']} codes flipped)")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ORBAX)
 def test_orbax_round_trip_then_resume_is_bit_exact(checks, name):
   e = entry(checks, f"orbax/{name}")
@@ -348,6 +361,18 @@ def test_orbax_round_trip_then_resume_is_bit_exact(checks, name):
       f"{e['resumed_unequal_leaves']}")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXPLICIT_INIT)
+def test_jit_init_under_an_explicit_mesh_shards_the_state(checks, name):
+  """FSDP params, Explicit 8-device mesh, plain jax.jit(tx.init): no helper."""
+  e = entry(checks, f"explicit_init/{name}")
+  assert e["replicated_but_divisible"] == [], (
+      f"state leaves of >= 1 KiB left whole on every device: {e['replicated_but_divisible']}")
+  assert e["helper_mismatches"] == [], e["helper_mismatches"]
+  assert e["sharded_bytes"] >= 0.95 * e["total_bytes"], (e["sharded_bytes"], e["total_bytes"])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("key", EXAMPLE)
 def test_example_trains_on_a_mesh(checks, key):
   e = entry(checks, f"example/{key}")
