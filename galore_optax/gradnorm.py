@@ -15,7 +15,7 @@ the same inner optimizer at full size, and the new weight is g' ⊙ V'/‖V'‖.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import chex
 import jax

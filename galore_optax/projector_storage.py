@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
 
-import jax
 import jax.numpy as jnp
 
 from galore_optax import axis_specs

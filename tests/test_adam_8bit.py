@@ -122,17 +122,6 @@ def test_state_layout():
   assert updates["empty"].shape == (0, 3)
 
 
-def test_eval_shape_init_matches_init():
-  params = _params(SMALL)
-  tx = adam_8bit.adamw_8bit(1e-3)
-  shapes = jax.eval_shape(tx.init, params)
-  state = tx.init(params)
-  assert jax.tree.structure(shapes) == jax.tree.structure(state)
-  for s, a in zip(jax.tree.leaves(shapes), jax.tree.leaves(state)):
-    assert (s.shape, s.dtype) == (a.shape, a.dtype)
-    assert s.size > 0
-
-
 def test_nonfinite_gradient_elements_are_zeroed():
   params = _params(SMALL)
   tx = adam_8bit.scale_by_adam_8bit()
@@ -179,24 +168,6 @@ def test_bf16_params_keep_dtype():
       np.asarray(params["w"], np.float32) * (1 - 1e-5) - 1e-3,
       atol=2e-3,
   )
-
-
-def test_jit_does_not_retrace():
-  params = _params(SMALL)
-  tx = adam_8bit.adamw_8bit(1e-3)
-  traces = []
-
-  @jax.jit
-  def step(grads, state, params):
-    traces.append(1)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  state = tx.init(params)
-  rng = np.random.default_rng(0)
-  for _ in range(3):
-    params, state = step(_grads(rng, SMALL), state, params)
-  assert len(traces) == 1
 
 
 def test_inject_hyperparams():
@@ -248,18 +219,6 @@ def test_custom_block_size():
   updates, state = jax.jit(tx.update)(_grads(np.random.default_rng(0), SMALL), state)
   assert state.mu["w"].absmax.shape == (16, 4)
   assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
-
-
-def test_optax_wrappers():
-  params = _params(SMALL)
-  g = _grads(np.random.default_rng(0), SMALL)
-  for tx in (
-      optax.MultiSteps(adam_8bit.adamw_8bit(1e-3), every_k_schedule=2),
-      optax.apply_if_finite(adam_8bit.adamw_8bit(1e-3), max_consecutive_errors=3),
-  ):
-    state = tx.init(params)
-    updates, state = jax.jit(tx.update)(g, state, params)
-    assert jax.tree.structure(updates) == jax.tree.structure(params)
 
 
 def test_adamw_8bit_in_nnx_optimizer_on_an_explicit_mesh():

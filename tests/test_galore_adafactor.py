@@ -161,25 +161,6 @@ def test_bf16_params_keep_dtype():
   assert max(errors.values()) <= 1e-6, errors
 
 
-def test_state_shapes_fixed_and_single_trace():
-  tx = TXS["lr_beta1_decay_clip"]
-  params = to_jax(initial_params())
-  state = tx.init(params)
-  shapes = jax.eval_shape(tx.init, params)
-  spec = lambda tree: [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
-  assert jax.tree.structure(shapes) == jax.tree.structure(state)
-  assert spec(shapes) == spec(state)
-  grads = gradient_sequence(GAP + 2)
-  _, state = _update(tx, to_jax(grads[0]), state, params)
-  traces = _TRACES[id(tx)]  # 1, whether traced here or by an earlier test
-  assert traces == 1
-  for g in grads[1:]:  # crosses the refresh at step GAP
-    _, state = _update(tx, to_jax(g), state, params)
-    assert jax.tree.structure(state) == jax.tree.structure(shapes)
-    assert spec(state) == spec(shapes)
-  assert _TRACES[id(tx)] == 1
-
-
 def test_zero_gradients():
   params = to_jax(initial_params())
   tx = TXS["defaults"]
@@ -276,29 +257,6 @@ def test_bad_arguments():
   inner = adafactor.scale_by_adafactor_hf()
   with pytest.raises(ValueError, match="params"):
     inner.update(params, inner.init(params))
-
-
-def test_optax_wrappers():
-  """inject_hyperparams (learning rate in the state) and MultiSteps."""
-  params = {"w": jnp.ones((8, 4)), "b": jnp.ones(4)}
-  grads = {"w": jnp.full((8, 4), 0.5), "b": jnp.full(4, -1.0)}
-  kw = dict(rank=2, update_proj_gap=2, relative_step=False, beta1=0.9)
-  injected = optax.inject_hyperparams(galore_adafactor, static_args=("rank",))(
-      learning_rate=1e-2, **kw
-  )
-  multi = optax.MultiSteps(galore_adafactor(1e-2, **kw), every_k_schedule=2)
-  s_inj = injected.init(params)
-  s_inj.hyperparams["learning_rate"] = jnp.asarray(2e-2)
-  u_inj, _ = jax.jit(injected.update)(grads, s_inj, params)
-  s_multi = multi.init(params)
-  step = jax.jit(multi.update)
-  u_first, s_multi = step(grads, s_multi, params)
-  u_second, s_multi = step(grads, s_multi, params)
-  assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(u_first))
-  # The mean of two equal gradients is that gradient: one step at lr 1e-2.
-  for a, b in zip(jax.tree.leaves(u_inj), jax.tree.leaves(u_second)):
-    np.testing.assert_allclose(a, 2 * b, rtol=1e-5)
-    assert np.all(np.asarray(b) != 0)
 
 
 def test_projector_bits():

@@ -236,24 +236,6 @@ def test_bf16_params_keep_dtype():
     assert diff <= 0.1 * moved, (k, diff, moved)
 
 
-def test_state_shapes_fixed_and_single_trace():
-  p0 = jax.tree.map(jnp.asarray, initial_params())
-  state = TX.init(p0)
-  shapes = jax.eval_shape(TX.init, p0)
-  spec = lambda tree: [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
-  assert jax.tree.structure(shapes) == jax.tree.structure(state)
-  assert spec(shapes) == spec(state)
-  assert all(x.size > 0 for x in jax.tree.leaves(state))
-  grads = gradient_sequence(4)
-  _, state = _update(TX, grads[0], state, p0)  # traced here or by an earlier test
-  traces = _TRACES[id(TX)]
-  for g in grads[1:]:  # step 0 refreshed; these do not
-    _, state = _update(TX, g, state, p0)
-    assert jax.tree.structure(state) == jax.tree.structure(shapes)
-    assert spec(state) == spec(shapes)
-  assert _TRACES[id(TX)] == traces
-
-
 def test_block_size_sets_the_layout():
   p0 = jax.tree.map(jnp.asarray, initial_params())
   for block_size in (128, 2048):

@@ -111,35 +111,6 @@ def test_unreachable_threshold_reproduces_the_fixed_schedule():
   chex.assert_trees_all_close(sf.projectors, sl.projectors, atol=1e-6)
 
 
-def test_stable_shapes_single_trace_and_eval_shape():
-  params = {"w": jnp.zeros((3, 24, 48)), "b": jnp.zeros(4)}
-  tx = optax.chain(
-      scale_by_galore(rank=2, update_proj_gap=1, lazy_refresh=True, proj_type="full"),
-      optax.scale(-1e-2),
-  )
-  traces = []
-
-  def step(params, state, grads):
-    traces.append(1)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  step = jax.jit(step, donate_argnums=(0, 1))
-  state0 = tx.init(params)
-  chex.assert_trees_all_equal_shapes_and_dtypes(jax.eval_shape(tx.init, params), state0)
-  assert all(x.size > 0 for x in jax.tree.leaves(state0))
-  sched = state0[0].refresh_schedule
-  assert sched["w"].similarities.shape == (3, 5) and sched["w"].gap.shape == (3,)
-  assert isinstance(sched["b"], optax.MaskedNode)
-  state = jax.tree.map(jnp.copy, state0)
-  p = jax.tree.map(jnp.copy, params)
-  for t in range(4):
-    grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(t), x.shape), params)
-    p, state = step(p, state, grads)
-  assert len(traces) == 1
-  chex.assert_trees_all_equal_shapes_and_dtypes(state0, state)
-
-
 def test_advance_lazy_state_window_mean():
   config = LazyRefresh(queue_size=2, threshold=0.5)
   state = schedules.init_lazy_state((3,), 10, config)

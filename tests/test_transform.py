@@ -94,12 +94,6 @@ def test_projector_orthonormal_and_canonical():
   assert bool(jnp.all(pivots > 0))
 
 
-def test_chain_with_learning_rate():
-  tx = optax.chain(go.galore(rank=8), optax.scale_by_learning_rate(1e-3))
-  params, _ = run(tx, PARAMS, 3)
-  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
-
-
 def test_galore_equals_galore_adamw_without_decay():
   a = optax.chain(go.galore(rank=4, update_proj_gap=2), optax.scale_by_learning_rate(1e-2))
   b = go.galore_adamw(1e-2, rank=4, update_proj_gap=2)
@@ -166,33 +160,23 @@ def test_conv_kernel_with_several_reduction_axes():
     "inner", [optax.scale_by_lion(), optax.scale_by_factored_rms(), optax.scale_by_rms()]
 )
 def test_other_inner_transforms(inner):
-  tx = optax.chain(go.scale_by_galore(rank=4, inner=inner), optax.scale(-1e-3))
-  params, _ = run(tx, PARAMS, 3)
-  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
+  """Any optax inner runs on the low-rank gradients: update = P · inner(Pᵀ G)."""
+  from galore_optax import matrix_view, projection
 
-
-def test_apply_if_finite_keeps_state_on_nan():
-  tx = optax.apply_if_finite(go.galore_adamw(1e-3, rank=4, update_proj_gap=1), 3)
+  tx = go.scale_by_galore(rank=4, inner=inner)
   state = tx.init(PARAMS)
-  _, state = tx.update(random_like(PARAMS, 0), state, PARAMS)
-  bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), random_like(PARAMS, 1))
-  updates, new_state = tx.update(bad, state, PARAMS)
-  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
-  chex.assert_trees_all_equal(new_state.inner_state, state.inner_state)
-  assert int(new_state.notfinite_count) == 1
-
-
-def test_multisteps_accumulates():
-  tx = optax.MultiSteps(go.galore_adamw(1e-2, rank=4), every_k_schedule=2)
-  state = tx.init(PARAMS)
-  g = random_like(PARAMS, 0)
-  u1, state = tx.update(g, state, PARAMS)
-  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(u1))
-  u2, state = tx.update(g, state, PARAMS)
-  # the mean of two equal gradients is the gradient: same as one plain step
-  plain = go.galore_adamw(1e-2, rank=4)
-  want, _ = plain.update(g, plain.init(PARAMS), PARAMS)
-  chex.assert_trees_all_close(u2, want, atol=1e-7)
+  grads = random_like(PARAMS, 0)
+  updates, state = jax.jit(tx.update)(grads, state, PARAMS)
+  view = matrix_view.make_view((3, 16, 8), go.DimensionNumbers(), "stack")
+  basis = state.projectors["stack"]
+  low, low_params = (
+      {"stack": projection.project(matrix_view.to_matrix(x["stack"], view), basis)}
+      for x in (grads, PARAMS))
+  # These inners act leaf by leaf, so the stack's part can be computed alone.
+  want_low, _ = inner.update(low, inner.init(low_params), low_params)
+  want = matrix_view.from_matrix(projection.project_back(want_low["stack"], basis), view)
+  np.testing.assert_allclose(updates["stack"], want, rtol=1e-5, atol=1e-6)
+  assert float(jnp.max(jnp.abs(updates["stack"]))) > 0
 
 
 def test_inject_hyperparams_learning_rate_and_scale():
@@ -216,30 +200,6 @@ def test_inject_hyperparams_needs_static_rank():
   tx = optax.inject_hyperparams(go.galore_adamw)(learning_rate=1e-2, rank=4)
   with pytest.raises(TypeError, match="static_args"):
     jax.jit(tx.update)(random_like(PARAMS, 0), tx.init(PARAMS), PARAMS)
-
-
-def test_eval_shape_init_allocates_nothing_and_matches():
-  tx = go.galore_adamw(1e-3, rank=4)
-  abstract = jax.eval_shape(tx.init, PARAMS)
-  chex.assert_trees_all_equal_shapes_and_dtypes(abstract, tx.init(PARAMS))
-  assert go.tree_bytes(abstract) == go.tree_bytes(tx.init(PARAMS))
-
-
-def test_jit_traces_once_and_donation_works():
-  tx = go.galore_adamw(1e-3, rank=4, update_proj_gap=2)
-  traces = []
-
-  def step(params, state, grads):
-    traces.append(1)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  step = jax.jit(step, donate_argnums=(0, 1))
-  params = jax.tree.map(jnp.copy, PARAMS)
-  state = tx.init(params)
-  for t in range(5):
-    params, state = step(params, state, random_like(PARAMS, t))
-  assert len(traces) == 1
 
 
 def test_bfloat16_params_keep_dtype():

@@ -1,0 +1,238 @@
+"""The contract every optimizer of the library keeps (cf. optax's contrib/_common_test.py).
+
+Each optimizer, in its plain form and with the GaLore options that change its
+state (lazy refresh, 4-bit projectors, moment realignment where it applies),
+runs through the same checks on a tree with a dense kernel, a scanned
+(layers, in, out) kernel and vectors:
+
+* one trace under `jax.jit` with donated params and state, and the same
+  steps as without donation (the reference every other check compares with);
+* `jax.eval_shape(tx.init)` has the shapes, dtypes and bytes of `tx.init`;
+* `optax.apply_if_finite` skips a NaN step with every state leaf unchanged;
+* `optax.MultiSteps` over two equal gradients is one plain step;
+* `optax.inject_hyperparams` (learning rate in the state) gives the same steps;
+* orbax: save, restore into an `eval_shape` target, continue: bit-identical;
+* `nnx.Optimizer` gives the same steps as plain optax.
+
+The Explicit-mesh `jax.jit(tx.init)` check on 8 virtual devices is in
+tests/sharding_checks.py (group explicit_init), as it needs its own process.
+"""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import galore_optax as go
+
+LR = 1e-2
+COMMON = dict(rank=3, update_proj_gap=2)  # refreshes at steps 0 and 2
+ADAM = dict(COMMON, eps=1e-4)
+EIGHT = dict(ADAM, eps=1e-3, block_size=32, min_8bit_size=64)
+
+FACTORIES = {
+    # go.galore is go.scale_by_galore with its default (galore-torch) Adam.
+    "galore": lambda lr, **kw: optax.chain(
+        go.galore(**kw), optax.scale_by_learning_rate(lr)),
+    "galore_adamw": lambda lr, **kw: go.galore_adamw(lr, weight_decay=0.1, **kw),
+    "galore_adamw8bit": lambda lr, **kw: go.galore_adamw8bit(lr, weight_decay=0.1, **kw),
+    "galore_adafactor": lambda lr, **kw: go.galore_adafactor(lr, weight_decay=0.1, **kw),
+    "gradnorm_lorp": lambda lr, **kw: go.gradnorm_lorp(lr, weight_decay=0.1, **kw),
+    "gradnorm_lorp8bit": lambda lr, **kw: go.gradnorm_lorp8bit(lr, weight_decay=0.1, **kw),
+    "adamw_8bit": lambda lr, **kw: go.adamw_8bit(lr, weight_decay=0.1, **kw),
+}
+BASE = {
+    "galore": ADAM, "galore_adamw": ADAM,
+    "galore_adamw8bit": EIGHT, "galore_adafactor": COMMON, "gradnorm_lorp": ADAM,
+    "gradnorm_lorp8bit": EIGHT, "adamw_8bit": dict(eps=1e-3, block_size=32, min_8bit_size=64),
+}
+LAZY = dict(lazy_refresh=go.LazyRefresh(queue_size=1, threshold=0.0))
+VARIANTS = {
+    "plain": {},
+    "lazy+bits4": dict(LAZY, projector_bits=4),
+    "lazy+bits4+realign": dict(LAZY, projector_bits=4, realign_moments=True),
+}
+# Every optimizer plain, and the options that change the state (implemented
+# once, in the core) with a float, an 8-bit and a weight-normalized optimizer.
+# Moment realignment needs float Adam moments: the 8-bit optimizers and
+# Adafactor refuse it (tests/test_options.py).
+CASES = [(name, "plain") for name in FACTORIES] + [
+    ("galore_adamw", "lazy+bits4+realign"), ("galore_adamw8bit", "lazy+bits4"),
+    ("gradnorm_lorp", "lazy+bits4+realign"),
+]
+
+
+def make(name, variant, lr=LR):
+  return FACTORIES[name](lr, **BASE[name], **VARIANTS[variant])
+
+
+def params0():
+  keys = jax.random.split(jax.random.key(0), 4)
+  return {
+      "dense": {"kernel": 0.1 * jax.random.normal(keys[0], (24, 40)), "bias": jnp.zeros(40)},
+      "stack": 0.1 * jax.random.normal(keys[1], (2, 32, 16)),  # scanned (layers, in, out)
+      "scale": jnp.ones(16),
+  }
+
+
+def grads_at(t):
+  leaves, treedef = jax.tree.flatten(params0())
+  keys = jax.random.split(jax.random.key(100 + t), len(leaves))
+  return treedef.unflatten([jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def run(tx, steps, update=None, params=None, state=None):
+  params = params0() if params is None else params
+  state = tx.init(params) if state is None else state
+  update = update or tx.update
+  for t in range(steps):
+    updates, state = update(grads_at(t), state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+def assert_close(a, b, tol=1e-5):
+  # Differently compiled float32 reductions differ in the last bits, which a
+  # refresh can amplify (close singular values); 1e-5 is ~0.03% of the steps.
+  chex.assert_trees_all_close(a, b, rtol=tol, atol=tol)
+
+
+def assert_moved(params):
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), params, params0())
+  assert moved["dense"]["kernel"] > 1e-4 and moved["stack"] > 1e-4, moved
+
+
+@functools.lru_cache(maxsize=None)
+def reference(name, variant):
+  """The optimizer, its jitted update, and three steps (refreshes at 0 and 2)."""
+  tx = make(name, variant)
+  update = jax.jit(tx.update)
+  return tx, update, run(tx, 3, update)
+
+
+def reference_run(name, variant):
+  return reference(name, variant)[2]
+
+
+@pytest.mark.parametrize("name, variant", CASES)
+def test_jit_traces_once_with_donation(name, variant):
+  tx = make(name, variant)
+  traces = []
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, state, grads):
+    traces.append(1)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  params = params0()
+  state = tx.init(params)
+  for t in range(3):
+    params, state = step(params, state, grads_at(t))
+  assert len(traces) == 1
+  want_params, want_state = reference_run(name, variant)
+  assert_moved(params)
+  assert_close(params, want_params)
+  chex.assert_trees_all_equal_shapes_and_dtypes(state, want_state)
+
+
+@pytest.mark.parametrize("name, variant", CASES)
+def test_eval_shape_matches_init(name, variant):
+  tx = make(name, variant)
+  abstract = jax.eval_shape(tx.init, params0())
+  state = tx.init(params0())
+  chex.assert_trees_all_equal_shapes_and_dtypes(abstract, state)
+  assert go.tree_bytes(abstract) == go.tree_bytes(state) > 0
+  assert all(x.size > 0 for x in jax.tree.leaves(state))  # orbax refuses zero-size arrays
+
+
+@pytest.mark.parametrize("name, variant", CASES)
+def test_apply_if_finite_leaves_the_state_bit_identical(name, variant):
+  tx = optax.apply_if_finite(make(name, variant), max_consecutive_errors=3)
+  update = jax.jit(tx.update)
+  params, state = run(tx, 2, update)  # the next step, 2, is a refresh step
+  bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads_at(2))
+  updates, new_state = update(bad, state, params)
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+  chex.assert_trees_all_equal(new_state.inner_state, state.inner_state)
+  assert int(new_state.notfinite_count) == 1
+
+
+@pytest.mark.parametrize("name, variant", CASES)
+def test_multisteps_of_equal_gradients_is_one_step(name, variant):
+  tx = optax.MultiSteps(make(name, variant), every_k_schedule=2)
+  plain, plain_update, _ = reference(name, variant)
+  state, params = tx.init(params0()), params0()
+  g = grads_at(0)
+  update = jax.jit(tx.update)
+  u1, state = update(g, state, params)
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(u1))
+  u2, _ = update(g, state, params)
+  want, _ = plain_update(g, plain.init(params), params)
+  assert_close(u2, want)
+  assert float(jnp.max(jnp.abs(u2["stack"]))) > 0
+
+
+@pytest.mark.parametrize("name, variant", CASES)
+def test_inject_hyperparams_gives_the_same_steps(name, variant):
+  factory = optax.inject_hyperparams(
+      lambda learning_rate: make(name, variant, learning_rate))
+  tx = factory(learning_rate=LR)
+  params, state = run(tx, 3, jax.jit(tx.update))
+  assert_close(params, reference_run(name, variant)[0])
+  assert float(state.hyperparams["learning_rate"]) == pytest.approx(LR)
+
+
+@pytest.mark.parametrize("name, variant", CASES)
+def test_orbax_restore_then_continue_is_bit_identical(name, variant, tmp_path):
+  tx, update, _ = reference(name, variant)
+  params, state = run(tx, 2, update)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / "ckpt", {"params": params, "state": state})
+    ckpt.wait_until_finished()
+    target = jax.eval_shape(lambda: {"params": params, "state": state})
+    restored = ckpt.restore(tmp_path / "ckpt", target)
+  chex.assert_trees_all_equal(restored["state"], state)
+  chex.assert_trees_all_equal_structs(restored["state"], state)
+
+  def one_more(params, state):
+    updates, state = update(grads_at(2), state, params)  # a refresh step
+    return optax.apply_updates(params, updates), state
+
+  chex.assert_trees_all_equal(
+      one_more(restored["params"], restored["state"]), one_more(params, state))
+
+
+class _Model(nnx.Module):
+
+  def __init__(self):
+    p = params0()
+    self.dense = nnx.Dict(
+        kernel=nnx.Param(p["dense"]["kernel"]), bias=nnx.Param(p["dense"]["bias"]))
+    self.stack = nnx.Param(p["stack"])
+    self.scale = nnx.Param(p["scale"])
+
+
+@pytest.mark.parametrize("name, variant", CASES)
+def test_nnx_optimizer_takes_the_same_steps(name, variant):
+  model = _Model()
+  optimizer = nnx.Optimizer(model, make(name, variant), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, grads):
+    # A loss linear in the weights, whose gradient is exactly `grads`.
+    def loss(model):
+      weights = nnx.state(model, nnx.Param).to_pure_dict()
+      return sum(jnp.vdot(w, g) for w, g in zip(jax.tree.leaves(weights), jax.tree.leaves(grads)))
+
+    optimizer.update(model, nnx.grad(loss)(model))
+
+  for t in range(3):
+    step(model, optimizer, grads_at(t))
+  got = nnx.state(model, nnx.Param).to_pure_dict()
+  assert_close(got, reference_run(name, variant)[0])
