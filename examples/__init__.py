@@ -1,19 +1,23 @@
-"""Flax NNX LLaMA pretraining example for galore-optax.
+"""Flax NNX LLaMA pretraining example for galore-optax, in the Flax examples' layout.
 
 Run from the repository root::
 
-    python -m examples.train --config tiny --optimizer galore_adamw --steps 200
-    python -m examples.compare            # AdamW vs GaLore vs optax.contrib.galore on CPU
+    python -m examples.main --config small --optimizer galore_adamw --steps 200
+    python -m examples.compare     # optimizers at their tuned learning rates, CPU, < 10 min
 
 Modules:
-  configs     model sizes from the GaLore paper (60m ... 7b) plus ``tiny`` for CPU, and
-              the training configuration
-  llama       the LLaMA decoder in Flax NNX (RMSNorm, RoPE, SwiGLU, causal attention)
-  data        corpora (embedded stdlib docstrings, text/jsonl files, C4 shards, HF datasets),
-              tokenizers, sequence packing and batching
-  optimizers  optimizer registry by name (AdamW, GaLore variants, optax.contrib.galore)
-  train       ``train_and_evaluate(config, workdir)`` and the training CLI
-  compare     several optimizers on the same data/seed/token budget -> markdown + PNG
+  main            the command line for one training run (``python -m examples.train`` is
+                  its older name)
+  configs         model sizes from the GaLore paper (60m ... 7b) plus ``small`` and ``tiny``
+                  for CPU, and the training configuration
+  input_pipeline  corpora (embedded stdlib docstrings, text/jsonl/rst files, C4 shards, HF
+                  datasets), tokenizers, train/tuning/validation splits, packing, batching
+  models          the LLaMA decoder in Flax NNX (RMSNorm, RoPE, SwiGLU, causal attention)
+  optimizers      the optimizer registry (AdamW, the GaLore family, optax.contrib.galore)
+  train           ``train_and_evaluate(config, workdir)``: the loop, checkpoints, resume
+  tuning          the learning-rate grid and the choice on the tuning split
+  compare         optimizers side by side at their tuned learning rates -> markdown + PNG
+  report          machine, versions, seed statistics and loss-curve plots for results files
 """
 
 import os as _os
@@ -23,3 +27,8 @@ import os as _os
 # two such kernels running at once on a 2-core machine deadlocked. A pool of at
 # least 8 threads avoids it (read once, when jax creates its CPU client).
 _os.environ.setdefault("NPROC", str(max(8, _os.cpu_count() or 1)))
+# XLA already runs independent kernels in parallel; OpenBLAS threads inside each LAPACK
+# call on top of that thrash a busy machine: on two loaded cores the first step of the
+# `small` model (its exact-SVD refresh) took 97 s with OpenBLAS's default threads and 11 s
+# with one (read once, when numpy loads OpenBLAS).
+_os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

@@ -1,117 +1,207 @@
-"""Several optimizers on the same data, seed and token budget: a markdown table and loss curves.
+"""Optimizers side by side, each at its own tuned learning rate: a markdown table and loss curves.
 
-    python -m examples.compare                    # tiny LLaMA on the embedded corpus (CPU, minutes)
+    python -m examples.compare                    # small LLaMA on the embedded corpus (CPU)
     python -m examples.compare --results          # also write benchmarks/results/llama.{md,png}
-    python -m examples.compare --optimizers adamw:3e-3,galore_adamw --config 60m \\
-        --data /usr/share/doc/python3.11/html/_sources --steps 2000 --batch-size 32 \\
-        --seq-len 256 --update-proj-gap 200 --out runs/compare_60m
+    python -m examples.compare --optimizers adamw,galore_adamw --config 60m \\
+        --data /usr/share/doc/python3.11/html/_sources --steps 2000 --tune-steps 500 \\
+        --batch-size 32 --seq-len 256 --seeds 0,1,2 --json runs/60m.json
 
-Every optimizer trains the same model (same initial weights: same seed) on the same batches
-(one shared dataset, batches a pure function of the step) for the same number of steps, through
-``examples.train.train_and_evaluate``; each run keeps its own workdir under ``--out``.
-``--optimizers`` takes ``name`` or ``name:learning_rate`` entries (``adamw:3e-3``), so an
-optimizer can appear more than once with different peak learning rates.
+For each optimizer of ``--optimizers``:
 
-Timing: the tokens/s of separate runs minutes apart mostly measure what else the machine was
-doing, so after training the optimizers are timed side by side: ``--timing-rounds`` rounds, in
-each of which every optimizer runs ``--timing-steps`` more (compiled) steps in turn; the table
-shows the median step time over all of them.
+1. Tuning. Its peak learning rate is chosen from a grid: its default (``OptimizerSpec.default_lr``,
+   the paper's recipe) times each ``--lr-grid`` factor. Each value trains ``--tune-steps`` steps
+   (same schedule shape, first seed of ``--seeds``), and the lowest loss on the *tuning* split
+   wins. That split is held out from training and is not the reported one (see
+   ``examples.tuning``). ``--lr NAME=VALUE`` pins an optimizer's learning rate and skips its
+   tuning.
+2. Training. At the chosen learning rate, ``--steps`` steps once per seed. Every optimizer
+   sees the same initial weights and batches for a given seed. The final loss on the
+   *validation* split is reported as mean ± standard deviation over seeds. The perplexity gap
+   to AdamW is computed per seed (paired) and summarised the same way; a gap smaller than its
+   spread is called a tie.
+3. Timing. The trained models then run ``--timing-rounds`` × ``--timing-steps`` more steps
+   side by side (optimizers interleaved), and the table shows median step times, so that
+   load from other processes hits every optimizer alike.
 
 Outputs under ``--out`` (default ``runs/compare``): ``compare.md``, ``compare.png``,
-``compare.json`` and one workdir per optimizer. The subspace refresh gap defaults to 50 here
-(200 in the paper and in examples.train) so that a short CPU run still refreshes a few times.
+``compare.json`` (with the loss curves) and one workdir per run with its log. ``--json PATH``
+writes the per-optimizer results (grid, tuning losses, chosen learning rate, final loss per
+seed, mean, std, wall time, state bytes, step time) to PATH as well.
 """
 
 import argparse
 import dataclasses
 import datetime
+import math
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from examples import data as data_lib
+from examples import configs as configs_lib
 from examples import fileio
+from examples import input_pipeline
+from examples import main as main_lib
 from examples import optimizers as optimizers_lib
+from examples import report
 from examples import train as train_lib
-from examples.errors import ExampleError
+from examples import tuning as tuning_lib
+from examples.errors import DivergenceError, ExampleError
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
+RESULTS_DIR = os.path.join(report.REPO_ROOT, "benchmarks", "results")
 RESULTS_NAME = "llama"
 
-# Defaults of the README run: the tiny config on the embedded corpus, a few minutes on two
-# CPU cores for all optimizers together.
-DEFAULTS = dict(steps=150, batch_size=8, update_proj_gap=50, eval_every=25, log_every=5,
-                eval_batches=8)
+DEFAULT_CONFIG = "small"
+DEFAULT_OPTIMIZERS = ("adamw", "galore_adamw", "galore_adamw8bit", "optax_contrib_galore")
+DEFAULT_SEEDS = (0,)
+DEFAULT_TUNE_STEPS = 100
+# TrainConfig fields of the default run: the small config on the embedded corpus, under
+# 10 minutes on two CPU cores with tuning. The refresh gap is 50 (200 in the paper and in
+# examples.main) so that a short run still refreshes its subspaces a few times.
+DEFAULTS = dict(steps=300, batch_size=8, seq_len=128, update_proj_gap=50, eval_every=50,
+                log_every=10, eval_batches=8)
 
 
 @dataclasses.dataclass(frozen=True)
-class RunSpec:
-  """One entry of --optimizers: ``name`` or ``name:learning_rate``."""
+class Entry:
+  """One row of the comparison: an optimizer, optionally with settings of its own.
 
-  label: str  # as written, e.g. "adamw:3e-3"; names the table row and the run folder
+  Attributes:
+    label: the row's name (the optimizer's name on the command line).
+    optimizer: a key of ``examples.optimizers.REGISTRY``.
+    overrides: TrainConfig fields set for this row only, e.g. (("refresh", "randomized"),).
+  """
+
+  label: str
   optimizer: str
-  learning_rate: Optional[float] = None  # None: --lr, else the optimizer's default
+  overrides: Tuple[Tuple[str, Any], ...] = ()
 
   @property
   def folder(self) -> str:
-    return self.label.replace(":", "_lr")
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in self.label)
 
 
 @dataclasses.dataclass
-class RunOutcome:
-  spec: RunSpec
-  summary: Optional[Dict[str, Any]] = None
-  history: Optional[List[Dict[str, Any]]] = None
-  step_times: Optional[List[float]] = None  # side-by-side timing, seconds per step
+class Outcome:
+  """What happened to one entry: its tuning, its runs (one per seed) and their timing."""
+
+  entry: Entry
+  tuning: Optional[tuning_lib.Tuning] = None
+  summaries: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+  histories: List[List[Dict[str, Any]]] = dataclasses.field(default_factory=list)
+  step_times: List[float] = dataclasses.field(default_factory=list)
+  wall_s: float = 0.0
   error: Optional[str] = None
-  result: Any = None  # train.TrainResult while the timing phase needs the model
+  result: Any = None  # the last seed's TrainResult while the timing phase needs its model
 
   @property
   def name(self) -> str:
-    return self.spec.label
+    return self.entry.label
+
+  @property
+  def losses(self) -> List[float]:
+    return [s["final_eval_loss"] for s in self.summaries]
 
   @property
   def step_time(self) -> Optional[float]:
     return statistics.median(self.step_times) if self.step_times else None
 
 
-def parse_optimizers(text: Optional[str]) -> List[RunSpec]:
-  """``name[:lr],...``; default: every registered optimizer that is available."""
-  if text is None:
-    return [RunSpec(name, name) for name in optimizers_lib.available_optimizers()]
-  specs = []
-  for item in (i.strip() for i in text.split(",")):
-    if not item:
-      continue
-    name, _, lr_text = item.partition(":")
-    learning_rate = None
-    if lr_text:
-      try:
-        learning_rate = float(lr_text)
-      except ValueError:
-        raise ExampleError(f"bad learning rate {lr_text!r} in --optimizers entry {item!r} "
-                           "(write name:lr, e.g. adamw:3e-3)") from None
-      if not learning_rate > 0:
-        raise ExampleError(f"learning rate must be positive in --optimizers entry {item!r}")
-    optimizers_lib.check_available(name)  # unknown or missing from galore_optax: error
-    if any(s.label == item for s in specs):
-      raise ExampleError(f"{item} is listed twice in --optimizers")
-    specs.append(RunSpec(item, name, learning_rate))
-  if not specs:
+Trainer = Callable[[configs_lib.TrainConfig, str], Any]
+
+
+# ------------------------------------------------------------------------------ arguments
+
+
+def parse_optimizers(text: Optional[str]) -> List[Entry]:
+  """``a,b,...`` -> entries; None: ``DEFAULT_OPTIMIZERS``."""
+  names = list(DEFAULT_OPTIMIZERS) if text is None else [
+      n.strip() for n in text.split(",") if n.strip()]
+  if not names:
     raise ExampleError("--optimizers is empty (give names separated by commas)")
-  return specs
+  entries = []
+  for name in names:
+    if ":" in name or "=" in name:
+      raise ExampleError(f"--optimizers takes names only, got {name!r}; pin a learning rate "
+                         "with --lr NAME=VALUE")
+    optimizers_lib.get_spec(name)  # unknown: error naming the known ones
+    if any(e.label == name for e in entries):
+      raise ExampleError(f"{name} is listed twice in --optimizers")
+    entries.append(Entry(name, name))
+  return entries
 
 
-def _run_config(config, spec: RunSpec):
-  lr = spec.learning_rate if spec.learning_rate is not None else config.learning_rate
-  return dataclasses.replace(config, optimizer=spec.optimizer, learning_rate=lr,
-                             save_checkpoints=False, resume=False)
+def parse_pinned(items: Optional[Sequence[str]], entries: Sequence[Entry]) -> Dict[str, float]:
+  """``--lr NAME=VALUE`` items -> {label: learning rate}, for labels in ``entries``."""
+  pinned: Dict[str, float] = {}
+  labels = [e.label for e in entries]
+  for item in items or []:
+    name, sep, value = item.partition("=")
+    name = name.strip()
+    if not sep or not name:
+      raise ExampleError(f"--lr {item!r}: write NAME=VALUE, e.g. --lr adamw=3e-3")
+    if name not in labels:
+      raise ExampleError(f"--lr {item!r}: {name} is not in --optimizers "
+                         f"({', '.join(labels)}); add it there or drop this --lr")
+    try:
+      lr = float(value)
+    except ValueError:
+      raise ExampleError(f"--lr {item!r}: {value!r} is not a number") from None
+    if not (lr > 0 and math.isfinite(lr)):
+      raise ExampleError(f"--lr {item!r}: the learning rate must be positive")
+    if name in pinned:
+      raise ExampleError(f"--lr gives {name} twice")
+    pinned[name] = lr
+  return pinned
+
+
+def parse_seeds(text: str) -> List[int]:
+  """``"0,1,2"`` -> [0, 1, 2]: integers >= 0, distinct, at least one."""
+  items = [s.strip() for s in text.split(",") if s.strip()]
+  if not items:
+    raise ExampleError(f"--seeds {text!r} is empty (e.g. --seeds 0,1,2)")
+  seeds = []
+  for item in items:
+    if not item.isdigit():
+      raise ExampleError(f"--seeds entry {item!r} is not a non-negative integer")
+    if int(item) in seeds:
+      raise ExampleError(f"--seeds lists {item} twice")
+    seeds.append(int(item))
+  return seeds
+
+
+# ------------------------------------------------------------------------------ running
+
+
+def run_config(base: configs_lib.TrainConfig, entry: Entry, *, learning_rate: float,
+               steps: int, seed: int, split: str) -> configs_lib.TrainConfig:
+  """The TrainConfig of one run of ``entry``: tuning (split "tuning") or reported."""
+  config = dataclasses.replace(base, **dict(entry.overrides))
+  eval_every = config.eval_every if split == "validation" else steps  # tuning: only the end
+  return dataclasses.replace(config, optimizer=entry.optimizer, learning_rate=learning_rate,
+                             steps=steps, seed=seed, eval_split=split, eval_every=eval_every,
+                             save_checkpoints=False, resume=False, stop_after=None,
+                             progress=False)
+
+
+def grid_of(entry: Entry, factors: Sequence[float]) -> List[float]:
+  return tuning_lib.lr_grid(optimizers_lib.get_spec(entry.optimizer).default_lr, factors)
+
+
+def validate(base: configs_lib.TrainConfig, entries: Sequence[Entry], *, seeds: Sequence[int],
+             factors: Sequence[float], tune_steps: int, pinned: Dict[str, float]) -> None:
+  """Checks every run's configuration before any data is read or run started."""
+  if tune_steps < 1:
+    raise ExampleError(f"--tune-steps must be positive, got {tune_steps}")
+  if not seeds:
+    raise ExampleError("--seeds is empty")
+  for entry in entries:
+    grid = [pinned[entry.label]] if entry.label in pinned else grid_of(entry, factors)
+    for lr in grid:
+      train_lib.validate_config(run_config(base, entry, learning_rate=lr, steps=base.steps,
+                                           seed=seeds[0], split="validation"))
 
 
 def _first_line(e: BaseException) -> str:
@@ -119,232 +209,381 @@ def _first_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-# ----------------------------------------------------------------------------- report
+def run_comparison(base: configs_lib.TrainConfig, entries: Sequence[Entry], out_dir: str, *,
+                   seeds: Sequence[int] = DEFAULT_SEEDS,
+                   factors: Sequence[float] = tuning_lib.DEFAULT_FACTORS,
+                   tune_steps: int = DEFAULT_TUNE_STEPS,
+                   pinned: Optional[Dict[str, float]] = None,
+                   trainer: Optional[Trainer] = None,
+                   dataset: Optional[input_pipeline.Dataset] = None,
+                   timing_rounds: int = 3, timing_steps: int = 5,
+                   progress: bool = True, log: Callable[[str], None] = print) -> List[Outcome]:
+  """Tunes and trains every entry; returns one Outcome per entry, in order.
 
+  Args:
+    base: the shared training configuration (model, data, steps, batch, schedule shape).
+    entries: the rows.
+    out_dir: one workdir per run goes under ``out_dir/runs``.
+    seeds: the reported runs' seeds; tuning uses the first.
+    factors: the learning-rate grid as factors of each optimizer's default.
+    tune_steps: steps of each tuning run.
+    pinned: {label: learning rate} not to tune.
+    trainer: ``trainer(config, workdir) -> TrainResult``; default
+      ``train.train_and_evaluate`` on one shared dataset, logging into each workdir.
+    dataset: the shared dataset (built from ``base`` when None).
+    timing_rounds, timing_steps: the side-by-side timing after training (0: none).
+    progress: show one progress bar over all runs.
+    log: where the few lines of the comparison itself go.
 
-def _versions() -> Dict[str, str]:
-  from importlib import metadata  # pylint: disable=import-outside-toplevel
-  out = {"python": platform.python_version()}
-  for dist in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tokenizers", "numpy"):
+  Raises:
+    ExampleError: a bad configuration (checked before anything runs).
+  """
+  pinned = dict(pinned or {})
+  validate(base, entries, seeds=seeds, factors=factors, tune_steps=tune_steps, pinned=pinned)
+  bar = _Progress(sum((0 if e.label in pinned else len(grid_of(e, factors)) * tune_steps)
+                      + len(seeds) * base.steps for e in entries), enabled=progress)
+  if trainer is None:
+    if dataset is None:
+      dataset = train_lib.load_dataset(base)
+    trainer = _default_trainer(dataset, bar)
+
+  def train(config, folder):
+    bar.begin(f"{config.optimizer} lr {config.learning_rate:g} seed {config.seed}", config.steps)
     try:
-      out[dist] = metadata.version(dist)
-    except metadata.PackageNotFoundError:
-      out[dist] = "not installed"
+      return trainer(config, os.path.join(out_dir, "runs", folder))
+    finally:
+      bar.end()
+
+  outcomes = []
   try:
-    import galore_optax  # pylint: disable=import-outside-toplevel
-    out["galore_optax"] = getattr(galore_optax, "__version__", "unknown")
-  except Exception:  # pylint: disable=broad-except
-    out["galore_optax"] = "not importable"
-  try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, text=True,
-                            capture_output=True, check=True, timeout=10).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                           cwd=REPO_ROOT, text=True, capture_output=True, check=True,
-                           timeout=10).stdout.strip()
-    out["git commit"] = commit + (" (with uncommitted changes)" if dirty else "")
-  except (OSError, subprocess.SubprocessError):
-    pass
-  return out
+    for entry in entries:
+      t0 = time.perf_counter()
+      outcome = Outcome(entry)
+      outcomes.append(outcome)
+      try:
+        if entry.label in pinned:
+          outcome.tuning = tuning_lib.pinned(pinned[entry.label])
+        else:
+          def trial(lr, entry=entry):
+            config = run_config(base, entry, learning_rate=lr, steps=tune_steps,
+                                seed=seeds[0], split="tuning")
+            try:
+              result = train(config, f"{entry.folder}/tune_lr{lr:g}")
+            except DivergenceError:
+              return math.inf
+            assert result.summary["eval_split"] == "tuning"
+            return result.summary["final_eval_loss"]
+          outcome.tuning = tuning_lib.tune(grid_of(entry, factors), trial)
+        for seed in seeds:
+          config = run_config(base, entry, learning_rate=outcome.tuning.chosen_lr,
+                              steps=base.steps, seed=seed, split="validation")
+          result = train(config, f"{entry.folder}/seed{seed}")
+          outcome.summaries.append(result.summary)
+          outcome.histories.append(result.history)
+          outcome.result = result
+      except DivergenceError as e:  # at the chosen learning rate, or at every one
+        outcome.error = f"diverged: {e}"
+      except (KeyboardInterrupt, ExampleError):
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (report it, compare the rest)
+        outcome.error = _first_line(e)
+      if outcome.error:
+        log(f"warning: {entry.label} failed: {outcome.error}")
+      outcome.wall_s = time.perf_counter() - t0
+  finally:
+    bar.close()
+  if dataset is not None:
+    _time_side_by_side(outcomes, dataset, base, timing_rounds, timing_steps, log)
+  for o in outcomes:
+    o.result = None  # free the models
+  return outcomes
 
 
-def _machine() -> str:
-  import jax  # pylint: disable=import-outside-toplevel
-  device = jax.devices()[0]
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  text = f"{cores}-core CPU ({cpu}), {platform.system()} {platform.machine()}"
-  if device.platform != "cpu":
-    text += f"; accelerator: {device.device_kind} ({device.platform})"
-  else:
-    text += "; JAX on CPU"
-  return text
+def _default_trainer(dataset, bar) -> Trainer:
+  def trainer(config, workdir):
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "log.txt"), "w", encoding="utf-8") as log_file:
+      def log(message):
+        log_file.write(message + "\n")
+      return train_lib.train_and_evaluate(config, workdir, dataset=dataset, log=log,
+                                          on_step=bar.step)
+  return trainer
+
+
+class _Progress:
+  """One tqdm bar over the steps of every run of the comparison (nothing when disabled)."""
+
+  def __init__(self, total: int, enabled: bool):
+    self._bar = None
+    if enabled:
+      from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+      self._bar = tqdm(total=total, unit="step", dynamic_ncols=True, leave=False)
+    self._expected = self._done = 0
+
+  def begin(self, what: str, steps: int) -> None:
+    self._expected, self._done = steps, 0
+    if self._bar is not None:
+      self._bar.set_description(what)
+
+  def step(self, step: int, loss: float) -> None:
+    del step
+    self._done += 1
+    if self._bar is not None:
+      self._bar.update(1)
+      self._bar.set_postfix(loss=f"{loss:.3f}")
+
+  def end(self) -> None:
+    if self._bar is not None and self._done < self._expected:  # a run that stopped early
+      self._bar.update(self._expected - self._done)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+def _time_side_by_side(outcomes, dataset, base, rounds, steps, log) -> None:
+  """Median step times, the trained models interleaved round by round on the same batches."""
+  timed = [o for o in outcomes if o.error is None and o.result is not None]
+  if not (timed and rounds > 0 and steps > 0):
+    return
+  sampler = input_pipeline.BatchSampler(dataset.train, base.batch_size, base.seed)
+  log(f"timing {len(timed)} optimizers side by side: {rounds} rounds x {steps} steps")
+  for r in range(rounds):
+    batches = [sampler(base.steps + r * steps + k) for k in range(steps)]
+    for o in timed:
+      try:
+        o.step_times += train_lib.time_train_steps(o.result.model, o.result.optimizer, batches)
+      except Exception as e:  # pylint: disable=broad-except
+        o.error = f"timing failed: {_first_line(e)}"
+
+
+# ------------------------------------------------------------------------------ statistics
+
+
+def baseline_of(outcomes: Sequence[Outcome]) -> Optional[Outcome]:
+  """The AdamW row (plain, no overrides) if it succeeded, else the first that did."""
+  ok = [o for o in outcomes if o.error is None and o.summaries]
+  return next((o for o in ok if o.entry.optimizer == "adamw" and not o.entry.overrides),
+              ok[0] if ok else None)
+
+
+def ppl_gaps(outcome: Outcome, baseline: Outcome) -> List[float]:
+  """Perplexity gap to ``baseline`` per seed (paired: same seed, same data and init)."""
+  base = {s["seed"]: s["final_eval_loss"] for s in baseline.summaries}
+  return [math.exp(s["final_eval_loss"] - base[s["seed"]]) - 1
+          for s in outcome.summaries if s["seed"] in base]
+
+
+def verdict(gaps: Sequence[float]) -> str:
+  """"tie" when the mean gap is within one standard deviation of the seeds, else
+  "better"/"worse"; "1 seed" when there is no spread to compare with."""
+  mean, std = report.mean_std(gaps)
+  if std is None:
+    return "1 seed"
+  if abs(mean) <= std:
+    return "tie"
+  return "better" if mean < 0 else "worse"
+
+
+def summarize(outcome: Outcome, baseline: Optional[Outcome]) -> Dict[str, Any]:
+  """The machine-readable record of one entry (``--json``)."""
+  t = outcome.tuning
+  losses = outcome.losses
+  mean, std = report.mean_std(losses) if losses else (None, None)
+  record = {
+      "name": outcome.name, "optimizer": outcome.entry.optimizer,
+      "overrides": dict(outcome.entry.overrides), "error": outcome.error,
+      "grid": t.grid if t else None, "tuning_losses": t.losses if t else None,
+      "chosen_lr": t.chosen_lr if t else None, "pinned": t.pinned if t else None,
+      "chosen_at_grid_edge": t.at_edge if t else None,
+      "seeds": [s["seed"] for s in outcome.summaries],
+      "final_eval_loss": losses, "mean": mean, "std": std,
+      "final_eval_perplexity": [s["final_eval_perplexity"] for s in outcome.summaries],
+      "wall_s": outcome.wall_s,
+      "state_bytes": outcome.summaries[0]["opt_state_bytes"] if outcome.summaries else None,
+      "step_time_s": outcome.step_time,
+      "skipped_steps": [s.get("skipped_steps", 0) for s in outcome.summaries],
+  }
+  if baseline is not None and outcome.summaries and outcome.error is None:
+    gaps = ppl_gaps(outcome, baseline)
+    gap_mean, gap_std = report.mean_std(gaps)
+    record.update(baseline=baseline.name, ppl_gap=gaps, ppl_gap_mean=gap_mean,
+                  ppl_gap_std=gap_std, verdict=verdict(gaps) if outcome is not baseline
+                  else "baseline")
+  return record
+
+
+# ------------------------------------------------------------------------------ report
 
 
 def _mib(n: int) -> str:
   return f"{n / 2**20:.2f} MiB"
 
 
-def _table(outcomes: List[RunOutcome], baseline: Optional[RunOutcome]) -> str:
-  base = baseline.name if baseline else "baseline"
-  header = ["optimizer", "final eval loss", "perplexity", f"ppl gap vs {base}",
-            "optimizer state", f"state vs {base}", "tokens/s", f"step time vs {base}"]
-  show_memory = any(o.summary and o.summary.get("peak_memory_bytes") for o in outcomes)
-  if show_memory:
-    header.append("peak device memory")
-  rows = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-  bs = baseline.summary if baseline else None
+def _lr(x: float) -> str:
+  return f"{x:.3g}"
+
+
+def _cells(row: Sequence[str]) -> str:
+  return "| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"
+
+
+def results_table(outcomes: Sequence[Outcome], baseline: Optional[Outcome]) -> str:
+  """The main table: chosen learning rate and grid, loss, gap with its spread, state, time."""
+  base = f"`{baseline.name}`" if baseline else "baseline"
+  header = ["optimizer", "peak lr: chosen (grid)", "final eval loss", "perplexity",
+            f"ppl gap vs {base}", "optimizer state", f"state vs {base}",
+            f"step time vs {base}"]
+  rows = [_cells(header), "|" + "|".join("---" for _ in header) + "|"]
   for o in outcomes:
-    if o.error is not None:
-      cells = [o.name, f"failed: {o.error}"] + [""] * (len(header) - 2)
-      rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    t = o.tuning
+    if t is None:
+      lr_cell = "—"
+    elif t.pinned:
+      lr_cell = f"{_lr(t.chosen_lr)} (pinned)"
+    else:
+      lr_cell = (f"{_lr(t.chosen_lr)} ({', '.join(_lr(x) for x in t.grid)})"
+                 + (" edge" if t.at_edge else ""))
+    if o.error is not None or not o.summaries:
+      rows.append(_cells([f"`{o.name}`", lr_cell, f"failed: {o.error}"] + [""] * 5))
       continue
-    s = o.summary
-    is_base = o is baseline
-    gap = state_ratio = time_ratio = "—"
-    if bs and not is_base:
-      gap = f"{(s['final_eval_perplexity'] / bs['final_eval_perplexity'] - 1) * 100:+.1f}%"
-      state_ratio = f"{s['opt_state_bytes'] / bs['opt_state_bytes'] * 100:.0f}%"
+    mean, std = report.mean_std(o.losses)
+    ppl_mean, ppl_std = report.mean_std([s["final_eval_perplexity"] for s in o.summaries])
+    s0 = o.summaries[0]
+    gap = state = step = "—"
+    if o is baseline:
+      gap, state, step = "0 (baseline)", "100%", "1.00×"
+    elif baseline is not None:
+      gaps = ppl_gaps(o, baseline)
+      g_mean, g_std = report.mean_std(gaps)
+      gap = (f"{g_mean * 100:+.1f}%" + (f" ± {g_std * 100:.1f}%" if g_std is not None else "")
+             + f" ({verdict(gaps)})")
+      state = f"{s0['opt_state_bytes'] / baseline.summaries[0]['opt_state_bytes'] * 100:.0f}%"
       if o.step_time and baseline.step_time:
-        time_ratio = f"{o.step_time / baseline.step_time:.2f}×"
-    elif is_base:
-      gap, state_ratio, time_ratio = "0 (baseline)", "100%", "1.00×"
-    tokens_per_step = s["batch_size"] * s["seq_len"]
-    tok_s = f"{tokens_per_step / o.step_time:,.0f}" if o.step_time else "—"
-    cells = [f"`{o.name}`", f"{s['final_eval_loss']:.4f}", f"{s['final_eval_perplexity']:.2f}",
-             gap, _mib(s["opt_state_bytes"]), state_ratio, tok_s, time_ratio]
-    if show_memory:
-      peak = s.get("peak_memory_bytes")
-      cells.append(f"{peak / 2**30:.2f} GiB" if peak else "—")
-    rows.append("| " + " | ".join(cells) + " |")
+        step = f"{o.step_time / baseline.step_time:.2f}×"
+    rows.append(_cells([f"`{o.name}`", lr_cell, report.plus_minus(mean, std),
+                        report.plus_minus(ppl_mean, ppl_std, ".2f"), gap,
+                        _mib(s0["opt_state_bytes"]), state, step]))
   return "\n".join(rows)
 
 
-def render_markdown(outcomes, baseline, *, command: str, plot_name: str, config,
-                    dataset: data_lib.Dataset, started: datetime.datetime,
-                    wall_s: float, timing_rounds: int, timing_steps: int) -> str:
-  ok = [o for o in outcomes if o.error is None]
-  s0 = ok[0].summary if ok else None
-  lines = [f"# LLaMA pretraining: optimizers side by side ({config.model} config)", ""]
-  lines += [f"Command (from the repository root): `{command}`", ""]
-  lines += [f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')}; whole comparison took "
-            f"{wall_s / 60:.1f} min",
-            f"- Machine: {_machine()}",
-            "- Versions: " + ", ".join(f"{k} {v}" for k, v in _versions().items()),
-            f"- Data: {dataset.describe()}"]
+def tuning_table(outcomes: Sequence[Outcome], factors: Sequence[float]) -> str:
+  """Tuning-split loss of every grid value, one column per grid factor."""
+  header = ["optimizer"] + [f"×{f:.3g}" for f in factors] + ["chosen"]
+  rows = [_cells(header), "|" + "|".join("---" for _ in header) + "|"]
+  for o in outcomes:
+    t = o.tuning
+    if t is None:
+      continue
+    if t.pinned:
+      rows.append(_cells([f"`{o.name}`"] + ["—"] * len(factors) + [f"{_lr(t.chosen_lr)} (pinned)"]))
+      continue
+    cells = []
+    for lr, loss in zip(t.grid, t.losses):
+      text = "diverged" if not math.isfinite(loss) else f"{loss:.4f}"
+      cells.append(f"**{_lr(lr)}: {text}**" if lr == t.chosen_lr else f"{_lr(lr)}: {text}")
+    rows.append(_cells([f"`{o.name}`"] + cells + [_lr(t.chosen_lr) + (" (grid edge)" if t.at_edge
+                                                                       else "")]))
+  return "\n".join(rows)
+
+
+def describe_setup(base: configs_lib.TrainConfig, outcomes: Sequence[Outcome], *,
+                   seeds: Sequence[int], factors: Sequence[float], tune_steps: int,
+                   data: str) -> List[str]:
+  """Bullet lines: model, tokens, recipe, tuning protocol."""
+  s0 = next((o.summaries[0] for o in outcomes if o.summaries), None)
+  lines = [f"- Data: {data}"]
   if s0:
     lines.append(
-        f"- Model `{config.model}`: {s0['params'] / 1e6:.2f}M parameters; {s0['steps']} steps "
-        f"of {config.batch_size}×{s0['seq_len']} tokens = {s0['tokens']:,} tokens per optimizer; "
-        f"seed {config.seed}")
-  lr = ", ".join(f"`{o.name}` {o.summary['peak_lr']:g}" for o in ok)
+        f"- Model `{base.model}`: {s0['params'] / 1e6:.2f}M parameters; {s0['steps']} steps of "
+        f"{base.batch_size}×{s0['seq_len']} tokens = {s0['tokens']:,} tokens per run; seeds "
+        f"{', '.join(map(str, seeds))} (each seed: its own initial weights and batch order, "
+        "the same for every optimizer)")
   lines.append(
-      f"- Recipe: peak learning rate {lr}; linear warmup over {config.warmup_fraction:.0%} of "
-      f"the steps, cosine decay to {config.min_lr_ratio:.0%} of the peak; GaLore rank "
-      f"{train_lib.optimizer_config(config).rank}, scale {config.galore_scale}, refresh every "
-      f"{config.update_proj_gap} steps, projected matrices: paths matching "
-      f"`{config.galore_targets}` (embeddings, norms and LM head get full-rank Adam)")
-  lines += ["", _table(outcomes, baseline), ""]
+      f"- Tuning: peak learning rate = the optimizer's default × "
+      f"{', '.join(f'{f:.3g}' for f in factors)}; one {tune_steps}-step run per value (seed "
+      f"{seeds[0]}, same schedule shape), chosen by the loss on the *tuning* split (documents "
+      "held out from training and from the validation split). The reported loss is on the "
+      "validation split, which no choice used.")
+  lines.append(
+      f"- Recipe: linear warmup over {base.warmup_fraction:.0%} of the steps, cosine decay to "
+      f"{base.min_lr_ratio:.0%} of the peak; GaLore rank {train_lib.optimizer_config(base).rank}, "
+      f"scale {base.galore_scale}, refresh every {base.update_proj_gap} steps "
+      f"({base.refresh} unless the row says otherwise), projected matrices: paths matching "
+      f"`{base.galore_targets}` (embeddings, norms and LM head get full-rank Adam); weight "
+      f"decay {base.weight_decay:g}")
+  return lines
+
+
+def render_markdown(outcomes, baseline, *, command: str, plot_name: str, base, seeds,
+                    factors, tune_steps: int, data: str, started: datetime.datetime,
+                    wall_s: float, timing: Tuple[int, int]) -> str:
+  load = report.load_average()
+  lines = [f"# LLaMA pretraining: optimizers at their tuned learning rates ({base.model} config)",
+           "", f"Command (from the repository root): `{command}`", "",
+           f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')}; the whole comparison took "
+           f"{wall_s / 60:.1f} min"
+           + (f" (load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} over "
+              "1 / 5 / 15 min)" if load else ""),
+           f"- Machine: {report.machine()}",
+           "- Versions: " + ", ".join(f"{k} {v}" for k, v in report.versions().items())]
+  lines += describe_setup(base, outcomes, seeds=seeds, factors=factors, tune_steps=tune_steps,
+                          data=data)
+  lines += ["", results_table(outcomes, baseline), ""]
   lines += [
-      "Final eval loss: mean next-token cross entropy on the same held-out validation batches "
-      "after the last step; perplexity = exp(loss); the gap is the perplexity relative to "
-      f"`{baseline.name if baseline else 'the baseline'}`. Optimizer state: bytes of all arrays "
-      "in the optimizer state (`galore_optax.tree_bytes`). Tokens/s and step time: median of "
-      f"{timing_rounds} × {timing_steps} compiled steps per optimizer, timed side by side after "
-      "training (optimizers interleaved round by round).", ""]
+      "Final eval loss: mean next-token cross entropy on the validation split after the last "
+      "step, mean ± standard deviation over seeds; perplexity = exp(loss). The gap is "
+      f"perplexity relative to `{baseline.name if baseline else 'the baseline'}` per seed "
+      "(paired by seed), mean ± standard deviation; *tie* means the mean gap is within one "
+      "standard deviation. *edge* marks a learning rate at the end of its grid (the best one "
+      "may lie beyond). Optimizer state: bytes of all arrays in the optimizer state "
+      f"(`galore_optax.tree_bytes`). Step time: median of {timing[0]} × {timing[1]} compiled "
+      "steps per optimizer, timed side by side after training.", "",
+      f"Learning-rate tuning: loss on the tuning split after {tune_steps} steps (bold: chosen).",
+      "", tuning_table(outcomes, factors), ""]
   failed = [o for o in outcomes if o.error is not None]
   if failed:
-    lines += ["Failed runs: " + "; ".join(f"`{o.name}`: {o.error}" for o in failed), ""]
+    lines += ["Failed: " + "; ".join(f"`{o.name}`: {o.error}" for o in failed), ""]
   lines += [f"![loss curves]({plot_name})", ""]
   return "\n".join(lines)
 
 
-def render_plot(outcomes, path: str, title: str, warmup_steps: int = 0) -> None:
-  """Training loss (left) and validation loss (right) against steps, one line per optimizer."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-  for o in outcomes:
-    if o.error is not None:
-      continue
-    train = [r for r in o.history if r["split"] == "train"]
-    evals = [r for r in o.history if r["split"] == "eval"]
-    line, = ax_train.plot([r["step"] for r in train], [r["loss"] for r in train],
-                          label=o.name, linewidth=1.3)
-    ax_eval.plot([r["step"] for r in evals], [r["loss"] for r in evals], marker="o",
-                 markersize=3, color=line.get_color(), label=o.name, linewidth=1.3)
-  for ax, name in ((ax_train, "training loss (mean over each log window)"),
-                   (ax_eval, "validation loss")):
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross entropy (nats/token)")
-    ax.set_title(name, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  # The loss at initialisation (~ln vocab) would squash the curves that matter: cap the
-  # training panel at the highest loss any run still has once the warmup is over.
-  later = [r["loss"] for o in outcomes if o.error is None for r in o.history
-           if r["split"] == "train" and r["step"] > warmup_steps]
-  if later:
-    low, high = min(later), max(later)
-    ax_train.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
-  fig.suptitle(title, fontsize=11)
-  with fileio.atomic_path(path) as tmp:
-    fig.savefig(tmp, dpi=110, format="png")
-  plt.close(fig)
+def render_plot(outcomes, path: str, title: str, warmup_steps: int) -> None:
+  """Training loss (zoomed past the warmup) and validation loss, band over seeds."""
+  ok = [o for o in outcomes if o.error is None and o.histories]
+  lines = [(o.name, o.histories) for o in ok]
+  train_zoom = report.zoom([h for o in ok for h in o.histories], "train", warmup_steps)
+  report.plot_loss_curves(
+      [("training loss (mean over each log window)", "train", lines, train_zoom),
+       ("validation loss", "eval", lines,
+        report.zoom([h for o in ok for h in o.histories], "eval", warmup_steps))],
+      path, title)
 
 
-# ----------------------------------------------------------------------------- main
-
-
-def run_comparison(config, specs: List[RunSpec], out_dir: str, *, dataset=None,
-                   timing_rounds: int = 3, timing_steps: int = 5, log=print):
-  """Trains ``config`` once per entry of ``specs``; returns (outcomes, dataset).
-
-  Runs that raise are recorded as failed (``RunOutcome.error``) and the others go on.
-  """
-  for spec in specs:
-    train_lib.validate_config(_run_config(config, spec))
-  if dataset is None:
-    dataset = train_lib.load_dataset(config)
-  outcomes = []
-  for spec in specs:
-    log(f"=== {spec.label} ===")
-    try:
-      result = train_lib.train_and_evaluate(_run_config(config, spec),
-                                            os.path.join(out_dir, spec.folder),
-                                            dataset=dataset, log=log)
-    except (KeyboardInterrupt, ExampleError):
-      raise
-    except Exception as e:  # pylint: disable=broad-except  (report it and compare the rest)
-      log(f"warning: {spec.label} failed: {_first_line(e)}")
-      outcomes.append(RunOutcome(spec, error=_first_line(e)))
-      continue
-    outcomes.append(RunOutcome(spec, result.summary, result.history, result=result))
-
-  # Side-by-side timing on batches after the training budget (same batches for everyone).
-  sampler = data_lib.BatchSampler(dataset.train, config.batch_size, config.seed)
-  timed = [o for o in outcomes if o.error is None]
-  for o in timed:
-    o.step_times = []
-  if timed and timing_rounds > 0 and timing_steps > 0:
-    log(f"timing {len(timed)} optimizers side by side: {timing_rounds} rounds "
-        f"x {timing_steps} steps")
-    for r in range(timing_rounds):
-      first = config.steps + r * timing_steps
-      batches = [sampler(first + k) for k in range(timing_steps)]
-      for o in timed:
-        try:
-          o.step_times += train_lib.time_train_steps(o.result.model, o.result.optimizer,
-                                                     batches)
-        except Exception as e:  # pylint: disable=broad-except
-          o.error = f"timing failed: {_first_line(e)}"
-  for o in outcomes:
-    o.result = None  # free the models
-  return outcomes, dataset
+# ------------------------------------------------------------------------------ command line
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = train_lib._Parser(  # pylint: disable=protected-access
-      prog="python -m examples.compare", description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  train_lib.add_common_args(p)
-  p.set_defaults(**DEFAULTS)
-  p.add_argument("--optimizers", default=None,
-                 help="comma-separated name[:lr] entries, e.g. adamw:3e-3,galore_adamw "
-                      "(default: every available one of "
-                      f"{', '.join(optimizers_lib.REGISTRY)}, at its default learning rate)")
+  p = main_lib.Parser(prog="python -m examples.compare", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  main_lib.add_common_args(p)
+  p.set_defaults(config=DEFAULT_CONFIG, **DEFAULTS)
+  p.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
+                 help=f"comma-separated names from: {', '.join(optimizers_lib.REGISTRY)}")
+  p.add_argument("--lr", action="append", default=None, metavar="NAME=VALUE",
+                 help="pin an optimizer's peak learning rate (no tuning); repeatable")
+  p.add_argument("--lr-grid", default=",".join(f"{f:.3g}" for f in tuning_lib.DEFAULT_FACTORS),
+                 help="tuning grid: factors of each optimizer's default peak learning rate")
+  p.add_argument("--tune-steps", type=int, default=DEFAULT_TUNE_STEPS,
+                 help="steps of each tuning run")
+  p.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
+                 help="seeds of the reported runs (tuning uses the first)")
   p.add_argument("--out", default=os.path.join("runs", "compare"),
-                 help="output folder: compare.md/.png/.json and one workdir per optimizer")
+                 help="output folder: compare.md/.png/.json and one workdir per run")
+  p.add_argument("--json", default=None, metavar="PATH",
+                 help="also write the per-optimizer results as JSON to PATH")
   p.add_argument("--results", action="store_true",
-                 help=f"also write {os.path.relpath(RESULTS_DIR, REPO_ROOT)}/"
+                 help=f"also write {os.path.relpath(RESULTS_DIR, report.REPO_ROOT)}/"
                       f"{RESULTS_NAME}.md and .png (the README's results)")
   p.add_argument("--timing-rounds", type=int, default=3)
   p.add_argument("--timing-steps", type=int, default=5)
@@ -366,11 +605,23 @@ def main(argv=None) -> int:
     out_dir = os.path.abspath(args.out)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
       raise ExampleError(f"--out {args.out} exists and is not a folder")
-    specs = parse_optimizers(args.optimizers)
-    config = train_lib.config_from_args(args)
-    outcomes, dataset = run_comparison(config, specs, out_dir,
-                                       timing_rounds=args.timing_rounds,
-                                       timing_steps=args.timing_steps)
+    entries = parse_optimizers(args.optimizers)
+    pinned = parse_pinned(args.lr, entries)
+    factors = tuning_lib.parse_factors(args.lr_grid)
+    seeds = parse_seeds(args.seeds)
+    base = main_lib.config_from_args(args, seed=seeds[0])
+    validate(base, entries, seeds=seeds, factors=factors, tune_steps=args.tune_steps,
+             pinned=pinned)
+    dataset = train_lib.load_dataset(base)
+    print(f"{len(entries)} optimizers on {base.model} ({dataset.describe()}): tuning "
+          f"{args.tune_steps}-step runs at × {args.lr_grid} of each default peak learning "
+          f"rate, then {base.steps} steps × seeds {args.seeds}; logs under {out_dir}",
+          file=sys.stderr)
+    outcomes = run_comparison(base, entries, out_dir, seeds=seeds, factors=factors,
+                              tune_steps=args.tune_steps, pinned=pinned, dataset=dataset,
+                              timing_rounds=args.timing_rounds,
+                              timing_steps=args.timing_steps, progress=not args.no_progress,
+                              log=lambda m: print(m, file=sys.stderr))
   except ExampleError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -378,34 +629,37 @@ def main(argv=None) -> int:
     print("error: interrupted", file=sys.stderr)
     return 130
 
-  baseline = next((o for o in outcomes if o.spec.optimizer == "adamw" and o.error is None),
-                  next((o for o in outcomes if o.error is None), None))
+  baseline = baseline_of(outcomes)
   command = "python -m examples.compare" + ("" if not argv else " " + shlex.join(argv))
-  title = (f"LLaMA {config.model}, {dataset.corpus_name}: {config.steps} steps of "
-           f"{config.batch_size}×{dataset.seq_len} tokens")
   wall_s = time.perf_counter() - t0
+  title = (f"LLaMA {base.model}, {dataset.corpus_name}: {base.steps} steps of "
+           f"{base.batch_size}×{dataset.seq_len} tokens, each optimizer at its tuned lr")
   targets = [(out_dir, "compare")]
   if args.results:
     targets.append((RESULTS_DIR, RESULTS_NAME))
   for folder, stem in targets:
     render_plot(outcomes, os.path.join(folder, stem + ".png"), title,
-                warmup_steps=int(config.warmup_fraction * config.steps))
+                warmup_steps=int(base.warmup_fraction * base.steps))
     fileio.write_text(os.path.join(folder, stem + ".md"), render_markdown(
-        outcomes, baseline, command=command, plot_name=stem + ".png", config=config,
-        dataset=dataset, started=started, wall_s=wall_s, timing_rounds=args.timing_rounds,
-        timing_steps=args.timing_steps))
+        outcomes, baseline, command=command, plot_name=stem + ".png", base=base, seeds=seeds,
+        factors=factors, tune_steps=args.tune_steps, data=dataset.describe(), started=started,
+        wall_s=wall_s, timing=(args.timing_rounds, args.timing_steps)))
+  records = [summarize(o, baseline) for o in outcomes]
+  meta = {"command": command, "date": started.isoformat(), "data": dataset.describe(),
+          "machine": report.machine(), "versions": report.versions(), "wall_s": wall_s,
+          "config": dataclasses.asdict(base), "seeds": seeds, "lr_grid_factors": factors,
+          "tune_steps": args.tune_steps, "baseline": baseline.name if baseline else None}
   fileio.write_json(os.path.join(out_dir, "compare.json"), {
-      "command": command, "date": started.isoformat(), "data": dataset.describe(),
-      "config": dataclasses.asdict(config),
-      "runs": [{"label": o.name, "optimizer": o.spec.optimizer, "error": o.error,
-                "summary": o.summary,
-                "side_by_side_step_times_s": o.step_times} for o in outcomes]})
-  print(_table(outcomes, baseline))
+      **meta, "optimizers": records,
+      "histories": {o.name: o.histories for o in outcomes}})
+  if args.json:
+    fileio.write_json(os.path.abspath(args.json), {**meta, "optimizers": records})
+  print(results_table(outcomes, baseline))
   for folder, stem in targets:
     print(f"wrote {os.path.join(folder, stem)}.md and .png")
   failed = [o.name for o in outcomes if o.error is not None]
   if failed:
-    print(f"error: {len(failed)} of {len(outcomes)} runs failed: {', '.join(failed)}",
+    print(f"error: {len(failed)} of {len(outcomes)} optimizers failed: {', '.join(failed)}",
           file=sys.stderr)
     return 1
   return 0

@@ -1,4 +1,4 @@
-"""The one exception type that the example CLIs turn into ``error: ...`` (exit status 2)."""
+"""The exception types that the example CLIs turn into ``error: ...`` (exit status 2)."""
 
 
 class ExampleError(Exception):
@@ -11,3 +11,11 @@ class ExampleError(Exception):
   def __init__(self, message: str):
     # Keep the message on one line whatever the caller passed in.
     super().__init__(" ".join(str(message).split()))
+
+
+class DivergenceError(ExampleError):
+  """Training stopped because its loss or gradients stopped being finite.
+
+  ``examples.compare`` counts a learning-rate trial that raises it as diverged (infinite
+  tuning loss) instead of stopping the whole comparison.
+  """

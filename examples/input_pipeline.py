@@ -13,8 +13,11 @@ Tokenizers: a ``tokenizer.json`` (``tokenizers``) or a sentencepiece ``.model`` 
 else a byte-level BPE trained on the training documents and cached under a key made of a
 hash of the corpus and the vocabulary size.
 
-Documents are split into train/validation by a hash of their text (stable, independent of
-order), tokenized, joined with EOS and cut into rows of ``seq_len + 1`` tokens (inputs are
+Documents are split into three disjoint sets by a hash of their text (stable, independent of
+order): train, *tuning* (the held-out loss that ``examples.compare`` selects learning rates by)
+and *validation* (the held-out loss that is reported, never used for a choice). A corpus with
+its own validation split (C4) keeps it, and the tuning documents come out of its training set.
+Each set is tokenized, joined with EOS and cut into rows of ``seq_len + 1`` tokens (inputs are
 ``row[:-1]``, targets ``row[1:]``). ``BatchSampler(rows, batch_size, seed)(step)`` is a pure
 function of the step, so a resumed run sees exactly the batches an uninterrupted run sees.
 """
@@ -353,17 +356,29 @@ def train_bpe_tokenizer(documents: Sequence[str], vocab_size: int,
 # ----------------------------------------------------------------------------- packing
 
 
-def _is_validation(doc: str, fraction: float) -> bool:
+def _hash_unit(doc: str) -> float:
+  """A number in [0, 1) fixed by the document's text."""
   digest = hashlib.sha1(doc.encode("utf-8", "replace")).digest()
-  return int.from_bytes(digest[:4], "big") / 2**32 < fraction
+  return int.from_bytes(digest[:4], "big") / 2**32
 
 
-def split_documents(documents: Sequence[str], fraction: float):
-  """(train, validation) by a hash of each document's text: deterministic and order-free."""
-  train, val = [], []
+def split_documents(documents: Sequence[str], val_fraction: float, tuning_fraction: float = 0.0):
+  """(train, tuning, validation) by a hash of each document's text.
+
+  A document whose hash falls below ``val_fraction`` is validation, the next
+  ``tuning_fraction`` of the range is tuning, the rest train: deterministic, order-free and
+  disjoint by construction.
+  """
+  train, tuning, val = [], [], []
   for doc in documents:
-    (val if _is_validation(doc, fraction) else train).append(doc)
-  return train, val
+    u = _hash_unit(doc)
+    if u < val_fraction:
+      val.append(doc)
+    elif u < val_fraction + tuning_fraction:
+      tuning.append(doc)
+    else:
+      train.append(doc)
+  return train, tuning, val
 
 
 def pack(token_lists: Sequence[Sequence[int]], eos_id: int, seq_len: int) -> np.ndarray:
@@ -387,56 +402,98 @@ def pack(token_lists: Sequence[Sequence[int]], eos_id: int, seq_len: int) -> np.
 
 @dataclasses.dataclass
 class Dataset:
+  """Packed rows of ``seq_len + 1`` tokens for each split."""
+
   train: np.ndarray  # (num_train_rows, seq_len + 1) int32
-  validation: np.ndarray  # (num_val_rows, seq_len + 1) int32
+  validation: np.ndarray  # the reported held-out split
   tokenizer: TextTokenizer
   corpus_name: str
   num_documents: int
   num_chars: int
+  tuning: Optional[np.ndarray] = None  # the held-out split for choices (learning rates)
 
   @property
   def seq_len(self) -> int:
     return self.train.shape[1] - 1
 
+  def split(self, name: str) -> np.ndarray:
+    """The rows of split ``name``: "train", "tuning" or "validation"."""
+    if name not in SPLITS:
+      raise ExampleError(f"unknown split {name!r} (choose from: {', '.join(SPLITS)})")
+    rows = getattr(self, name)
+    if rows is None:
+      raise ExampleError(f"this dataset has no {name} split (build it with tuning_fraction > 0)")
+    return rows
+
   def describe(self) -> str:
+    tuning = "" if self.tuning is None else f"{self.tuning.shape[0]} tuning / "
     return (f"{self.corpus_name}: {self.num_documents} documents, {self.num_chars / 1e6:.2f} MB, "
             f"tokenizer {self.tokenizer.name} (vocab {self.tokenizer.vocab_size}); "
-            f"{self.train.shape[0]} train / {self.validation.shape[0]} validation rows "
+            f"{self.train.shape[0]} train / {tuning}{self.validation.shape[0]} validation rows "
             f"of {self.seq_len} tokens")
+
+
+SPLITS = ("train", "tuning", "validation")
 
 
 def build_dataset(data: Optional[str], seq_len: int, *, tokenizer: Optional[str] = None,
                   vocab_size: int = 4096, val_fraction: float = 0.05,
-                  max_docs: Optional[int] = None, cache_dir: Optional[str] = None) -> Dataset:
-  """Corpus -> tokenizer -> train/validation rows of ``seq_len + 1`` tokens."""
+                  tuning_fraction: float = 0.05, max_docs: Optional[int] = None,
+                  cache_dir: Optional[str] = None) -> Dataset:
+  """Corpus -> tokenizer -> train/tuning/validation rows of ``seq_len + 1`` tokens.
+
+  Args:
+    data: the corpus (see ``load_documents``).
+    seq_len: tokens per input row.
+    tokenizer: a tokenizer file; None trains a byte-level BPE on the training documents.
+    vocab_size: the vocabulary of that BPE.
+    val_fraction: share of the documents held out for the reported validation loss (a
+      corpus with its own validation split keeps it).
+    tuning_fraction: share held out for the tuning loss; 0: no tuning split.
+    max_docs: read at most this many documents.
+    cache_dir: tokenizer and corpus cache.
+
+  Returns:
+    A Dataset; every split has at least one row.
+  """
   if seq_len < 1:
     raise ExampleError(f"seq_len must be positive, got {seq_len}")
   if not 0.0 < val_fraction < 1.0:
     raise ExampleError(f"val_fraction must be in (0, 1), got {val_fraction}")
+  if not 0.0 <= tuning_fraction < 1.0 or val_fraction + tuning_fraction >= 1.0:
+    raise ExampleError(f"tuning_fraction must be in [0, 1 - val_fraction), got {tuning_fraction}")
   corpus = load_documents(data, max_docs=max_docs, cache_dir=cache_dir)
   if corpus.validation:
-    train_docs, val_docs = corpus.documents, corpus.validation
+    train_docs, tuning_docs, _ = split_documents(corpus.documents, 0.0, tuning_fraction)
+    val_docs = corpus.validation
   else:
-    train_docs, val_docs = split_documents(corpus.documents, val_fraction)
+    train_docs, tuning_docs, val_docs = split_documents(corpus.documents, val_fraction,
+                                                        tuning_fraction)
   if tokenizer:
     tok = load_tokenizer_file(tokenizer)
   else:
     tok = train_bpe_tokenizer(train_docs or corpus.documents, vocab_size, cache_dir)
   train_tokens = tok.encode_batch(train_docs)
-  val_tokens = tok.encode_batch(val_docs)
-  # A small corpus can leave the hash split without one full validation row: move whole
-  # documents from the end of the training set until validation has one.
-  while (sum(len(t) + 1 for t in val_tokens) < seq_len + 1 and len(train_tokens) > 1):
-    val_tokens.insert(0, train_tokens.pop())
+  held_out = {"validation": tok.encode_batch(val_docs)}
+  if tuning_fraction:
+    held_out["tuning"] = tok.encode_batch(tuning_docs)
+  # A small corpus can leave the hash split without one full held-out row: move whole
+  # documents from the end of the training set until each held-out split has one.
+  for tokens in held_out.values():
+    while sum(len(t) + 1 for t in tokens) < seq_len + 1 and len(train_tokens) > 1:
+      tokens.insert(0, train_tokens.pop())
   train_rows = pack(train_tokens, tok.eos_id, seq_len)
-  val_rows = pack(val_tokens, tok.eos_id, seq_len)
-  total = sum(len(t) + 1 for t in train_tokens) + sum(len(t) + 1 for t in val_tokens)
-  if train_rows.shape[0] == 0 or val_rows.shape[0] == 0:
+  rows = {name: pack(tokens, tok.eos_id, seq_len) for name, tokens in held_out.items()}
+  total = sum(len(t) + 1 for t in train_tokens) + sum(
+      len(t) + 1 for tokens in held_out.values() for t in tokens)
+  if train_rows.shape[0] == 0 or any(r.shape[0] == 0 for r in rows.values()):
     raise ExampleError(f"seq_len {seq_len} is larger than the data: {corpus.name} has "
-                       f"{total} tokens, too few for one training and one validation sequence")
+                       f"{total} tokens, too few for one sequence in each of "
+                       f"{', '.join(['train'] + list(rows))}")
   num_chars = sum(len(d) for d in corpus.documents) + sum(len(d) for d in corpus.validation or [])
-  return Dataset(train_rows, val_rows, tok, corpus.name,
-                 len(train_docs) + len(val_docs), num_chars)
+  return Dataset(train_rows, rows["validation"], tok, corpus.name,
+                 len(corpus.documents) + len(corpus.validation or []), num_chars,
+                 tuning=rows.get("tuning"))
 
 
 # ----------------------------------------------------------------------------- batching

@@ -1,47 +1,43 @@
 """Optimizers by name, with the GaLore paper's pretraining recipe.
 
-Recipe (Zhao et al. 2024, Sec. 5 / the authors' ``torchrun_main.py``): learning rate 0.01 for
-GaLore and 1e-3 for AdamW, GaLore scale 0.25, subspace refresh every 200 steps, linear warmup
-over the first 10% of the steps then cosine decay to 10% of the peak. Only the attention and
-MLP matrices are projected (``go.path_mask(r"attn|mlp")``); embeddings, norms and the LM head
-go through the same Adam update at full size.
+Recipe (Zhao et al. 2024, Sec. 5 / the authors' ``torchrun_main.py``): peak learning rate 0.01
+for GaLore and 1e-3 for AdamW (``examples.compare`` tunes it per optimizer), GaLore scale 0.25,
+subspace refresh every 200 steps, linear warmup over the first 10% of the steps then cosine
+decay to 10% of the peak. Only the attention and MLP matrices are projected
+(``go.path_mask(r"attn|mlp")``); embeddings, norms and the LM head go through the same Adam
+update at full size.
 
-``galore_optax`` functions are looked up with ``getattr`` when an optimizer is built, so names
-become available as the library grows; a name whose function is missing raises
-``ExampleError("optimizer X is not available in this galore_optax version")``.
+``REGISTRY`` maps each name to an ``OptimizerSpec`` whose ``build`` calls one function with
+explicit keyword arguments, so a misspelt or removed option fails at once. Adding an optimizer
+is one ``OptimizerSpec`` in the list below, for example::
+
+    OptimizerSpec("fira_adamw", "galore_optax.fira_adamw", 1e-2,
+                  lambda lr, c: go.fira_adamw(lr, weight_decay=c.weight_decay,
+                                              refresh=c.refresh, **galore_options(c))),
+
+Every optimizer is wrapped in ``optax.apply_if_finite`` (see ``build_optimizer``): a step whose
+gradients hold a NaN or an infinity changes neither the weights nor the optimizer state.
 """
 
 import dataclasses
 import functools
-import inspect
 import re
 from typing import Any, Callable, Dict, Optional, Tuple
 
+import galore_optax as go
 import jax
 import optax
+from galore_optax.projection import PROJ_TYPES
+from galore_optax.refresh import REFRESH_METHODS
 
 from examples.errors import ExampleError
 
 
-# Projection sides accepted by galore_optax (see the design notes).
-PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
-REFRESH_METHODS = ("svd", "randomized", "power")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerSpec:
-  name: str
-  description: str
-  default_lr: float
-  # Functions that must exist in galore_optax (empty: optax only).
-  requires: Tuple[str, ...]
-  uses_galore: bool
-  build: Callable[..., optax.GradientTransformation]
-
-
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-  learning_rate: Optional[float] = None  # None: the optimizer's default_lr
+  """Hyperparameters shared by the builders (those an optimizer has no use for are ignored)."""
+
+  learning_rate: Optional[float] = None  # peak; None: the optimizer's default_lr
   total_steps: int = 1000
   warmup_fraction: float = 0.1
   min_lr_ratio: float = 0.1
@@ -52,131 +48,107 @@ class OptimizerConfig:
   scale: float = 0.25
   proj_type: str = "std"
   refresh: str = "svd"  # galore_optax subspace refresh: svd, randomized or power
-  targets: str = r"attn|mlp"
+  targets: str = r"attn|mlp"  # regex on parameter paths selecting the projected matrices
+  # Skip steps with non-finite gradients (optax.apply_if_finite) and allow this many in a
+  # row; the training loop stops at that count. 0: no wrapper, the first NaN stops the run.
+  max_consecutive_nonfinite: int = 10
 
 
-def _galore_optax():
-  try:
-    import galore_optax  # pylint: disable=import-outside-toplevel
-  except Exception:  # pylint: disable=broad-except  (missing or half-written package)
-    return None
-  return galore_optax
+Builder = Callable[[optax.ScalarOrSchedule, OptimizerConfig], optax.GradientTransformation]
 
 
-def _library_fn(name: str, fn_name: str):
-  go = _galore_optax()
-  fn = getattr(go, fn_name, None) if go is not None else None
-  if fn is None:
-    raise ExampleError(f"optimizer {name} is not available in this galore_optax version "
-                       f"(galore_optax.{fn_name} is missing)")
-  return fn
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  """One registry entry.
+
+  Attributes:
+    name: the name used on the command line.
+    description: one line for ``--list-optimizers`` and the docs.
+    default_lr: the peak learning rate of the paper's recipe (the centre of the tuning grid).
+    build: ``build(learning_rate_schedule, config) -> optax.GradientTransformation``.
+    projects: True when the optimizer takes GaLore's options (rank, proj_type, refresh).
+    proj_types: the ``proj_type`` values it supports.
+    refresh_methods: the ``refresh`` values it supports.
+    stacked_kernels: False when it cannot project (layers, in, out) kernels (--scan-layers).
+  """
+
+  name: str
+  description: str
+  default_lr: float
+  build: Builder
+  projects: bool = True
+  proj_types: Tuple[str, ...] = tuple(PROJ_TYPES)
+  refresh_methods: Tuple[str, ...] = tuple(REFRESH_METHODS)
+  stacked_kernels: bool = True
 
 
-def _call_supported(fn: Callable, *args, **kwargs):
-  """Calls ``fn`` with the keyword arguments its signature accepts (all, with **kwargs)."""
-  try:
-    params = inspect.signature(fn).parameters
-  except (TypeError, ValueError):
-    return fn(*args, **kwargs)
-  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-    return fn(*args, **kwargs)
-  return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
-
-
-def _galore_kwargs(name: str, cfg: OptimizerConfig) -> Dict[str, Any]:
-  path_mask = _library_fn(name, "path_mask")
+def galore_options(cfg: OptimizerConfig) -> Dict[str, Any]:
+  """The GaLore keyword arguments every galore_optax optimizer takes."""
   return dict(rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale,
-              proj_type=cfg.proj_type, refresh=cfg.refresh, mask=path_mask(cfg.targets))
+              proj_type=cfg.proj_type, mask=go.path_mask(cfg.targets))
 
 
-def _build_adamw(name, cfg, lr):
-  del name
-  return optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
-
-
-def _build_adamw_8bit(name, cfg, lr):
-  return _library_fn(name, "adamw_8bit")(lr, weight_decay=cfg.weight_decay)
-
-
-def _build_library_galore(fn_name, **fixed):
-  def build(name, cfg, lr):
-    fn = _library_fn(name, fn_name)
-    return _call_supported(fn, lr, weight_decay=cfg.weight_decay, **_galore_kwargs(name, cfg),
-                           **fixed)
-  return build
-
-
-def _path_str(path) -> str:
-  return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
-def _build_contrib_galore(name, cfg, lr):
-  """The peer baseline: ``optax.contrib.galore`` (SVD every gap steps, no batch axes)."""
-  del name
+def _contrib_galore(learning_rate, cfg: OptimizerConfig) -> optax.GradientTransformation:
+  """The peer baseline ``optax.contrib.galore`` on the same matrices (exact SVD, 2-D only)."""
   pattern = re.compile(cfg.targets)
 
   def dimension_numbers(params):
     def pick(path, leaf):
-      if leaf.ndim > 2 and pattern.search(_path_str(path)):
-        raise ExampleError("optax_contrib_galore cannot project stacked (scan_layers) kernels "
-                           f"of shape {leaf.shape}; train without --scan-layers")
-      if leaf.ndim == 2 and pattern.search(_path_str(path)):
+      name = jax.tree_util.keystr(path, simple=True, separator="/")
+      if leaf.ndim == 2 and pattern.search(name):
         return optax.contrib.GaLoreDimensionNumbers(reduction_axis=0, output_axis=1)
       return None
     return jax.tree_util.tree_map_with_path(pick, params)
 
   return optax.contrib.galore(
-      lr, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale,
+      learning_rate, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale,
       base_optimizer=optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-6),
       weight_decay=cfg.weight_decay, weight_dimension_numbers=dimension_numbers)
 
 
-REGISTRY: Dict[str, OptimizerSpec] = {
-    spec.name: spec for spec in [
-        OptimizerSpec("adamw", "optax.adamw (full-rank baseline)", 1e-3, (), False, _build_adamw),
-        OptimizerSpec("adamw_8bit", "galore_optax.adamw_8bit (blockwise 8-bit states)", 1e-3,
-                      ("adamw_8bit",), False, _build_adamw_8bit),
-        OptimizerSpec("galore_adamw", "galore_optax.galore_adamw", 1e-2,
-                      ("galore_adamw", "path_mask"), True, _build_library_galore("galore_adamw")),
-        OptimizerSpec("galore_adamw8bit", "galore_optax.galore_adamw8bit", 1e-2,
-                      ("galore_adamw8bit", "path_mask"), True,
-                      _build_library_galore("galore_adamw8bit")),
-        OptimizerSpec("galore_adafactor", "galore_optax.galore_adafactor", 1e-2,
-                      ("galore_adafactor", "path_mask"), True,
-                      # The peak learning rate as is, as transformers documents for Adafactor
-                      # with a schedule: scale_parameter would multiply it by each weight's
-                      # RMS (~0.02 at init, a 50x smaller step).
-                      _build_library_galore("galore_adafactor", scale_parameter=False)),
-        OptimizerSpec("gradnorm_lorp", "galore_optax.gradnorm_lorp", 1e-2,
-                      ("gradnorm_lorp", "path_mask"), True, _build_library_galore("gradnorm_lorp")),
-        OptimizerSpec("optax_contrib_galore", "optax.contrib.galore (peer baseline)", 1e-2,
-                      (), True, _build_contrib_galore),
-    ]
-}
+REGISTRY: Dict[str, OptimizerSpec] = {spec.name: spec for spec in [
+    OptimizerSpec(
+        "adamw", "optax.adamw (full-rank baseline)", 1e-3,
+        lambda lr, c: optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=c.weight_decay),
+        projects=False),
+    OptimizerSpec(
+        "adamw_8bit", "galore_optax.adamw_8bit (blockwise 8-bit states)", 1e-3,
+        lambda lr, c: go.adamw_8bit(lr, weight_decay=c.weight_decay),
+        projects=False),
+    OptimizerSpec(
+        "galore_adamw", "galore_optax.galore_adamw", 1e-2,
+        lambda lr, c: go.galore_adamw(lr, weight_decay=c.weight_decay, refresh=c.refresh,
+                                      **galore_options(c))),
+    OptimizerSpec(
+        "galore_adamw8bit", "galore_optax.galore_adamw8bit", 1e-2,
+        lambda lr, c: go.galore_adamw8bit(lr, weight_decay=c.weight_decay, refresh=c.refresh,
+                                          **galore_options(c))),
+    OptimizerSpec(
+        "galore_adafactor", "galore_optax.galore_adafactor", 1e-2,
+        # The peak learning rate as is, as transformers documents for Adafactor with a
+        # schedule: scale_parameter would multiply it by each weight's RMS (~0.02 at init).
+        lambda lr, c: go.galore_adafactor(lr, weight_decay=c.weight_decay, refresh=c.refresh,
+                                          scale_parameter=False, relative_step=False,
+                                          **galore_options(c))),
+    OptimizerSpec(
+        "gradnorm_lorp", "galore_optax.gradnorm_lorp", 1e-2,
+        lambda lr, c: go.gradnorm_lorp(lr, weight_decay=c.weight_decay, refresh=c.refresh,
+                                       **galore_options(c))),
+    OptimizerSpec(
+        "gradnorm_lorp8bit", "galore_optax.gradnorm_lorp8bit", 1e-2,
+        lambda lr, c: go.gradnorm_lorp8bit(lr, weight_decay=c.weight_decay, refresh=c.refresh,
+                                           **galore_options(c))),
+    OptimizerSpec(
+        "optax_contrib_galore", "optax.contrib.galore (peer baseline)", 1e-2, _contrib_galore,
+        proj_types=("std",), refresh_methods=("svd",), stacked_kernels=False),
+]}
 
 
 def get_spec(name: str) -> OptimizerSpec:
+  """The registry entry of ``name``; an unknown name is an ExampleError listing the others."""
   if name not in REGISTRY:
     raise ExampleError(f"unknown optimizer {name!r} (choose from: {', '.join(REGISTRY)})")
   return REGISTRY[name]
-
-
-def is_available(name: str) -> bool:
-  """True when ``name`` is known and every galore_optax function it needs exists."""
-  spec = get_spec(name)
-  go = _galore_optax()
-  return all(go is not None and getattr(go, fn, None) is not None for fn in spec.requires)
-
-
-def check_available(name: str) -> OptimizerSpec:
-  spec = get_spec(name)
-  for fn in spec.requires:
-    _library_fn(name, fn)
-  return spec
-
-
-def available_optimizers():
-  return [name for name in REGISTRY if is_available(name)]
 
 
 def learning_rate_schedule(peak: float, cfg: OptimizerConfig) -> optax.Schedule:
@@ -188,43 +160,111 @@ def learning_rate_schedule(peak: float, cfg: OptimizerConfig) -> optax.Schedule:
       decay_steps=max(total, warmup + 1), end_value=cfg.min_lr_ratio * peak)
 
 
-def build_optimizer(name: str, cfg: OptimizerConfig):
-  """Returns (optax transformation, learning-rate schedule, peak learning rate)."""
-  spec = check_available(name)
+def check_config(name: str, cfg: OptimizerConfig, *, stacked_kernels: bool = False) -> float:
+  """Checks ``cfg`` for optimizer ``name``; returns the peak learning rate.
+
+  Raises:
+    ExampleError: naming the option and the accepted values.
+  """
+  spec = get_spec(name)
   peak = spec.default_lr if cfg.learning_rate is None else cfg.learning_rate
-  if not peak > 0:
-    raise ExampleError(f"learning rate must be positive, got {peak}")
-  if spec.uses_galore and cfg.rank < 1:
+  if not peak > 0 or peak == float("inf"):
+    raise ExampleError(f"learning rate must be a positive number, got {peak}")
+  if cfg.max_consecutive_nonfinite < 0:
+    raise ExampleError("max-consecutive-nonfinite must be >= 0 (0: no skipping), got "
+                       f"{cfg.max_consecutive_nonfinite}")
+  if not spec.projects:
+    return peak
+  if cfg.rank < 1:
     raise ExampleError(f"rank must be positive, got {cfg.rank}")
   if cfg.update_proj_gap < 1:
     raise ExampleError(f"update_proj_gap must be positive, got {cfg.update_proj_gap}")
-  if spec.uses_galore:
-    if cfg.proj_type not in PROJ_TYPES:
-      raise ExampleError(f"unknown proj_type {cfg.proj_type!r} "
-                         f"(choose from: {', '.join(PROJ_TYPES)})")
-    if name == "optax_contrib_galore" and cfg.proj_type != "std":
-      raise ExampleError("optax_contrib_galore has no proj_type option (it projects the smaller "
-                         "side, like 'std'); drop --proj-type")
-    if cfg.refresh not in REFRESH_METHODS:
-      raise ExampleError(f"unknown refresh {cfg.refresh!r} "
-                         f"(choose from: {', '.join(REFRESH_METHODS)})")
-    if name == "optax_contrib_galore" and cfg.refresh != "svd":
-      raise ExampleError("optax_contrib_galore only refreshes by exact SVD; drop --refresh")
-    try:
-      re.compile(cfg.targets)
-    except re.error as e:
-      raise ExampleError(f"galore targets {cfg.targets!r} is not a regular expression: {e}"
-                         ) from None
+  if cfg.proj_type not in spec.proj_types:
+    raise ExampleError(f"{name} does not support proj_type {cfg.proj_type!r} "
+                       f"(choose from: {', '.join(spec.proj_types)})")
+  if cfg.refresh not in spec.refresh_methods:
+    raise ExampleError(f"{name} does not support refresh {cfg.refresh!r} "
+                       f"(choose from: {', '.join(spec.refresh_methods)})")
+  if stacked_kernels and not spec.stacked_kernels:
+    raise ExampleError(f"{name} cannot project stacked (scan_layers) kernels; "
+                       "train without --scan-layers")
+  try:
+    re.compile(cfg.targets)
+  except re.error as e:
+    raise ExampleError(f"galore targets {cfg.targets!r} is not a regular expression: {e}"
+                       ) from None
+  return peak
+
+
+def build_optimizer(name: str, cfg: OptimizerConfig):
+  """The optimizer ``name`` configured by ``cfg``.
+
+  Args:
+    name: a key of ``REGISTRY``.
+    cfg: the hyperparameters.
+
+  Returns:
+    (optax transformation, learning-rate schedule, peak learning rate). The transformation
+    is ``optax.apply_if_finite`` around the (optionally clipped) optimizer unless
+    ``cfg.max_consecutive_nonfinite`` is 0.
+  """
+  peak = check_config(name, cfg)
   return _build(name, cfg, peak)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=64)
 def _build(name: str, cfg: OptimizerConfig, peak: float):
   # Cached: nnx.Optimizer keeps the transformation as static graph metadata, so handing out
   # the same object for the same configuration lets nnx.jit reuse a compiled train step
-  # across runs in one process (a resumed run, the tests).
+  # across runs in one process (seeds of a comparison, a resumed run, the tests).
   schedule = learning_rate_schedule(peak, cfg)
-  tx = REGISTRY[name].build(name, cfg, schedule)
+  tx = REGISTRY[name].build(schedule, cfg)
   if cfg.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+  if cfg.max_consecutive_nonfinite:
+    # The loop stops once this many steps in a row were skipped, so apply_if_finite's
+    # "apply anyway after max_consecutive_errors" is never reached.
+    tx = optax.apply_if_finite(_keeps_state_structure(tx),
+                               max_consecutive_errors=cfg.max_consecutive_nonfinite)
   return tx, schedule, peak
+
+
+def _keeps_state_structure(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``tx`` whose ``update`` returns its state in the containers it received.
+
+  Under ``nnx.Optimizer`` the state can arrive with some containers turned into
+  ``nnx.State`` mappings (a NamedTuple of 8-bit codes and scales, for one), while
+  galore_optax 0.1's transforms return their own containers (same leaves, other order).
+  apply_if_finite chooses between the new and the old state with ``lax.cond``, which needs
+  both in one structure, so the new leaves are put back in the old containers by name.
+  """
+  def update(updates, state, params=None):
+    updates, new_state = tx.update(updates, state, params)
+    return updates, _restructure_like(state, new_state)
+  return optax.GradientTransformation(tx.init, update)
+
+
+def _key_name(key) -> Any:
+  for attr in ("key", "name", "idx"):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
+    if hasattr(key, attr):
+      return getattr(key, attr)
+  return str(key)
+
+
+def _restructure_like(reference, tree):
+  """The leaves of ``tree`` in the containers of ``reference``, matched by path names."""
+  by_path = {tuple(map(_key_name, path)): leaf
+             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  paths, treedef = jax.tree_util.tree_flatten_with_path(reference)
+  names = [tuple(map(_key_name, path)) for path, _ in paths]
+  if set(names) != set(by_path):
+    raise ValueError("the optimizer returned a state with other entries than it received: "
+                     f"{sorted(set(map(str, by_path)) ^ set(map(str, names)))[:4]}")
+  return treedef.unflatten([by_path[n] for n in names])
+
+
+def nonfinite_counts(opt_state) -> Optional[Tuple[Any, Any]]:
+  """(consecutive, total) skipped steps of an ``apply_if_finite`` state; None without one."""
+  if isinstance(opt_state, optax.ApplyIfFiniteState):
+    return opt_state.notfinite_count, opt_state.total_notfinite
+  return None

@@ -1,21 +1,23 @@
-"""Pretrain the LLaMA example with AdamW, GaLore or a peer baseline.
+"""The training loop: ``train_and_evaluate(config, workdir)``, as in the Flax examples.
 
-    python -m examples.train --config tiny --optimizer galore_adamw --steps 200
-    python -m examples.train --config 60m --optimizer galore_adamw --data /data/c4 \\
-        --tokenizer /data/t5/tokenizer.json --batch-size 64 --steps 10000 --bf16 \\
-        --workdir runs/60m_galore --checkpoint-every 1000          # add --resume to continue
-    python -m examples.train --config tiny --mesh data=2,fsdp=2,tensor=2 --scan-layers
+``examples.main`` is the command line for one run (``python -m examples.train`` is an alias
+of it). ``train_and_evaluate`` writes into ``workdir``: ``config.json``, ``metrics.jsonl``
+(train and eval records), ``checkpoints/`` (an orbax ``CheckpointManager``) and
+``summary.json``.
 
-With ``--mesh`` the model is sharded over a (data, fsdp, tensor) device mesh (see
+With ``config.mesh`` the model is sharded over a (data, fsdp, tensor) device mesh (see
 ``shard_model``) and batches over data x fsdp. On a CPU, eight virtual devices need
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8 NPROC=16`` in the environment.
 
-``train_and_evaluate(config, workdir)`` is the library entry point (as in the Flax examples).
-The workdir receives ``config.json``, ``metrics.jsonl`` (train and eval records),
-``checkpoints/`` (orbax) and ``summary.json``.
+Reliability: steps whose gradients hold a NaN or an infinity are skipped
+(``optax.apply_if_finite``), counted and logged; after ``config.max_consecutive_nonfinite``
+of them in a row the run stops with ``DivergenceError``. ``config.resume`` first checks that
+the latest checkpoint was written by the same run configuration and restores it in memory;
+only then are files in ``workdir`` touched, so a refused or unreadable checkpoint leaves
+every file as it was.
 """
 
-import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -24,8 +26,9 @@ import os
 import re
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
+import galore_optax as go
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,22 +37,25 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from examples import configs as configs_lib
-from examples import data as data_lib
 from examples import fileio
-from examples import llama
+from examples import input_pipeline
+from examples import models
 from examples import optimizers as optimizers_lib
-from examples.errors import ExampleError
+from examples.errors import DivergenceError, ExampleError
+
+# Version of the run metadata stored with every checkpoint.
+_CHECKPOINT_FORMAT = 1
 
 
 @dataclasses.dataclass
 class TrainResult:
   summary: Dict[str, Any]
   history: List[Dict[str, Any]]  # the records written to metrics.jsonl by this invocation
-  model: llama.Llama
+  model: models.Llama
   optimizer: nnx.Optimizer
 
 
-def loss_fn(model: llama.Llama, batch: jax.Array) -> jax.Array:
+def loss_fn(model: models.Llama, batch: jax.Array) -> jax.Array:
   """Mean next-token cross entropy; batch rows hold seq_len + 1 tokens."""
   logits = model(batch[:, :-1])
   losses = optax.softmax_cross_entropy_with_integer_labels(
@@ -57,22 +63,28 @@ def loss_fn(model: llama.Llama, batch: jax.Array) -> jax.Array:
   return losses.mean()
 
 
-@functools.partial(nnx.jit, donate_argnums=(0, 1))
-def train_step(model: llama.Llama, optimizer: nnx.Optimizer, metrics: nnx.MultiMetric,
-               batch: jax.Array) -> jax.Array:
+def _update(model, optimizer, metrics, batch) -> jax.Array:
   loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
   optimizer.update(model, grads)
-  metrics.update(loss=loss, grad_norm=optax.global_norm(grads))
+  grad_norm = optax.global_norm(grads)
+  # A skipped step (non-finite gradients) stays out of the logged averages.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  metrics.update(loss=jnp.where(finite, loss, 0.0), grad_norm=jnp.where(finite, grad_norm, 0.0),
+                 mask=finite)
   return loss
 
 
 @functools.partial(nnx.jit, donate_argnums=(0, 1))
-def sharded_train_step(model: llama.Llama, optimizer: nnx.Optimizer,
+def train_step(model: models.Llama, optimizer: nnx.Optimizer, metrics: nnx.MultiMetric,
+               batch: jax.Array) -> jax.Array:
+  return _update(model, optimizer, metrics, batch)
+
+
+@functools.partial(nnx.jit, donate_argnums=(0, 1))
+def sharded_train_step(model: models.Llama, optimizer: nnx.Optimizer,
                        metrics: nnx.MultiMetric, batch: jax.Array) -> jax.Array:
   """``train_step`` on a mesh: the new weights and optimizer state keep their shardings."""
-  loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
-  optimizer.update(model, grads)
-  metrics.update(loss=loss, grad_norm=optax.global_norm(grads))
+  loss = _update(model, optimizer, metrics, batch)
   # With Auto mesh axes XLA picks the outputs' shardings; pin them to the Variables'
   # out_sharding metadata (set by shard_model; galore_optax sets the optimizer state's).
   for node in (model, optimizer):
@@ -82,7 +94,7 @@ def sharded_train_step(model: llama.Llama, optimizer: nnx.Optimizer,
 
 
 @nnx.jit
-def eval_step(model: llama.Llama, metrics: nnx.MultiMetric, batch: jax.Array) -> None:
+def eval_step(model: models.Llama, metrics: nnx.MultiMetric, batch: jax.Array) -> None:
   metrics.update(loss=loss_fn(model, batch))
 
 
@@ -91,7 +103,30 @@ def make_train_metrics() -> nnx.MultiMetric:
                          grad_norm=nnx.metrics.Average("grad_norm"))
 
 
-def evaluate(model: llama.Llama, batches) -> Dict[str, float]:
+def settle_state_containers(optimizer: nnx.Optimizer) -> None:
+  """Puts the optimizer state into the containers it has after its first update.
+
+  ``nnx.Optimizer`` turns a dict or NamedTuple held by a state Variable (galore_optax's
+  projectors, 8-bit and factored moments) into an ``nnx.State`` at the first update, so the
+  train step would see a second input structure at step 2 and be traced and compiled again.
+  Converting them up front compiles it once.
+  """
+  def convert(value):
+    fields = getattr(value, "_fields", None) if isinstance(value, tuple) else None
+    if isinstance(value, dict) or fields:
+      items = value.items() if isinstance(value, dict) else zip(fields, value)
+      return nnx.State({k: convert(v) for k, v in items})
+    return value
+  for _, node in nnx.iter_graph(optimizer):
+    if isinstance(node, nnx.Variable):
+      value = node.get_value()
+      settled = convert(value)
+      if settled is not value:
+        node.set_value(settled)
+
+
+def evaluate(model: models.Llama, batches) -> Dict[str, float]:
+  """Mean loss and perplexity over ``batches``."""
   metrics = nnx.MultiMetric(loss=nnx.metrics.Average("loss"))
   for batch in batches:
     eval_step(model, metrics, jnp.asarray(batch))
@@ -124,20 +159,36 @@ def _read_metrics(path: str, up_to_step: int) -> List[str]:
   return kept
 
 
-class _Checkpoints:
-  """An orbax CheckpointManager holding the model parameters and the optimizer state.
+# ------------------------------------------------------------------------------ checkpoints
 
-  The two states are saved as one flat mapping {path: array}. Flat, because orbax refuses
-  zero-size arrays and some optimizers keep them (optax.contrib.galore stores an empty
-  projector for every leaf it does not project): those leaves are left out of the
-  checkpoint and keep their freshly initialised (equally empty) values on restore.
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _describe(identity: Dict[str, Any], keys) -> str:
+  return ", ".join(f"{k} {identity.get(k)!r}" if isinstance(identity.get(k), str)
+                   else f"{k} {identity.get(k)}" for k in keys)
+
+
+class Checkpoints:
+  """An orbax ``CheckpointManager`` holding the parameters, the optimizer state and the run.
+
+  Each step stores two items: ``state``, the model parameters and optimizer state as one flat
+  mapping {path: array}, and ``run``, the settings that decide the trajectory
+  (``run_identity``), which ``restore`` compares with the resuming run before reading any
+  array. The mapping is flat because orbax refuses zero-size arrays and some optimizers keep
+  them (optax.contrib.galore stores an empty projector for every leaf it does not project):
+  those leaves are left out and keep their freshly initialised (equally empty) values.
   """
 
   def __init__(self, directory: str, keep: int):
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
     self._ocp = ocp
+    self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
+        self.directory, item_names=("state", "run"),
         options=ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), create=True))
 
   @staticmethod
@@ -153,16 +204,66 @@ class _Checkpoints:
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
-  def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer) -> None:
+  def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer,
+           identity: Dict[str, Any]) -> None:
     keys, leaves, _ = self._flat(model, optimizer)
     flat = {k: v for k, v in zip(keys, leaves) if np.size(v)}
-    self.manager.save(step, args=self._ocp.args.StandardSave(flat))
+    self.manager.save(step, args=self._ocp.args.Composite(
+        state=self._ocp.args.StandardSave(flat),
+        run=self._ocp.args.JsonSave({"format": _CHECKPOINT_FORMAT, "run": identity})))
 
-  def restore(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer) -> None:
+  def restore(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer,
+              identity: Optional[Dict[str, Any]] = None) -> None:
+    """Loads checkpoint ``step`` into ``model`` and ``optimizer``.
+
+    Args:
+      step: the checkpoint's step.
+      model, optimizer: receive the restored values (only once everything was read).
+      identity: this run's ``run_identity``; a checkpoint written with other values is
+        refused. None: no check.
+
+    Raises:
+      ExampleError: one line saying what does not match, or why the checkpoint cannot be
+        read. Nothing is changed then.
+    """
+    where = f"the checkpoint of step {step} in {self.directory}"
+    if identity is not None:
+      try:
+        meta = self.manager.restore(
+            step, args=self._ocp.args.Composite(run=self._ocp.args.JsonRestore()))["run"]
+      except Exception as e:  # pylint: disable=broad-except  (missing or unreadable item)
+        raise ExampleError(f"{where} has no readable run settings ({_first_line(e)}); it was "
+                           "written by another version of this example or is damaged; "
+                           "start a new --workdir") from None
+      written = meta.get("run", {}) if isinstance(meta, dict) else {}
+      differ = sorted(k for k in set(written) | set(identity)
+                      if written.get(k) != identity.get(k))
+      if differ:
+        by = written.get("optimizer", "?")
+        if "optimizer" in differ:
+          differ.remove("optimizer")
+          ask = f"this run asks for {identity.get('optimizer')}"
+          ask += f" with {_describe(identity, differ)}" if differ else ""
+          raise ExampleError(f"{where} was written by {by}"
+                             + (f" with {_describe(written, differ)}" if differ else "")
+                             + f"; {ask} (resume with the same settings or use another "
+                             "--workdir)")
+        raise ExampleError(f"{where} was written by {by} with {_describe(written, differ)}; "
+                           f"this run asks for {_describe(identity, differ)} (resume with the "
+                           "same settings or use another --workdir)")
     keys, leaves, treedef = self._flat(model, optimizer)
     abstract = {k: self._ocp.utils.to_shape_dtype_struct(v)
                 for k, v in zip(keys, leaves) if np.size(v)}
-    restored = self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+    try:
+      restored = self.manager.restore(step, args=self._ocp.args.Composite(
+          state=self._ocp.args.StandardRestore(abstract)))["state"]
+      jax.block_until_ready(restored)
+    except Exception as e:  # pylint: disable=broad-except  (damaged files, other layout)
+      # TensorStore appends a long dump of its spec: the first sentence says what failed.
+      reason = _first_line(e).split(". See full TensorStore details")[0]
+      raise ExampleError(f"cannot read {where}: {reason}") from None
+    if set(restored) != set(abstract):
+      raise ExampleError(f"{where} holds other arrays than this run's state")
     state = treedef.unflatten([restored.get(k, v) for k, v in zip(keys, leaves)])
     nnx.update(model, state["model"])
     nnx.update(optimizer, state["optimizer"])
@@ -203,7 +304,7 @@ def parse_mesh(spec: str) -> Dict[str, int]:
 def build_mesh(sizes: Dict[str, int]) -> jax.sharding.Mesh:
   """A mesh with Auto axes over all devices.
 
-  Auto, not jax.make_mesh's default Explicit axes: llama.py carries no sharding
+  Auto, not jax.make_mesh's default Explicit axes: models.py carries no sharding
   annotations, so XLA propagates the shardings through the forward pass (the GaLore
   optimizers work on Explicit meshes too; see galore_optax.sharding_aware).
   """
@@ -261,14 +362,19 @@ def _batch_placer(mesh: Optional[jax.sharding.Mesh]):
       batch, split if np.shape(batch)[0] % ways == 0 else replicated)
 
 
+# ------------------------------------------------------------------------------ configuration
+
+
 def optimizer_config(config: configs_lib.TrainConfig) -> optimizers_lib.OptimizerConfig:
+  """The optimizer's part of ``config``, with the per-model defaults filled in."""
   rank = config.rank if config.rank is not None else configs_lib.DEFAULT_RANKS.get(config.model, 128)
   return optimizers_lib.OptimizerConfig(
       learning_rate=config.learning_rate, total_steps=config.steps,
       warmup_fraction=config.warmup_fraction, min_lr_ratio=config.min_lr_ratio,
       weight_decay=config.weight_decay, grad_clip=config.grad_clip, rank=rank,
       update_proj_gap=config.update_proj_gap, scale=config.galore_scale,
-      proj_type=config.proj_type, refresh=config.refresh, targets=config.galore_targets)
+      proj_type=config.proj_type, refresh=config.refresh, targets=config.galore_targets,
+      max_consecutive_nonfinite=config.max_consecutive_nonfinite)
 
 
 def validate_config(config: configs_lib.TrainConfig) -> configs_lib.LlamaConfig:
@@ -276,10 +382,9 @@ def validate_config(config: configs_lib.TrainConfig) -> configs_lib.LlamaConfig:
   model_cfg = configs_lib.get_model_config(
       config.model, scan_layers=config.scan_layers, remat=config.remat,
       tie_embeddings=config.tie_embeddings, dtype=config.dtype, param_dtype=config.param_dtype)
-  llama.remat_policy(model_cfg.remat)
-  # Builds (and drops) the optimizer: a bad learning rate, rank or projection type is
-  # reported before any data is read or file written.
-  optimizers_lib.build_optimizer(config.optimizer, optimizer_config(config))
+  models.remat_policy(model_cfg.remat)
+  optimizers_lib.check_config(config.optimizer, optimizer_config(config),
+                              stacked_kernels=config.scan_layers)
   for name in ("steps", "batch_size", "eval_every", "eval_batches", "log_every"):
     if getattr(config, name) < 1:
       raise ExampleError(f"{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
@@ -287,11 +392,10 @@ def validate_config(config: configs_lib.TrainConfig) -> configs_lib.LlamaConfig:
     raise ExampleError(f"checkpoint-every must be >= 0, got {config.checkpoint_every}")
   if config.seq_len is not None and config.seq_len < 2:
     raise ExampleError(f"seq-len must be at least 2, got {config.seq_len}")
-  if config.optimizer == "optax_contrib_galore" and config.scan_layers:
-    raise ExampleError("optax_contrib_galore cannot project stacked (scan_layers) kernels; "
-                       "train without --scan-layers")
   if config.stop_after is not None and config.stop_after < 1:
     raise ExampleError(f"stop-after must be positive, got {config.stop_after}")
+  if config.eval_split not in ("validation", "tuning"):
+    raise ExampleError(f"eval split must be 'validation' or 'tuning', got {config.eval_split!r}")
   if config.mesh is not None:
     sizes = parse_mesh(config.mesh)
     if config.batch_size % (sizes["data"] * sizes["fsdp"]):
@@ -300,19 +404,42 @@ def validate_config(config: configs_lib.TrainConfig) -> configs_lib.LlamaConfig:
   return model_cfg
 
 
-def load_dataset(config: configs_lib.TrainConfig) -> data_lib.Dataset:
-  """The dataset ``config`` describes (corpus, tokenizer, packed train/validation rows)."""
+def load_dataset(config: configs_lib.TrainConfig) -> input_pipeline.Dataset:
+  """The dataset ``config`` describes (corpus, tokenizer, packed train/tuning/validation rows)."""
   model_cfg = validate_config(config)
-  vocab = config.vocab_size or model_cfg.vocab_size or configs_lib.DEFAULT_BPE_VOCAB
-  return data_lib.build_dataset(
+  vocab = config.vocab_size or model_cfg.vocab_size or configs_lib.bpe_vocab_size(config.model)
+  return input_pipeline.build_dataset(
       config.data, config.seq_len or model_cfg.max_seq_len, tokenizer=config.tokenizer,
-      vocab_size=vocab, val_fraction=config.val_fraction, max_docs=config.max_docs,
+      vocab_size=vocab, val_fraction=config.val_fraction,
+      tuning_fraction=config.tuning_fraction, max_docs=config.max_docs,
       cache_dir=config.cache_dir)
 
 
+def run_identity(config: configs_lib.TrainConfig, model_cfg: configs_lib.LlamaConfig,
+                 peak_lr: float) -> Dict[str, Any]:
+  """The settings that decide a run's trajectory, with defaults resolved (JSON-able).
+
+  A checkpoint stores them; ``--resume`` refuses one written with other values.
+  """
+  identity = {k: v for k, v in dataclasses.asdict(config).items()
+              if k not in configs_lib.RESUME_MAY_CHANGE}
+  identity.update(learning_rate=peak_lr, rank=optimizer_config(config).rank,
+                  seq_len=model_cfg.max_seq_len, vocab_size=model_cfg.vocab_size)
+  for key in ("data", "tokenizer"):  # the same file, named from another folder
+    if identity[key] and os.path.exists(os.path.expanduser(identity[key])):
+      identity[key] = os.path.abspath(os.path.expanduser(identity[key]))
+  # The model's shape, whatever the config's name stands for today.
+  identity.update({f"model.{k}": v for k, v in dataclasses.asdict(model_cfg).items()})
+  return json.loads(json.dumps(identity))
+
+
+# ------------------------------------------------------------------------------ training
+
+
 def train_and_evaluate(config: configs_lib.TrainConfig, workdir: str, *,
-                       dataset: Optional[data_lib.Dataset] = None,
-                       log=print) -> TrainResult:
+                       dataset: Optional[input_pipeline.Dataset] = None,
+                       log: Callable[[str], None] = print,
+                       on_step: Optional[Callable[[int, float], None]] = None) -> TrainResult:
   """Trains ``config.model`` with ``config.optimizer``; writes everything under ``workdir``.
 
   Args:
@@ -321,20 +448,28 @@ def train_and_evaluate(config: configs_lib.TrainConfig, workdir: str, *,
     dataset: a prebuilt dataset (examples.compare shares one between runs); built from
       ``config`` when None.
     log: where progress lines go (print by default).
+    on_step: called after every training step with (step, loss) (examples.compare's
+      progress bar).
 
   Returns:
     TrainResult with the summary, the metric records, the model and the optimizer.
+
+  Raises:
+    ExampleError: bad configuration or data, or a checkpoint that ``--resume`` cannot use.
+    DivergenceError: ``config.max_consecutive_nonfinite`` steps in a row had non-finite
+      gradients (or, without skipping, the loss was not finite).
   """
   t_start = time.perf_counter()
   model_cfg = validate_config(config)
   if config.mesh is None:
-    return _train_and_evaluate(config, workdir, dataset, log, t_start, model_cfg, None)
+    return _train_and_evaluate(config, workdir, dataset, log, on_step, t_start, model_cfg, None)
   mesh = build_mesh(parse_mesh(config.mesh))
   with jax.set_mesh(mesh):  # the model's and optimizer's Variables shard on this mesh
-    return _train_and_evaluate(config, workdir, dataset, log, t_start, model_cfg, mesh)
+    return _train_and_evaluate(config, workdir, dataset, log, on_step, t_start, model_cfg, mesh)
 
 
-def _train_and_evaluate(config, workdir, dataset, log, t_start, model_cfg, mesh) -> TrainResult:
+def _train_and_evaluate(config, workdir, dataset, log, on_step, t_start, model_cfg,
+                        mesh) -> TrainResult:
   seq_len = config.seq_len or model_cfg.max_seq_len
 
   # ---------------------------------------------------------------- data
@@ -348,25 +483,25 @@ def _train_and_evaluate(config, workdir, dataset, log, t_start, model_cfg, mesh)
                        f"has a vocabulary of {model_cfg.vocab_size}")
   model_cfg = dataclasses.replace(model_cfg, vocab_size=model_cfg.vocab_size or tok_vocab,
                                   max_seq_len=seq_len)
-  sampler = data_lib.BatchSampler(dataset.train, config.batch_size, config.seed)
+  sampler = input_pipeline.BatchSampler(dataset.train, config.batch_size, config.seed)
   place = _batch_placer(mesh)
-  val_batches = [place(b) for b in data_lib.eval_batches(
-      dataset.validation, config.batch_size, config.eval_batches)]
+  eval_label = "eval" if config.eval_split == "validation" else config.eval_split
+  eval_batches = [place(b) for b in input_pipeline.eval_batches(
+      dataset.split(config.eval_split), config.batch_size, config.eval_batches)]
 
   # ---------------------------------------------------------------- model and optimizer
-  model = llama.Llama(model_cfg, rngs=nnx.Rngs(params=config.seed))
+  model = models.Llama(model_cfg, rngs=nnx.Rngs(params=config.seed))
   tx, schedule, peak_lr = optimizers_lib.build_optimizer(
       config.optimizer, optimizer_config(config))
-  import galore_optax as go  # pylint: disable=import-outside-toplevel
   step_fn = train_step
   if mesh is not None:
-    sizes = dict(mesh.shape)
-    shard_model(model, mesh, sizes, model_cfg.scan_layers)
+    shard_model(model, mesh, dict(mesh.shape), model_cfg.scan_layers)
     # galore_optax's optimizers derive their state's shardings themselves; the wrapper
     # does the same for the others (optax.contrib.galore) and is a no-op on the rest.
     tx = go.sharding_aware(tx)
     step_fn = sharded_train_step
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  settle_state_containers(optimizer)
   opt_state_bytes = go.tree_bytes(optimizer.opt_state)
   per_device = None
   if mesh is not None:
@@ -375,7 +510,8 @@ def _train_and_evaluate(config, workdir, dataset, log, t_start, model_cfg, mesh)
       for shard in leaf.addressable_shards:
         per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
     per_device = max(per_device.values())
-  params_count = llama.param_count(model)
+  params_count = models.param_count(model)
+  identity = run_identity(config, model_cfg, peak_lr)
 
   # ---------------------------------------------------------------- workdir
   workdir = os.path.abspath(workdir)
@@ -386,127 +522,68 @@ def _train_and_evaluate(config, workdir, dataset, log, t_start, model_cfg, mesh)
   if has_checkpoints and not config.resume and config.save_checkpoints:
     raise ExampleError(f"{workdir} already holds checkpoints; pass --resume to continue "
                        "or choose another --workdir")
-  os.makedirs(workdir, exist_ok=True)
-  summary_path = os.path.join(workdir, "summary.json")
-  if os.path.exists(summary_path):
-    os.unlink(summary_path)  # a summary of an earlier run would describe this one
-  fileio.write_json(os.path.join(workdir, "config.json"),
-                    {"train": dataclasses.asdict(config), "model": dataclasses.asdict(model_cfg)})
   checkpoints = None
-  if config.save_checkpoints or config.resume:
-    checkpoints = _Checkpoints(ckpt_dir, config.keep_checkpoints)
   start_step = 0
-  if config.resume and checkpoints.latest_step() is not None:
-    start_step = int(checkpoints.latest_step())
-    checkpoints.restore(start_step, model, optimizer)
-    log(f"resumed from step {start_step} ({ckpt_dir})")
-  elif config.resume:
-    log(f"no checkpoint in {ckpt_dir}; starting from scratch")
-  # Records after the restored step belong to the interrupted future; drop them.
-  fileio.write_text(metrics_path, "".join(_read_metrics(metrics_path, start_step)
-                                          if start_step else []))
+  with contextlib.ExitStack() as cleanup:
+    if config.resume and has_checkpoints:
+      # Checked and read into memory before anything in workdir changes.
+      checkpoints = Checkpoints(ckpt_dir, config.keep_checkpoints)
+      cleanup.callback(checkpoints.close)
+      start_step = int(checkpoints.latest_step())
+      checkpoints.restore(start_step, model, optimizer, identity)
+    os.makedirs(workdir, exist_ok=True)
+    summary_path = os.path.join(workdir, "summary.json")
+    if os.path.exists(summary_path):
+      os.unlink(summary_path)  # a summary of an earlier run would describe this one
+    fileio.write_json(os.path.join(workdir, "config.json"),
+                      {"train": dataclasses.asdict(config), "model": dataclasses.asdict(model_cfg)})
+    if checkpoints is None and config.save_checkpoints:
+      checkpoints = Checkpoints(ckpt_dir, config.keep_checkpoints)
+      cleanup.callback(checkpoints.close)
+    if start_step:
+      log(f"resumed from step {start_step} ({ckpt_dir})")
+    elif config.resume:
+      log(f"no checkpoint in {ckpt_dir}; starting from scratch")
+    # Records after the restored step belong to the interrupted future; drop them.
+    fileio.write_text(metrics_path, "".join(_read_metrics(metrics_path, start_step)
+                                            if start_step else []))
 
-  log(f"model {config.model}: {params_count / 1e6:.2f}M parameters "
-      f"({'scanned' if model_cfg.scan_layers else 'unrolled'} layers, remat {model_cfg.remat}, "
-      f"{model_cfg.param_dtype} params / {model_cfg.dtype} compute); "
-      f"optimizer {config.optimizer} (peak lr {peak_lr:g}), state {opt_state_bytes / 2**20:.2f} MiB")
-  log(f"data {dataset.describe()}")
-  if mesh is not None:
-    log(f"mesh {', '.join(f'{k}={v}' for k, v in mesh.shape.items())} over {mesh.size} devices; "
-        f"optimizer state {per_device / 2**20:.2f} MiB on the fullest device")
+    log(f"model {config.model}: {params_count / 1e6:.2f}M parameters "
+        f"({'scanned' if model_cfg.scan_layers else 'unrolled'} layers, remat {model_cfg.remat}, "
+        f"{model_cfg.param_dtype} params / {model_cfg.dtype} compute); optimizer "
+        f"{config.optimizer} (peak lr {peak_lr:g}), state {opt_state_bytes / 2**20:.2f} MiB")
+    log(f"data {dataset.describe()}; evaluating on the {config.eval_split} split")
+    if mesh is not None:
+      log(f"mesh {', '.join(f'{k}={v}' for k, v in mesh.shape.items())} over {mesh.size} "
+          f"devices; optimizer state {per_device / 2**20:.2f} MiB on the fullest device")
 
-  history: List[Dict[str, Any]] = []
+    loop = _Loop(config, model, optimizer, step_fn, sampler, place, eval_batches, eval_label,
+                 schedule, checkpoints, identity, log, on_step)
+    with open(metrics_path, "a", encoding="utf-8") as metrics_file:
+      loop.run(start_step, metrics_file)
+
+  train_time = sum(loop.step_times) + (loop.compile_time or 0.0)
+  steps_timed = loop.step_times
+  steady = sum(steps_timed) / len(steps_timed) if steps_timed else (
+      loop.compile_time or float("nan"))
   tokens_per_step = config.batch_size * seq_len
-  end_step = config.steps
-  if config.stop_after is not None:
-    end_step = min(end_step, start_step + config.stop_after)
-  train_metrics = make_train_metrics()
-  step_times: List[float] = []
-  compile_time = None
-  last_eval = None
-  progress = None
-
-  with open(metrics_path, "a", encoding="utf-8") as metrics_file:
-
-    def record(entry: Dict[str, Any]) -> None:
-      history.append(entry)
-      metrics_file.write(json.dumps(entry) + "\n")
-      metrics_file.flush()
-
-    def run_eval(step: int) -> None:
-      nonlocal last_eval
-      result = evaluate(model, val_batches)
-      last_eval = {"step": step, "split": "eval", **result}
-      record(last_eval)
-      log(f"step {step}: eval loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}")
-
-    try:
-      if start_step == 0:
-        run_eval(0)
-      if config.progress:
-        from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-        progress = tqdm(total=config.steps, initial=start_step, desc=config.optimizer,
-                        unit="step", dynamic_ncols=True, leave=False)
-        log = functools.partial(_tqdm_write, progress, log)
-      last_logged, window_time = start_step, 0.0
-      for step in range(start_step, end_step):
-        batch = place(sampler(step))
-        t0 = time.perf_counter()
-        loss = step_fn(model, optimizer, train_metrics, batch)
-        loss = float(loss)  # waits for the step
-        dt = time.perf_counter() - t0
-        window_time += dt
-        if compile_time is None:
-          compile_time = dt
-        else:
-          step_times.append(dt)
-        if not math.isfinite(loss):
-          raise FloatingPointError(f"loss became {loss} at step {step + 1}")
-        done = step + 1
-        if progress is not None:
-          progress.update(1)
-          progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}",
-                               step_s=f"{dt:.3f}")
-        if done % config.log_every == 0 or done == end_step:
-          values = train_metrics.compute()
-          n = done - last_logged
-          record({"step": done, "split": "train", "loss": float(values["loss"]),
-                  "grad_norm": float(values["grad_norm"]), "lr": float(schedule(step)),
-                  "tokens": done * tokens_per_step, "step_time_s": window_time / n,
-                  "tokens_per_s": tokens_per_step * n / window_time})
-          train_metrics.reset()
-          last_logged, window_time = done, 0.0
-        if done % config.eval_every == 0 or done == end_step:
-          run_eval(done)
-        if checkpoints is not None and config.save_checkpoints and (
-            done == end_step or (config.checkpoint_every and done % config.checkpoint_every == 0)):
-          checkpoints.save(done, model, optimizer)
-      final_step = int(optimizer.step[...])
-      if last_eval is None or last_eval["step"] != final_step:
-        run_eval(final_step)
-    finally:
-      if progress is not None:
-        progress.close()
-      if checkpoints is not None:
-        checkpoints.close()
-
-  train_time = sum(step_times) + (compile_time or 0.0)
-  steady = sum(step_times) / len(step_times) if step_times else (compile_time or float("nan"))
   summary = {
       "config": config.model,
       "optimizer": config.optimizer,
-      "steps": final_step,
+      "steps": loop.final_step,
       "batch_size": config.batch_size,
       "seq_len": seq_len,
-      "tokens": final_step * tokens_per_step,
+      "tokens": loop.final_step * tokens_per_step,
       "params": params_count,
       "param_bytes": go.tree_bytes(nnx.state(model, nnx.Param)),
       "opt_state_bytes": opt_state_bytes,
       "mesh": None if mesh is None else dict(mesh.shape),
       "opt_state_bytes_per_device": per_device,
-      "final_eval_loss": last_eval["loss"],
-      "final_eval_perplexity": last_eval["perplexity"],
-      "first_step_s": compile_time,
+      "eval_split": config.eval_split,
+      "final_eval_loss": loop.last_eval["loss"],
+      "final_eval_perplexity": loop.last_eval["perplexity"],
+      "skipped_steps": loop.skipped_total,
+      "first_step_s": loop.compile_time,
       "step_time_s": steady,
       "tokens_per_s": tokens_per_step / steady if steady == steady and steady > 0 else None,
       "train_time_s": train_time,
@@ -514,14 +591,132 @@ def _train_and_evaluate(config, workdir, dataset, log, t_start, model_cfg, mesh)
       "peak_memory_bytes": _peak_memory_bytes(),
       "device": str(jax.devices()[0].device_kind),
       "peak_lr": peak_lr,
+      "seed": config.seed,
       "data": dataset.describe(),
   }
-  fileio.write_json(summary_path, summary)
+  fileio.write_json(os.path.join(workdir, "summary.json"), summary)
   log(format_summary(summary))
-  return TrainResult(summary, history, model, optimizer)
+  return TrainResult(summary, loop.history, model, optimizer)
 
 
-def time_train_steps(model: llama.Llama, optimizer: nnx.Optimizer,
+class _Loop:
+  """The step loop of one run: steps, metric records, evaluations, checkpoints, skips."""
+
+  def __init__(self, config, model, optimizer, step_fn, sampler, place, eval_batches,
+               eval_label, schedule, checkpoints, identity, log, on_step):
+    self.config, self.model, self.optimizer = config, model, optimizer
+    self.step_fn, self.sampler, self.place = step_fn, sampler, place
+    self.eval_batches, self.eval_label, self.schedule = eval_batches, eval_label, schedule
+    self.checkpoints, self.identity = checkpoints, identity
+    self.log, self.on_step = log, on_step
+    self.history: List[Dict[str, Any]] = []
+    self.step_times: List[float] = []
+    self.compile_time: Optional[float] = None
+    self.last_eval: Optional[Dict[str, Any]] = None
+    self.final_step = 0
+    self.skipped_total = 0
+    self._file = None
+
+  def _record(self, entry: Dict[str, Any]) -> None:
+    self.history.append(entry)
+    self._file.write(json.dumps(entry) + "\n")
+    self._file.flush()
+
+  def _evaluate(self, step: int) -> None:
+    result = evaluate(self.model, self.eval_batches)
+    self.last_eval = {"step": step, "split": self.eval_label, **result}
+    self._record(self.last_eval)
+    self.log(f"step {step}: {self.eval_label} loss {result['loss']:.4f}, "
+             f"perplexity {result['perplexity']:.2f}")
+
+  def _check_finite(self, step: int, loss: float) -> None:
+    """Counts skipped steps; raises DivergenceError when too many came in a row."""
+    counts = optimizers_lib.nonfinite_counts(self.optimizer.opt_state)
+    limit = self.config.max_consecutive_nonfinite
+    if counts is None:
+      if not math.isfinite(loss):
+        raise DivergenceError(f"the loss became {loss} at step {step}; lower the learning "
+                              "rate, or let --max-consecutive-nonfinite skip such steps")
+      return
+    in_a_row, total = int(counts[0][...]), int(counts[1][...])
+    if total > self.skipped_total:
+      self.log(f"step {step}: non-finite gradients, update skipped ({in_a_row} in a row, "
+               f"{total} in all)")
+    self.skipped_total = total
+    if in_a_row >= limit:
+      raise DivergenceError(f"{in_a_row} steps in a row up to step {step} had non-finite "
+                            f"gradients (--max-consecutive-nonfinite {limit}); lower the "
+                            "learning rate or check the data")
+
+  def run(self, start_step: int, metrics_file) -> None:
+    config = self.config
+    self._file = metrics_file
+    self.skipped_total = 0
+    counts = optimizers_lib.nonfinite_counts(self.optimizer.opt_state)
+    if counts is not None:
+      self.skipped_total = int(counts[1][...])
+    end_step = config.steps
+    if config.stop_after is not None:
+      end_step = min(end_step, start_step + config.stop_after)
+    tokens_per_step = config.batch_size * (self.sampler.rows.shape[1] - 1)
+    metrics = make_train_metrics()
+    progress = None
+    log = self.log
+    try:
+      if start_step == 0:
+        self._evaluate(0)
+      if config.progress:
+        from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+        progress = tqdm(total=config.steps, initial=start_step, desc=config.optimizer,
+                        unit="step", dynamic_ncols=True, leave=False)
+        self.log = functools.partial(_tqdm_write, progress, log)
+      last_logged, window_time = start_step, 0.0
+      for step in range(start_step, end_step):
+        batch = self.place(self.sampler(step))
+        t0 = time.perf_counter()
+        loss = float(self.step_fn(self.model, self.optimizer, metrics, batch))  # waits
+        dt = time.perf_counter() - t0
+        window_time += dt
+        if self.compile_time is None:
+          self.compile_time = dt
+        else:
+          self.step_times.append(dt)
+        done = step + 1
+        self._check_finite(done, loss)
+        if self.on_step is not None:
+          self.on_step(done, loss)
+        if progress is not None:
+          progress.update(1)
+          progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}",
+                               step_s=f"{dt:.3f}")
+        if done % config.log_every == 0 or done == end_step:
+          # Averages over the window's finite steps (None: every step was skipped).
+          values = {k: float(v) for k, v in metrics.compute().items()}
+          values = {k: v if math.isfinite(v) else None for k, v in values.items()}
+          n = done - last_logged
+          self._record({"step": done, "split": "train", "loss": values["loss"],
+                        "grad_norm": values["grad_norm"],
+                        "lr": float(self.schedule(step)), "tokens": done * tokens_per_step,
+                        "skipped_steps": self.skipped_total,
+                        "step_time_s": window_time / n,
+                        "tokens_per_s": tokens_per_step * n / window_time})
+          metrics.reset()
+          last_logged, window_time = done, 0.0
+        if done % config.eval_every == 0 or done == end_step:
+          self._evaluate(done)
+        if self.checkpoints is not None and config.save_checkpoints and (
+            done == end_step or (config.checkpoint_every and done % config.checkpoint_every == 0)):
+          self.checkpoints.save(done, self.model, self.optimizer, self.identity)
+      self.final_step = int(self.optimizer.step[...])
+      if self.last_eval is None or self.last_eval["step"] != self.final_step:
+        self._evaluate(self.final_step)
+    finally:
+      self.log = log
+      if progress is not None:
+        progress.close()
+
+
+def time_train_steps(model: models.Llama, optimizer: nnx.Optimizer,
                      batches: List[np.ndarray]) -> List[float]:
   """Seconds of one (already compiled) ``train_step`` per batch, each waited for.
 
@@ -546,12 +741,17 @@ def _tqdm_write(progress, fallback, message: str) -> None:
 
 
 def format_summary(s: Dict[str, Any]) -> str:
+  """A few lines for the log: losses, state size, speed."""
+  split = "eval" if s.get("eval_split", "validation") == "validation" else s["eval_split"]
   lines = [
       f"summary ({s['optimizer']}, {s['steps']} steps, {s['tokens']:,} tokens):",
-      f"  final eval loss {s['final_eval_loss']:.4f}, perplexity {s['final_eval_perplexity']:.2f}",
+      f"  final {split} loss {s['final_eval_loss']:.4f}, "
+      f"perplexity {s['final_eval_perplexity']:.2f}",
       f"  optimizer state {s['opt_state_bytes']:,} bytes ({s['opt_state_bytes'] / 2**20:.2f} MiB); "
       f"params {s['param_bytes']:,} bytes",
   ]
+  if s.get("skipped_steps"):
+    lines.append(f"  {s['skipped_steps']} steps skipped (non-finite gradients)")
   if s["tokens_per_s"]:
     lines.append(f"  {s['tokens_per_s']:,.0f} tokens/s, {s['step_time_s'] * 1e3:.1f} ms/step "
                  f"(first step {s['first_step_s']:.1f} s incl. compilation); "
@@ -561,116 +761,7 @@ def format_summary(s: Dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-# -------------------------------------------------------------------------------- CLI
-
-
-class _Parser(argparse.ArgumentParser):
-  """argparse that reports bad arguments as one ``error: ...`` line and exits 2."""
-
-  def error(self, message):
-    self.exit(2, f"error: {' '.join(message.split())}\n")
-
-
-def add_common_args(p: argparse.ArgumentParser) -> None:
-  """Arguments shared by examples.train and examples.compare."""
-  d = configs_lib.TrainConfig()
-  p.add_argument("--config", default=d.model,
-                 help=f"model size: {', '.join(configs_lib.MODEL_CONFIGS)} (default {d.model})")
-  p.add_argument("--steps", type=int, default=d.steps)
-  p.add_argument("--batch-size", type=int, default=d.batch_size)
-  p.add_argument("--seq-len", type=int, default=None, help="default: the config's (tiny 128)")
-  p.add_argument("--data", default=None,
-                 help="C4 folder (c4-train.*.json.gz), .txt/.jsonl/.rst file or folder, "
-                      "hf:NAME[:CONFIG[:SPLIT]]; default: embedded stdlib docstrings")
-  p.add_argument("--tokenizer", default=None,
-                 help="tokenizer.json or sentencepiece .model; default: train a byte-level BPE")
-  p.add_argument("--vocab-size", type=int, default=None,
-                 help="vocabulary of the trained BPE (default 4096 for tiny, else the config's)")
-  p.add_argument("--max-docs", type=int, default=None)
-  p.add_argument("--val-fraction", type=float, default=d.val_fraction)
-  p.add_argument("--cache-dir", default=None, help="tokenizer/corpus cache "
-                 f"(default $GALORE_EXAMPLES_CACHE or {data_lib.default_cache_dir()})")
-  p.add_argument("--rank", type=int, default=None, help="GaLore rank (default per config)")
-  p.add_argument("--lr", type=float, default=None,
-                 help="peak learning rate (default 1e-2 for GaLore, 1e-3 for AdamW)")
-  p.add_argument("--update-proj-gap", type=int, default=d.update_proj_gap)
-  p.add_argument("--galore-scale", type=float, default=d.galore_scale)
-  p.add_argument("--proj-type", default=d.proj_type)
-  p.add_argument("--refresh", default=d.refresh,
-                 help="galore_optax subspace refresh: svd (exact), randomized or power")
-  p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-  p.add_argument("--grad-clip", type=float, default=None, help="global-norm clip (default off)")
-  p.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction)
-  p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
-  p.add_argument("--seed", type=int, default=d.seed)
-  p.add_argument("--eval-every", type=int, default=d.eval_every)
-  p.add_argument("--eval-batches", type=int, default=d.eval_batches)
-  p.add_argument("--log-every", type=int, default=d.log_every)
-  p.add_argument("--scan-layers", action="store_true", help="stack layers: (L, in, out) kernels")
-  p.add_argument("--remat", default=d.remat,
-                 help="none, full, or a jax.checkpoint_policies name (e.g. dots_saveable)")
-  p.add_argument("--tie-embeddings", action="store_true")
-  p.add_argument("--bf16", action="store_true", help="bfloat16 parameters and computation")
-  p.add_argument("--dtype", default=None, help="computation dtype (float32, bfloat16)")
-  p.add_argument("--param-dtype", default=None, help="parameter dtype (float32, bfloat16)")
-  p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-
-
-def config_from_args(args: argparse.Namespace, **extra) -> configs_lib.TrainConfig:
-  dtype = args.dtype or ("bfloat16" if args.bf16 else "float32")
-  param_dtype = args.param_dtype or ("bfloat16" if args.bf16 else "float32")
-  return configs_lib.get_config(
-      model=args.config, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-      data=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-      max_docs=args.max_docs, val_fraction=args.val_fraction, cache_dir=args.cache_dir,
-      rank=args.rank, learning_rate=args.lr, update_proj_gap=args.update_proj_gap,
-      galore_scale=args.galore_scale, proj_type=args.proj_type,
-      refresh=args.refresh, weight_decay=args.weight_decay,
-      grad_clip=args.grad_clip, warmup_fraction=args.warmup_fraction,
-      min_lr_ratio=args.min_lr_ratio, seed=args.seed, eval_every=args.eval_every,
-      eval_batches=args.eval_batches, log_every=args.log_every, scan_layers=args.scan_layers,
-      remat=args.remat, tie_embeddings=args.tie_embeddings, dtype=dtype,
-      param_dtype=param_dtype, progress=not args.no_progress, **extra)
-
-
-def main(argv=None) -> int:
-  p = _Parser(prog="python -m examples.train", description=__doc__.split("\n\n")[0],
-              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  add_common_args(p)
-  p.add_argument("--optimizer", default="galore_adamw",
-                 help=f"one of: {', '.join(optimizers_lib.REGISTRY)}")
-  p.add_argument("--workdir", default=None, help="default: runs/<config>_<optimizer>")
-  p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-  p.add_argument("--checkpoint-every", type=int, default=0, help="0: only at the end")
-  p.add_argument("--keep-checkpoints", type=int, default=2)
-  p.add_argument("--stop-after", type=int, default=None,
-                 help="stop this invocation after N steps (resume later with --resume)")
-  p.add_argument("--mesh", default=None,
-                 help="shard over a (data, fsdp, tensor) device mesh: sizes such as 2,4,1 or "
-                      "data=2,fsdp=4 (missing axes 1); default: one device")
-  p.add_argument("--list-optimizers", action="store_true",
-                 help="print the optimizers and whether this galore_optax has them")
-  args = p.parse_args(argv)
-  try:
-    if args.list_optimizers:
-      for name, spec in optimizers_lib.REGISTRY.items():
-        state = "available" if optimizers_lib.is_available(name) else "not available"
-        print(f"{name:22s} {state:14s} {spec.description}")
-      return 0
-    config = config_from_args(args, optimizer=args.optimizer, resume=args.resume,
-                              checkpoint_every=args.checkpoint_every,
-                              keep_checkpoints=args.keep_checkpoints, stop_after=args.stop_after,
-                              mesh=args.mesh)
-    workdir = args.workdir or os.path.join("runs", f"{args.config}_{args.optimizer}")
-    train_and_evaluate(config, workdir)
-  except ExampleError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    print("error: interrupted", file=sys.stderr)
-    return 130
-  return 0
-
-
 if __name__ == "__main__":
-  sys.exit(main())
+  # `python -m examples.train ...` is the older name of `python -m examples.main ...`.
+  from examples import main as _main  # pylint: disable=import-outside-toplevel
+  sys.exit(_main.main(prog="python -m examples.train"))

@@ -1,0 +1,110 @@
+"""Learning-rate tuning: every optimizer of a comparison at its own best peak learning rate.
+
+An optimizer's grid is its default peak learning rate (``OptimizerSpec.default_lr``, the
+paper's recipe) times a few factors, ``DEFAULT_FACTORS`` = 1/3, 1, 3. Each grid value trains
+a short run, and the value with the lowest loss on the *tuning* split wins. That split is held
+out from training and is never the reported validation split, so the reported loss has not
+been used to make any choice. A trial whose loss stops being finite counts as diverged
+(infinite loss).
+"""
+
+import dataclasses
+import math
+from typing import Callable, List, Optional, Sequence
+
+from examples.errors import DivergenceError, ExampleError
+
+DEFAULT_FACTORS = (1 / 3, 1.0, 3.0)
+
+
+def parse_factors(text: str) -> List[float]:
+  """Grid factors from ``"0.333,1,3"``: positive, finite, distinct, at least one.
+
+  Raises:
+    ExampleError: naming --lr-grid and the bad entry.
+  """
+  items = [item.strip() for item in text.split(",") if item.strip()]
+  if not items:
+    raise ExampleError(f"--lr-grid {text!r} is empty; give factors of the default learning "
+                       "rate such as 0.333,1,3")
+  factors = []
+  for item in items:
+    try:
+      factor = float(item)
+    except ValueError:
+      raise ExampleError(f"--lr-grid entry {item!r} is not a number (e.g. 0.333,1,3)") from None
+    if not (factor > 0 and math.isfinite(factor)):
+      raise ExampleError(f"--lr-grid entry {item!r} must be a positive factor")
+    if factor in factors:
+      raise ExampleError(f"--lr-grid lists {item} twice")
+    factors.append(factor)
+  return sorted(factors)
+
+
+def lr_grid(center: float, factors: Sequence[float]) -> List[float]:
+  """``center * factor`` for each factor, ascending, rounded to 3 significant digits."""
+  if not factors:
+    raise ExampleError("the learning-rate grid is empty")
+  return sorted(float(f"{center * f:.3g}") for f in factors)
+
+
+@dataclasses.dataclass
+class Tuning:
+  """The outcome of tuning one optimizer.
+
+  Attributes:
+    grid: the peak learning rates tried (ascending); ``[lr]`` when pinned.
+    losses: tuning-split loss of each grid value (inf: diverged); None when pinned.
+    chosen_lr: the value with the lowest loss, or the pinned one.
+    pinned: True when the learning rate was given (``--lr name=value``) and not tuned.
+  """
+
+  grid: List[float]
+  losses: Optional[List[float]]
+  chosen_lr: float
+  pinned: bool = False
+
+  @property
+  def at_edge(self) -> bool:
+    """True when the winner is the smallest or largest value of a grid of two or more:
+    the best learning rate may lie outside the grid."""
+    return (not self.pinned and len(self.grid) > 1
+            and self.chosen_lr in (self.grid[0], self.grid[-1]))
+
+
+def choose(grid: Sequence[float], losses: Sequence[float]) -> float:
+  """The grid value with the lowest finite loss (the smaller learning rate on a tie).
+
+  Raises:
+    DivergenceError: when every trial diverged.
+  """
+  finite = [(loss, lr) for lr, loss in zip(grid, losses) if math.isfinite(loss)]
+  if not finite:
+    raise DivergenceError(f"every learning rate of the grid {', '.join(f'{lr:g}' for lr in grid)} "
+                       "diverged; give a lower grid with --lr-grid or pin one with --lr")
+  return min(finite)[1]
+
+
+def tune(grid: Sequence[float], trial: Callable[[float], float]) -> Tuning:
+  """Runs ``trial(lr) -> tuning-split loss`` for each grid value and keeps the best.
+
+  Args:
+    grid: peak learning rates, ascending.
+    trial: trains a short run at ``lr`` and returns its final loss on the tuning split
+      (``math.inf`` when it diverged).
+
+  Returns:
+    The Tuning record.
+  """
+  grid = list(grid)
+  if not grid:
+    raise ExampleError("the learning-rate grid is empty")
+  losses = [float(trial(lr)) for lr in grid]
+  return Tuning(grid, losses, choose(grid, losses))
+
+
+def pinned(lr: float) -> Tuning:
+  """The Tuning record of a learning rate given on the command line."""
+  if not (lr > 0 and math.isfinite(lr)):
+    raise ExampleError(f"a pinned learning rate must be positive, got {lr}")
+  return Tuning([lr], None, lr, pinned=True)
