@@ -181,8 +181,13 @@ def worker_step(task: dict, result: dict, save: Callable[[], None]) -> None:
                 param_count=sum(x.size for x in jax.tree.leaves(shapes)))
   txs = {}
 
+  # A quarter of the budget is kept for the plain-step rounds at the end.
+  measure_until = deadline - 0.25 * task["budget_s"]
+
   def lowered():  # one optimizer that fails to build or trace costs only its row
     for name in task["rows"]:
+      if time.perf_counter() > measure_until:
+        break  # no time left to run it: not worth tracing either
       try:
         txs[name] = tx = build(name, rank)
         yield name, _step_fn(tx).lower(shapes, jax.eval_shape(tx.init, shapes), shapes)
@@ -194,17 +199,20 @@ def worker_step(task: dict, result: dict, save: Callable[[], None]) -> None:
   futures = _compile_all(lowered(), task["compile_threads"])
   live = {}  # name -> [params, state, compiled]
   exact_cost = 0.0  # the slowest exact-SVD refresh step so far
-  for name, tx in txs.items():
-    # A quarter of the budget is kept for the plain-step rounds at the end, and an exact-SVD
-    # refresh step is only started when one like it fits (a part stopped at its hard limit
-    # loses the plain-step timings of every row).
-    left = deadline - 0.25 * task["budget_s"] - time.perf_counter()
+  for name in task["rows"]:
+    if name in result["errors"]:
+      continue
+    # An exact-SVD refresh step is only started when one like it fits: a part stopped at its
+    # hard limit loses the plain-step timings of every row.
+    left = measure_until - time.perf_counter()
     exact = OPTIMIZERS[name].refresh == EXACT
-    if left <= 0 or (exact and left < 1.2 * exact_cost):
-      futures[name].cancel()
+    if name not in futures or left <= 0 or (exact and left < 1.2 * exact_cost):
+      if name in futures:
+        futures[name].cancel()
       result["skipped"].append(name)
       common.log(f"step: {name} skipped (budget)")
       continue
+    tx = txs[name]
     try:
       compiled, compile_s = futures[name].result(timeout=left)
       params = jax.tree.map(jnp.copy, base)

@@ -143,6 +143,16 @@ def test_merge_keeps_the_other_parts(smoke, tmp_path):
   assert proc.returncode == 2 and "comes from a smoke run" in proc.stderr
 
 
+def test_rows_that_do_not_fit_the_budget_are_named(tmp_path):
+  out = tmp_path / "gpu.md"
+  proc = _run("--smoke", "--part", "step", "--budget", "step=1", "--out", str(out))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "gpu.json") as f:
+    part = json.load(f)["parts"]["step"]
+  assert part["rows"] == [] and part["skipped"] == list(spec.SMOKE.step_rows)
+  assert "not measured (time budget)" in out.read_text()
+
+
 def _contract_record(name, losses, lr, grid=None, wall=10.0):
   return dict(name=name, grid=grid or [lr], tuning_losses=[3.0] * len(grid or [lr]),
               chosen_lr=lr, final_eval_loss=losses, mean=sum(losses) / len(losses),
