@@ -365,18 +365,19 @@ def write_outputs(run: Run) -> None:
 
 
 def _parse_budgets(text: Optional[str], defaults: dict) -> dict:
+  """`--budget step=300,memory=200` over the defaults; ValueError naming the bad item."""
   budgets = dict(defaults)
   for item in filter(None, (text or "").split(",")):
     part, _, value = item.partition("=")
     if part not in PARTS:
-      raise SystemExit(f"error: --budget {item!r}: unknown part {part!r} "
+      raise ValueError(f"--budget {item!r}: unknown part {part!r} "
                        f"(choose from {', '.join(PARTS)}), e.g. --budget step=300")
     try:
       budgets[part] = float(value)
     except ValueError:
-      raise SystemExit(f"error: --budget {item!r}: seconds must be a number") from None
+      raise ValueError(f"--budget {item!r}: seconds must be a number") from None
     if budgets[part] <= 0:
-      raise SystemExit(f"error: --budget {item!r}: seconds must be positive")
+      raise ValueError(f"--budget {item!r}: seconds must be positive")
   return budgets
 
 
@@ -418,11 +419,11 @@ def main(argv=None) -> int:
   sizes = SMOKE if args.smoke else FULL
   shown = [os.path.relpath(os.path.abspath(__file__), os.getcwd())] + list(
       sys.argv[1:] if argv is None else argv)
-  run = Run(sizes=sizes, smoke=args.smoke, out=args.out, workdir=tempfile.mkdtemp(prefix="gpu_"),
-            command="python " + " ".join(shlex.quote(a) for a in shown),
-            budgets=_parse_budgets(args.budget, sizes.budgets), quality_data=args.quality_data,
-            memory_jobs=args.memory_jobs, compile_threads=args.compile_threads)
-  run.report = dict(smoke=args.smoke, command=run.command, budgets=run.budgets, parts={})
+  try:
+    budgets = _parse_budgets(args.budget, sizes.budgets)
+  except ValueError as e:
+    parser.error(str(e))
+  earlier_parts = {}
   if args.merge:
     earlier = common.read_json(os.path.splitext(args.out)[0] + ".json")
     if earlier is None or "parts" not in earlier:
@@ -430,39 +431,46 @@ def main(argv=None) -> int:
     if earlier.get("smoke") != args.smoke:
       parser.error("--merge: the report at --out comes from a "
                    + ("smoke" if earlier.get("smoke") else "full-size") + " run; this one is not")
-    run.report["parts"] = {k: v for k, v in earlier["parts"].items() if k not in parts}
+    earlier_parts = {k: v for k, v in earlier["parts"].items() if k not in parts}
+  run = Run(sizes=sizes, smoke=args.smoke, out=args.out, workdir=tempfile.mkdtemp(prefix="gpu_"),
+            command="python " + " ".join(shlex.quote(a) for a in shown), budgets=budgets,
+            quality_data=args.quality_data, memory_jobs=args.memory_jobs,
+            compile_threads=args.compile_threads)
+  run.report = dict(smoke=args.smoke, command=run.command, budgets=budgets, parts=earlier_parts)
+  try:
+    return _run_parts(run, parts, allow_cpu=args.smoke or args.allow_cpu)
+  finally:
+    shutil.rmtree(run.workdir, ignore_errors=True)
 
+
+def _run_parts(run: Run, parts: list, allow_cpu: bool) -> int:
+  """The probe, then each part in turn; the report is rewritten after each. Exit code."""
   common.log("probe: device, versions, state sizes")
   probe = _run_child(run, "probe", dict(command=run.command, budget_s=120,
-                                        memory_dims=dataclasses.asdict(sizes.memory_dims),
-                                        memory_rank=sizes.memory_rank), 180)
+                                        memory_dims=dataclasses.asdict(run.sizes.memory_dims),
+                                        memory_rank=run.sizes.memory_rank), 180)
   run.report["probe"] = probe
   if probe.get("status") != "ok":
-    shutil.rmtree(run.workdir, ignore_errors=True)
     write_outputs(run)
     print(f"error: the probe child failed: {probe.get('error')}", file=sys.stderr)
     return 1
   run.cpu = probe["backend"] == "cpu"
   common.log(f"probe: {probe['backend']} ({probe['device_kind']})")
-  if run.cpu and not args.smoke and not args.allow_cpu:
-    shutil.rmtree(run.workdir, ignore_errors=True)
+  if run.cpu and not allow_cpu:
     print("error: JAX sees no GPU (backend: cpu). Install a CUDA build of jax (see docs/gpu.md), "
           "or pass --smoke (tiny sizes) or --allow-cpu (full sizes on the CPU).", file=sys.stderr)
     return 2
-  try:
-    for name in parts:
-      common.log(f"{name}: started (budget {run.budgets[name]:.0f} s)")
-      start = time.perf_counter()
-      result = PART_RUNNERS[name](run)
-      result.update(took_s=time.perf_counter() - start, budget_s=run.budgets[name],
-                    call=run.command, device=probe["device_kind"],
-                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-      run.report["parts"][name] = result
-      run.report["parts"] = {k: run.report["parts"][k] for k in PARTS if k in run.report["parts"]}
-      common.log(f"{name}: {gpu_report.status_text(result)[:200]} in {result['took_s']:.0f} s")
-      write_outputs(run)
-  finally:
-    shutil.rmtree(run.workdir, ignore_errors=True)
+  for name in parts:
+    common.log(f"{name}: started (budget {run.budgets[name]:.0f} s)")
+    start = time.perf_counter()
+    result = PART_RUNNERS[name](run)
+    result.update(took_s=time.perf_counter() - start, budget_s=run.budgets[name],
+                  call=run.command, device=probe["device_kind"],
+                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    run.report["parts"][name] = result
+    run.report["parts"] = {k: run.report["parts"][k] for k in PARTS if k in run.report["parts"]}
+    common.log(f"{name}: {gpu_report.status_text(result)[:200]} in {result['took_s']:.0f} s")
+    write_outputs(run)
   common.log(f"wrote {run.out}")
   failed = [n for n in parts if run.report["parts"][n].get("status") != "ok"]
   return 1 if failed else 0
