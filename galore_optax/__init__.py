@@ -7,6 +7,7 @@ in `sharding_aware`, the package's boundary with meshes and Flax NNX.
 from galore_optax import adafactor as _adafactor
 from galore_optax import adam_8bit as _adam_8bit
 from galore_optax import alias as _alias
+from galore_optax import fira_apollo as _fira_apollo
 from galore_optax import gradnorm as _gradnorm
 from galore_optax import transform as _transform
 from galore_optax.adafactor import (
@@ -15,7 +16,12 @@ from galore_optax.adafactor import (
     ScaleByAdafactorHFState,
     add_adafactor_decayed_weights,
 )
-from galore_optax.adam import ScaleByAdamHFState, scale_by_adam_hf
+from galore_optax.adam import (
+    ScaleByAdamHFState,
+    ScaleByBiasCorrectionState,
+    scale_by_adam_hf,
+    scale_by_bias_correction,
+)
 from galore_optax.adam_8bit import ScaleByAdam8bitState
 from galore_optax.gradnorm import GradNormLoRPState
 from galore_optax.masking import path_mask
@@ -36,6 +42,7 @@ from galore_optax.realignment import MomentRealignment
 from galore_optax.refresh import (
     canonical_signs,
     power_refresh,
+    random_refresh,
     randomized_refresh,
     svd_refresh,
 )
@@ -55,6 +62,10 @@ gradnorm_lorp8bit = _public(_gradnorm.gradnorm_lorp8bit)
 scale_by_adam_8bit = _public(_adam_8bit.scale_by_adam_8bit)
 adamw_8bit = _public(_adam_8bit.adamw_8bit)
 scale_by_adafactor_hf = _public(_adafactor.scale_by_adafactor_hf)
+fira_adamw = _public(_fira_apollo.fira_adamw)
+apollo_adamw = _public(_fira_apollo.apollo_adamw)
+apollo_adamw8bit = _public(_fira_apollo.apollo_adamw8bit)
+apollo_mini = _public(_fira_apollo.apollo_mini)
 
 __version__ = "0.1.0"
 
@@ -73,13 +84,18 @@ __all__ = (
     "ScaleByAdafactorHFState",
     "ScaleByAdam8bitState",
     "ScaleByAdamHFState",
+    "ScaleByBiasCorrectionState",
     "adamw_8bit",
+    "apollo_adamw",
+    "apollo_adamw8bit",
+    "apollo_mini",
     "add_adafactor_decayed_weights",
     "canonical_signs",
     "decay_weights_after_update",
     "dequantize_blockwise",
     "dequantize_projector",
     "dynamic_map",
+    "fira_adamw",
     "galore",
     "galore_adafactor",
     "galore_adamw",
@@ -91,10 +107,12 @@ __all__ = (
     "power_refresh",
     "quantize_blockwise",
     "quantize_projector",
+    "random_refresh",
     "randomized_refresh",
     "scale_by_adafactor_hf",
     "scale_by_adam_8bit",
     "scale_by_adam_hf",
+    "scale_by_bias_correction",
     "scale_by_galore",
     "sharding_aware",
     "svd_refresh",

@@ -30,6 +30,7 @@ def scale_by_adam_hf(
     b2: float = 0.999,
     eps: float = 1e-6,
     mu_dtype: Optional[Any] = None,
+    bias_correction: bool = True,
 ) -> optax.GradientTransformation:
   """Rescales updates by Adam with eps outside the bias correction.
 
@@ -41,6 +42,9 @@ def scale_by_adam_hf(
     b2: decay rate of the second moment.
     eps: added to sqrt(v) before bias correction (galore-torch default 1e-6).
     mu_dtype: optional dtype of the first moment.
+    bias_correction: False returns the direction m / (sqrt(v) + eps) alone,
+      for a `scale_by_bias_correction` later in the chain (Fira and APOLLO
+      read the direction before the step size).
 
   Returns:
     An `optax.GradientTransformation`.
@@ -68,8 +72,7 @@ def scale_by_adam_hf(
   def update_fn(updates, state, params=None):
     del params
     count = optax.safe_increment(state.count)
-    t = count.astype(jnp.float32)
-    step_scale = jnp.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+    step_scale = bias_correction_scale(b1, b2, count) if bias_correction else 1.0
 
     f32 = lambda x: x.astype(jnp.float32)
     mu = jax.tree.map(lambda g, m: b1 * f32(m) + (1.0 - b1) * f32(g), updates, state.mu)
@@ -85,5 +88,53 @@ def scale_by_adam_hf(
     mu = jax.tree.map(lambda new, old: new.astype(old.dtype), mu, state.mu)
     nu = jax.tree.map(lambda new, old: new.astype(old.dtype), nu, state.nu)
     return new_updates, ScaleByAdamHFState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def bias_correction_scale(b1, b2, count) -> chex.Array:
+  """sqrt(1 − b2^t) / (1 − b1^t) at the 1-based step `count`."""
+  t = jnp.asarray(count).astype(jnp.float32)
+  return jnp.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+
+
+class ScaleByBiasCorrectionState(NamedTuple):
+  """Step count of `scale_by_bias_correction`."""
+
+  count: chex.Array
+
+
+def scale_by_bias_correction(b1: float = 0.9, b2: float = 0.999) -> optax.GradientTransformation:
+  """Multiplies updates by Adam's step-size factor sqrt(1 − b2^t) / (1 − b1^t).
+
+  With `scale_by_adam_hf(bias_correction=False)` earlier in a chain this
+  completes galore-torch's Adam step; transformations in between (Fira's
+  residual, APOLLO's scaled gradient) see the direction before the step size.
+
+  Args:
+    b1: the Adam's first-moment decay.
+    b2: the Adam's second-moment decay.
+
+  Returns:
+    An `optax.GradientTransformation`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, galore_optax as go
+    >>> tx = go.scale_by_bias_correction(0.9, 0.999)
+    >>> updates, _ = tx.update(jnp.ones(2), tx.init(jnp.ones(2)))
+    >>> updates.round(4)   # sqrt(0.001) / 0.1 at the first step
+    Array([0.3162, 0.3162], dtype=float32)
+  """
+
+  def init_fn(params):
+    del params
+    return ScaleByBiasCorrectionState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    factor = bias_correction_scale(b1, b2, count)
+    updates = jax.tree.map(lambda u: (factor * u).astype(u.dtype), updates)
+    return updates, ScaleByBiasCorrectionState(count=count)
 
   return optax.GradientTransformation(init_fn, update_fn)

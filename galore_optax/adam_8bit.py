@@ -97,6 +97,7 @@ def scale_by_adam_8bit(
     eps: float = 1e-8,
     block_size: int = 256,
     min_8bit_size: int = 4096,
+    bias_correction: bool = True,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by Adam with blockwise 8-bit moments (bitsandbytes).
 
@@ -127,6 +128,8 @@ def scale_by_adam_8bit(
     block_size: elements per quantization block (bitsandbytes uses 256).
     min_8bit_size: leaves with fewer elements keep float32 moments
       (bitsandbytes' default 4096).
+    bias_correction: False returns m / (sqrt(v) + sqrt(1−β2^t)·eps) alone,
+      for a `scale_by_bias_correction` later in the chain.
 
   Returns:
     An `optax.GradientTransformation` whose state is a
@@ -173,7 +176,7 @@ def scale_by_adam_8bit(
     b1_ = jnp.asarray(b1, jnp.float32)
     b2_ = jnp.asarray(b2, jnp.float32)
     correction2 = jnp.sqrt(1.0 - b2_**t)  # sqrt(1 - b2^t)
-    step_scale = correction2 / (1.0 - b1_**t)
+    step_scale = correction2 / (1.0 - b1_**t) if bias_correction else 1.0
     eps_ = correction2 * jnp.asarray(eps, jnp.float32)
 
     def leaf(g, mu, nu):

@@ -137,9 +137,18 @@ def to_matrix(x: jax.Array, view: MatrixView) -> jax.Array:
 
 
 def from_matrix(y: jax.Array, view: MatrixView) -> jax.Array:
-  """(*batch, m, n) stack → leaf layout; the inverse of `to_matrix`."""
-  permuted_shape = tuple(view.shape[a] for a in view.perm)
+  """(*batch, m, n) stack → leaf layout; the inverse of `to_matrix`.
+
+  A size-1 matrix axis ((*batch, m, 1) per-row or (*batch, 1, n) per-column
+  factors) comes back as size-1 axes in place of that role's axes, ready to
+  broadcast against the leaf.
+  """
+  rows, cols = y.shape[-2:]
+  sizes = {a: view.shape[a] for a in view.batch_axes}
+  sizes.update({a: view.shape[a] if rows != 1 else 1 for a in view.output_axes})
+  sizes.update({a: view.shape[a] if cols != 1 else 1 for a in view.reduction_axes})
   inverse = [0] * len(view.perm)
   for i, a in enumerate(view.perm):
     inverse[a] = i
-  return jnp.transpose(y.reshape(permuted_shape), inverse)
+  return jnp.transpose(y.reshape(tuple(sizes[a] for a in view.perm)), inverse)
+

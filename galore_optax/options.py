@@ -55,6 +55,9 @@ class GaLoreOptions:
     projector_bits: None (bases stored as arrays), 8 or 4: bases stored
       group-quantized (Q-GaLore style) and dequantized where used; excludes
       `projector_dtype`.
+    regenerate_projector: with `refresh="random"` only: store no bases, just
+      the step of each matrix's last refresh, and draw the random projection
+      again from its keys in every step (fewer bytes, more work per step).
     lazy_refresh: None, True or a `go.LazyRefresh(...)`: Q-GaLore's
       layer-adaptive schedule, under which each matrix's gap grows while its
       leading singular vector stays put. Leaves then refresh independently.
@@ -73,6 +76,7 @@ class GaLoreOptions:
   refresh: Any = "svd"
   projector_dtype: Any = None
   projector_bits: Optional[int] = None
+  regenerate_projector: bool = False
   lazy_refresh: Any = None
   realign_moments: Any = None
 
@@ -92,6 +96,8 @@ class GaLoreOptions:
             "is stored as uint8 codes and dequantized to the gradient's dtype; "
             "pass only one of them."
         )
+    if not isinstance(self.regenerate_projector, bool):
+      raise TypeError(f"regenerate_projector must be a bool, got {self.regenerate_projector!r}.")
     set_("lazy_refresh", schedules.resolve_lazy_refresh(self.lazy_refresh))
     _check_realignment(self.realign_moments)
 
@@ -136,7 +142,16 @@ class GaLoreOptions:
 
   @property
   def storage(self):
-    return projector_storage.storage_for(self.projector_dtype, self.projector_bits)
+    """The projector storage; checked here, once `refresh` is final."""
+    if self.regenerate_projector and (
+        not hasattr(self.refresh_fn, "regenerate") or self.projector_bits is not None):
+      raise ValueError(
+          "regenerate_projector=True needs a data-independent refresh "
+          "(refresh='random') and no projector_bits: other bases cannot be "
+          "drawn again from their keys."
+      )
+    regenerate = self.refresh_fn.regenerate if self.regenerate_projector else None
+    return projector_storage.storage_for(self.projector_dtype, self.projector_bits, regenerate)
 
   @property
   def schedule(self):
@@ -163,9 +178,9 @@ _LEADING_OPTIONS = ("rank", "update_proj_gap", "scale", "proj_type")
 _TRAILING_OPTIONS = ("mask", "dimension_numbers")
 
 
-def _options_doc(positional, refuses) -> str:
+def _options_doc(positional, refuses, exclude) -> str:
   keywords = [f.name for f in dataclasses.fields(GaLoreOptions)
-              if f.name not in positional and f.name not in refuses]
+              if f.name not in positional and f.name not in refuses and f.name not in exclude]
   named = [n for n in positional if n not in refuses]
   text = (f"{', '.join(named)}, and the keywords {', '.join(keywords)}: the GaLore "
           "options, documented in `go.GaLoreOptions`.")
@@ -176,6 +191,7 @@ def _options_doc(positional, refuses) -> str:
 
 def galore_optimizer(
     *, leading=("learning_rate",), middle=(), trailing=(), options_first=None, refuses=None,
+    defaults=None, exclude=(),
 ):
   """Gives an optimizer factory the GaLore options, declared once here.
 
@@ -189,16 +205,21 @@ def galore_optimizer(
 
   `options_first` overrides which options come before `middle` (the others
   are keyword-only). `refuses` maps options the factory cannot apply to the
-  reason, raised as a ValueError when one is set. Unknown keywords raise a
-  TypeError naming the factory; `optax.inject_hyperparams` and `help()` see
-  every option, and "{galore_options}" in the docstring becomes their
-  description.
+  reason, raised as a ValueError when one is set; `defaults` overrides
+  option defaults (e.g. Fira's α = 0.25); `exclude` leaves options out of
+  the signature (the factory sets them from arguments of its own). Unknown
+  keywords raise a TypeError naming the factory; `optax.inject_hyperparams`
+  and `help()` see every option, and "{galore_options}" in the docstring
+  becomes their description.
   """
   refuses = dict(refuses or {})
 
   def decorate(factory):
     own = inspect.signature(factory).parameters
-    field_defaults = {f.name: f.default for f in dataclasses.fields(GaLoreOptions)}
+    field_defaults = {
+        f.name: f.default for f in dataclasses.fields(GaLoreOptions) if f.name not in exclude
+    }
+    field_defaults.update(defaults or {})
     first = _LEADING_OPTIONS if options_first is None else options_first
     after = _TRAILING_OPTIONS if options_first is None else ()
     positional = list(leading) + list(first) + list(middle) + list(after) + list(trailing)
@@ -233,7 +254,7 @@ def galore_optimizer(
 
     build.__signature__ = signature
     build.__doc__ = (factory.__doc__ or "").replace(
-        "{galore_options}", _options_doc(list(first) + list(after), refuses))
+        "{galore_options}", _options_doc(list(first) + list(after), refuses, exclude))
     return build
 
   return decorate

@@ -4,13 +4,15 @@ A storage turns the float32 bases a refresh computes into their stored form
 and back:
 
   init(plan, leaf, layout) -> stored zeros (sharded like the bases)
-  encode(bases, plan, leaf_dtype) -> stored
+  encode(bases, plan, leaf_dtype, count) -> stored   (count: the refresh step)
   decode(stored, plan, dtype) -> {side: (*batch, …) array in dtype}
 
 `PlainStorage` keeps arrays in a float dtype (the gradient's by default);
 `QuantizedStorage` keeps Q-GaLore-style group-quantized codes (see
-`projector_quantization`). Every stored field keeps the batch axes first, so
-a per-matrix `jnp.where` can choose between two stored projectors.
+`projector_quantization`); `RegeneratedStorage` keeps only the step of each
+matrix's last refresh and redraws a random projection from its keys where it
+is used. Every stored field keeps the batch axes first, so a per-matrix
+`jnp.where` can choose between two stored projectors.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 
 from galore_optax import axis_specs
 from galore_optax import projector_quantization as pq
+from galore_optax import refresh as refresh_lib
 from galore_optax.plan import LeafPlan
 from galore_optax.projection import INPUT_SIDE, OUTPUT_SIDE
 
@@ -46,8 +49,8 @@ class PlainStorage(NamedTuple):
         for side, shape in plan.basis_shapes.items()
     }
 
-  def encode(self, bases: dict, plan: LeafPlan, leaf_dtype) -> dict:
-    del plan
+  def encode(self, bases: dict, plan: LeafPlan, leaf_dtype, count=None) -> dict:
+    del plan, count
     return {side: b.astype(self._dtype(leaf_dtype)) for side, b in bases.items()}
 
   def decode(self, stored: dict, plan: LeafPlan, dtype) -> dict:
@@ -72,8 +75,8 @@ class QuantizedStorage(NamedTuple):
       )
     return stored
 
-  def encode(self, bases: dict, plan: LeafPlan, leaf_dtype) -> dict:
-    del plan, leaf_dtype
+  def encode(self, bases: dict, plan: LeafPlan, leaf_dtype, count=None) -> dict:
+    del plan, leaf_dtype, count
     return {
         side: pq.quantize_projector(b, self.bits, axis=VECTOR_AXIS[side])
         for side, b in bases.items()
@@ -92,6 +95,37 @@ class QuantizedStorage(NamedTuple):
     }
 
 
+class RegeneratedStorage(NamedTuple):
+  """Nothing but the step of each matrix's last refresh (int32 per matrix).
+
+  For data-independent refresh methods (APOLLO's random projection): the
+  bases are drawn again from the same keys wherever they are used, so the
+  projector costs 4 bytes per matrix instead of r·(m or n) values.
+  """
+
+  regenerate: Any  # (keys, batch_shape, m, n, rank, sides) -> bases
+  dtype: Optional[Any] = None
+
+  def init(self, plan: LeafPlan, leaf, layout) -> dict:
+    del leaf
+    spec = layout and plan.per_matrix_spec(layout)
+    return {"refreshed_at": axis_specs.zeros(plan.batch_shape, jnp.int32, layout, spec)}
+
+  def encode(self, bases: dict, plan: LeafPlan, leaf_dtype, count=None) -> dict:
+    del bases, leaf_dtype
+    return {"refreshed_at": jnp.full(plan.batch_shape, count, jnp.int32)}
+
+  def decode(self, stored: dict, plan: LeafPlan, dtype) -> dict:
+    steps = stored["refreshed_at"].reshape(-1)
+    keys = refresh_lib.matrix_keys(plan.index, steps)
+    v = plan.view
+    bases = self.regenerate(keys, (steps.shape[0],), v.m, v.n, plan.rank, plan.sides)
+    return {
+        side: b.reshape(plan.basis_shapes[side]).astype(self.dtype or dtype)
+        for side, b in bases.items()
+    }
+
+
 def _quantized_specs(basis_spec, shapes: pq.QuantizedProjector, side, layout):
   """Codes and group statistics split like the basis: the groups axis takes
   the vector axis' names, the codes within a group stay whole."""
@@ -104,8 +138,14 @@ def _quantized_specs(basis_spec, shapes: pq.QuantizedProjector, side, layout):
   return codes, per_group, per_group
 
 
-def storage_for(projector_dtype, projector_bits):
-  """The storage the `projector_dtype` / `projector_bits` options ask for."""
+def storage_for(projector_dtype, projector_bits, regenerate=None):
+  """The storage the `projector_dtype` / `projector_bits` options ask for.
+
+  `regenerate`, the refresh method's `regenerate` function when the options
+  ask to store nothing, selects `RegeneratedStorage`.
+  """
+  if regenerate is not None:
+    return RegeneratedStorage(regenerate, projector_dtype)
   if projector_bits is None:
     return PlainStorage(projector_dtype)
   return QuantizedStorage(projector_bits)

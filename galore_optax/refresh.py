@@ -173,11 +173,53 @@ def power_refresh(power_iters: int = 1, oversample: int = 0) -> RefreshFn:
   return refresh
 
 
+def random_bases(key, batch_shape, m: int, n: int, rank: int, sides) -> dict:
+  """APOLLO's random projection: N(0, 1/r) entries, one key per matrix."""
+  shapes = {OUTPUT_SIDE: (m, rank), INPUT_SIDE: (rank, n)}
+  scale = 1.0 / math.sqrt(rank)
+  return {side: scale * gaussian(key, batch_shape, shapes[side]) for side in sides}
+
+
+def random_refresh(g, rank, sides, previous=None, key=None):
+  """A random Gaussian projection (APOLLO): entries N(0, 1/r), no SVD.
+
+  The bases are not orthonormal, and the gradient is not read: E‖PᵀG‖² =
+  ‖G‖² per row (or column), which is all APOLLO's scaling factors need. Each
+  refresh draws new matrices from the step's keys.
+  """
+  del previous
+  return random_bases(key, g.shape[:-2], g.shape[-2], g.shape[-1], rank, sides)
+
+
+# Data-independent methods: their bases can be recomputed from the keys alone.
+random_refresh.regenerate = random_bases
+
+
 REFRESH_METHODS: dict[str, RefreshFn] = {
     "svd": svd_refresh,
     "randomized": randomized_refresh(),
     "power": power_refresh(),
+    "random": random_refresh,
 }
+
+# Root of the keys of random refresh methods; each matrix folds in its leaf's
+# index, the step of the refresh and its slice of the stack.
+_REFRESH_SEED = 0x6A10
+
+
+def matrix_keys(leaf_index: int, steps: jax.Array) -> jax.Array:
+  """One PRNG key per matrix of a leaf, from the leaf, the refresh step and the slice.
+
+  Args:
+    leaf_index: the leaf's position among the flattened parameters.
+    steps: int32 (B,): the step at which each matrix is refreshed.
+
+  Returns:
+    A key array of shape (B,).
+  """
+  root = jax.random.fold_in(jax.random.key(_REFRESH_SEED), leaf_index)
+  fold = lambda step, i: jax.random.fold_in(jax.random.fold_in(root, step), i)
+  return jax.vmap(fold)(steps, jnp.arange(steps.shape[0]))
 
 
 def get_refresh_method(method) -> RefreshFn:

@@ -225,7 +225,10 @@ def _as_own_state(tx, updates, state):
   template = jax.eval_shape(tx.init, abstract)
   if jax.tree.structure(template) == jax.tree.structure(state):
     return state
-  return _restore(template, state)
+  try:
+    return _restore(template, state)
+  except (KeyError, IndexError, AttributeError, TypeError, ValueError):
+    return state  # not nnx's form of this state: the transform names what is wrong
 
 
 def _nnx_state_variables(tx, params, state):

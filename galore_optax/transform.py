@@ -20,17 +20,14 @@ import jax.numpy as jnp
 import optax
 
 from galore_optax import axis_specs
+from galore_optax import masking
 from galore_optax import matrix_view
 from galore_optax import outputs
 from galore_optax import plan as plan_lib
 from galore_optax import projection
+from galore_optax import refresh as refresh_lib
 from galore_optax.adam import scale_by_adam_hf
 from galore_optax.options import GaLoreOptions, galore_optimizer
-
-# Root of the keys handed to random refresh methods; each matrix folds in its
-# leaf's index, the step of the refresh and its slice of the stack.
-_REFRESH_SEED = 0x6A10
-
 
 class GaLoreState(NamedTuple):
   """State of `scale_by_galore`.
@@ -157,9 +154,10 @@ def galore_transform(
     grads, treedef = jax.tree.flatten(updates)
     plans = options.plan(updates)
     todo = plan_lib.projected(plans)
-    stored = _per_leaf(treedef, state.projectors, plans, "projectors")
-    sched = _per_leaf(treedef, state.refresh_schedule, plans, None, schedule.stateful)
-    out_state = _per_leaf(treedef, state.output_state, plans, None, output.stateful)
+    stored = _per_leaf(treedef, state.projectors, plans)
+    _check_projectors(stored, plans, grads, masking.leaf_paths(updates), storage)
+    sched = _per_leaf(treedef, state.refresh_schedule, plans, schedule.stateful)
+    out_state = _per_leaf(treedef, state.output_state, plans, output.stateful)
     due = {p.index: schedule.due(sched[p.index], state.count, p) for p in todo}
 
     # 1. Refresh the projectors that are due (the plain step skips this).
@@ -214,43 +212,32 @@ def galore_transform(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _per_leaf(treedef, tree, plans, name: Optional[str], present: bool = True) -> list:
-  """`tree` (shaped like the parameters) as a list, MaskedNode where unplanned.
-
-  Raises a ValueError naming the leaf if the gradients do not have the
-  structure and shapes of the parameters the state was built for.
-  """
+def _per_leaf(treedef, tree, plans, present: bool = True) -> list:
+  """`tree` (shaped like the parameters) as a list; MaskedNodes if absent."""
   if not present:
     return [optax.MaskedNode()] * len(plans)
   try:
-    flat = treedef.flatten_up_to(tree)
+    return list(treedef.flatten_up_to(tree))
   except (ValueError, TypeError):
     raise ValueError(
         "the gradients' tree structure differs from the parameters' the GaLore "
         "state was built for (tx.init(params)); pass gradients of the same tree."
     ) from None
-  if name is not None:
-    for p, x in zip(plans, flat):
-      if (p is None) != (not jax.tree.leaves(x)):
-        where = p.path if p is not None else "a leaf"
-        raise ValueError(
-            f"{where}: the gradient is {'' if p else 'not '}projected now but "
-            "was not when the state was built; the gradients must have the "
-            "shapes and dtypes of the params given to tx.init."
-        )
-      if p is not None and set(x) != set(p.sides):
-        raise ValueError(
-            f"{p.path}: the state holds bases {sorted(x)} but a gradient of "
-            f"shape {p.view.shape} needs {sorted(p.sides)}; the gradients must "
-            "have the shapes of the params given to tx.init."
-        )
-  return list(flat)
 
 
-def _matrix_keys(plan: plan_lib.LeafPlan, count) -> jax.Array:
-  """One PRNG key per matrix of a leaf, from the leaf, the step and the slice."""
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(_REFRESH_SEED), plan.index), count)
-  return jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(plan.num_matrices))
+def _check_projectors(stored, plans, grads, paths, storage) -> None:
+  """Raises, naming the leaf, if the state was built for other shapes."""
+  for p, x, g, path in zip(plans, stored, grads, paths):
+    want = None if p is None else jax.eval_shape(lambda p=p, g=g: storage.init(p, g, None))
+    shapes = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), tree)
+    if (want is None) != (not jax.tree.leaves(x)) or (
+        want is not None and shapes(x) != shapes(want)):
+      raise ValueError(
+          f"{path or '<root>'}: the gradient (shape {jnp.shape(g)}) does not fit "
+          "the state, which tx.init built for other shapes or another mask; the "
+          "gradients must have the shapes and dtypes of the params given to "
+          "tx.init."
+      )
 
 
 def _compute_bases(grads, group, previous, refresh_fn, count, after=None) -> dict:
@@ -277,7 +264,10 @@ def _compute_bases(grads, group, previous, refresh_fn, count, after=None) -> dic
       ])
       for side in first.sides
   }
-  keys = jnp.concatenate([_matrix_keys(p, count) for p in group])
+  keys = jnp.concatenate([
+      refresh_lib.matrix_keys(p.index, jnp.full((p.num_matrices,), count, jnp.int32))
+      for p in group
+  ])
   bases = refresh_fn(stacked, first.rank, first.sides, prev, keys)
   out, offset = {}, 0
   for p in group:
@@ -320,7 +310,7 @@ def _refresh_projectors(grads, todo, stored, sched, inner_state, count, due, opt
     last = bases
     for p in group:
       i = p.index
-      new = storage.encode(bases[i], p, grads[i].dtype)
+      new = storage.encode(bases[i], p, grads[i].dtype, count)
       stored[i] = new if schedule.batched else _select_matrices(due[i], new, stored[i])
       if schedule.stateful:
         sched[i] = schedule.advance(sched[i], due[i], bases[i], previous[i], count)
