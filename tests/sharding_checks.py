@@ -696,6 +696,11 @@ EXPLICIT_INIT = {
     "adamw_8bit": lambda: go.adamw_8bit(1e-2, block_size=BLOCK, min_8bit_size=1024),
     "scale_by_adam_8bit": lambda: go.scale_by_adam_8bit(block_size=BLOCK, min_8bit_size=1024),
     "scale_by_adafactor_hf": lambda: go.scale_by_adafactor_hf(1e-2, scale_parameter=False),
+    "fira_adamw": lambda: go.fira_adamw(1e-2, rank=RANK, mask=MASK),
+    "apollo_adamw": lambda: go.apollo_adamw(1e-2, rank=RANK, mask=MASK),
+    "apollo_adamw8bit": lambda: go.apollo_adamw8bit(
+        1e-2, rank=RANK, mask=MASK, block_size=BLOCK, min_8bit_size=1024),
+    "apollo_mini": lambda: go.apollo_mini(1e-2, mask=MASK),
 }
 
 

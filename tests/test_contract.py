@@ -45,11 +45,17 @@ FACTORIES = {
     "gradnorm_lorp": lambda lr, **kw: go.gradnorm_lorp(lr, weight_decay=0.1, **kw),
     "gradnorm_lorp8bit": lambda lr, **kw: go.gradnorm_lorp8bit(lr, weight_decay=0.1, **kw),
     "adamw_8bit": lambda lr, **kw: go.adamw_8bit(lr, weight_decay=0.1, **kw),
+    "fira_adamw": lambda lr, **kw: go.fira_adamw(lr, weight_decay=0.1, **kw),
+    "apollo_adamw": lambda lr, **kw: go.apollo_adamw(lr, weight_decay=0.1, **kw),
+    "apollo_adamw8bit": lambda lr, **kw: go.apollo_adamw8bit(lr, weight_decay=0.1, **kw),
+    "apollo_mini": lambda lr, **kw: go.apollo_mini(lr, weight_decay=0.1, **kw),
 }
 BASE = {
     "galore": ADAM, "galore_adamw": ADAM,
     "galore_adamw8bit": EIGHT, "galore_adafactor": COMMON, "gradnorm_lorp": ADAM,
     "gradnorm_lorp8bit": EIGHT, "adamw_8bit": dict(eps=1e-3, block_size=32, min_8bit_size=64),
+    "fira_adamw": ADAM, "apollo_adamw": ADAM, "apollo_adamw8bit": EIGHT,
+    "apollo_mini": dict(ADAM, rank=1),
 }
 LAZY = dict(lazy_refresh=go.LazyRefresh(queue_size=1, threshold=0.0))
 VARIANTS = {

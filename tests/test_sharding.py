@@ -207,7 +207,7 @@ EXPLICIT_INIT = [
     "galore_adamw", "galore_adamw8bit", "galore_adafactor", "gradnorm_lorp",
     "gradnorm_lorp8bit", "galore_adamw_projector_bits8", "galore_lazy_refresh", "galore",
     "scale_by_galore_bits4_lazy_realigned", "adamw_8bit", "scale_by_adam_8bit",
-    "scale_by_adafactor_hf",
+    "scale_by_adafactor_hf", "fira_adamw", "apollo_adamw", "apollo_adamw8bit", "apollo_mini",
 ]
 REFRESH = ["svd", "randomized", "power"]
 
