@@ -38,20 +38,19 @@ def llama_matrices(size: str, dtype=jax.numpy.float32) -> dict:
   return {f"layers_{i}": {"attn": block(attn), "mlp": block(mlp)} for i in range(layers)}
 
 
-def llama_params(size: str, param_dtype: str = "float32", **overrides) -> dict:
-  """The whole parameter tree of the example LLaMA (embeddings, norms, LM head).
+def llama_params(size: str, param_dtype: str = "float32") -> dict:
+  """The whole parameter tree of a LLaMA size as `jax.ShapeDtypeStruct`s.
 
-  Built under `nnx.eval_shape`, so nothing is allocated: the leaves are
-  `jax.ShapeDtypeStruct`s, enough for `jax.eval_shape(tx.init, params)`.
-  Paths look like "layers/3/attn/q_proj/kernel"; `go.path_mask(r"attn|mlp")`
-  selects the projections the paper projects.
+  The benchmarks' plain-JAX model (`llama_jax`): embeddings, norms, LM head
+  and per-layer kernels under paths "layers/3/attn/q_proj", which
+  `go.path_mask(r"attn|mlp")` selects as the paper does. Nothing is
+  allocated: enough for `jax.eval_shape(tx.init, params)`.
   """
-  from flax import nnx
-  from examples import configs, llama
+  import llama_jax  # pylint: disable=import-outside-toplevel
 
-  cfg = configs.get_model_config(size, param_dtype=param_dtype, **overrides)
-  model = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
-  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  hidden, inter, heads, layers = LLAMA_SIZES[size]
+  dims = llama_jax.Dims(hidden=hidden, intermediate=inter, heads=heads, layers=layers, vocab=VOCAB)
+  return llama_jax.param_shapes(dims, dtype=param_dtype)
 
 
 def write_json(path: str, value) -> None:

@@ -15,129 +15,92 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import inspect
 import os
 import sys
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import optax
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
-sys.path.insert(1, os.path.dirname(_HERE))  # the repository root, for `examples`
+sys.path.insert(1, os.path.dirname(_HERE))  # the repository root
 import common  # noqa: E402
 
-from galore_optax import adam  # noqa: E402
-from galore_optax import adam_8bit  # noqa: E402
+import galore_optax as go  # noqa: E402
 from galore_optax import masking  # noqa: E402
-from galore_optax import transform  # noqa: E402
 from galore_optax import tree_utils  # noqa: E402
 
-# GaLore ranks of the paper (Zhao et al. 2024, Table 2 and Section 5).
+# GaLore ranks of the paper (Zhao et al. 2024, Table 2 and Section 5); Fira's
+# scripts use the same ones up to 1B (and rank 64 at 7B).
 RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+# APOLLO's pre-training scripts (zhuhanqing/APOLLO, scripts/pretrain_c4).
+APOLLO_RANKS = {"60m": 128, "130m": 192, "350m": 256, "1b": 256, "7b": 256}
 TARGETS = r"attn|mlp"
 MASK = masking.path_mask(TARGETS)
 LR = 1e-3  # no effect on the state; every optimizer needs one
 PAPER_GALORE, PAPER_GALORE_8BIT = 65.5, 82.5  # % below BF16 AdamW at 7B (abstract)
 TARGET_REDUCTION = 85.0  # issue 3: 8-bit moments + quantized projectors at 7B
-
-
-class Missing(Exception):
-  """A row whose transformation is not in the library (yet)."""
+# LLaMA-7B optimizer state reported by APOLLO's project page (APOLLO repo,
+# docs/index.html): 8-bit Adam 13G, 8-bit GaLore 4.9G, APOLLO 1.6G, Mini 0.0G.
+PAPER_APOLLO_7B = {"8-bit Adam": 13.0, "8-bit GaLore": 4.9, "APOLLO": 1.6, "APOLLO-Mini": 0.0}
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
   label: str
   param_dtype: str
-  build: Callable[[int], tuple[optax.GradientTransformation, str]]
+  build: Callable[[int], optax.GradientTransformation]
+  how: str
+  ranks: Optional[dict] = None  # per size; default RANKS
 
 
-def _accepts(fn: Callable[..., Any], kwargs: dict) -> bool:
-  params = inspect.signature(fn).parameters
-  if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-    return True
-  return all(k in params for k in kwargs)
+FULL_RANK = {s: "–" for s in RANKS}  # rows that project nothing
 
 
-def _library(module: str, name: str) -> Optional[Callable[..., Any]]:
-  try:
-    return getattr(importlib.import_module(module), name, None)
-  except ImportError:
-    return None
-
-
-def _galore_row(module: str, name: str, inner: Optional[Callable[[], Any]], **kwargs):
-  """A row built by `module.name(LR, rank=..., mask=MASK, **kwargs)`.
-
-  While `name` is not in the library, or does not take `kwargs` yet, the row
-  is composed from the pieces that make it (scale_by_galore with `inner` and
-  a learning rate; weight decay is 0 and stateless), when `inner` is given.
-  """
-
-  unknown = lambda f: ", ".join(k for k in kwargs if not _accepts(f, {k: None}))
-
-  def build(rank):
-    fn = _library(module, name)
-    if fn is not None and _accepts(fn, kwargs):
-      return fn(LR, rank=rank, mask=MASK, **kwargs), f"`go.{name}`"
-    if inner is not None and _accepts(transform.scale_by_galore, kwargs):
-      tx = optax.chain(
-          transform.scale_by_galore(rank, inner=inner(), mask=MASK, **kwargs),
-          optax.scale_by_learning_rate(LR),
-      )
-      why = "is not in the library" if fn is None else f"takes no {unknown(fn)}"
-      return tx, f"`scale_by_galore(inner={inner.__name__})` + lr, as `go.{name}` {why}"
-    reasons = [f"`go.{name}` does not exist" if fn is None
-               else f"`go.{name}` takes no {unknown(fn)}"]
-    if inner is not None:
-      reasons.append(f"`scale_by_galore` takes no {unknown(transform.scale_by_galore)}")
-    raise Missing("; ".join(reasons))
-
-  return build
-
-
-def _contrib_galore(rank):
-  return common.contrib_galore(LR, rank, TARGETS), "`optax.contrib.galore`, scale_by_adam inside"
-
-
-def _adam8bit():
-  return adam_8bit.scale_by_adam_8bit()
-
-
-_adam8bit.__name__ = "scale_by_adam_8bit"
+def _galore(fn, **kwargs):
+  return lambda rank: fn(LR, rank=rank, mask=MASK, **kwargs)
 
 
 def rows() -> list[Row]:
-  g = "galore_optax.alias"
-  hf = adam.scale_by_adam_hf
-  out = [
-      Row("AdamW, fp32 states", "float32", lambda r: (optax.adamw(LR), "`optax.adamw`")),
-      Row("AdamW, bf16 states (baseline)", "bfloat16", lambda r: (optax.adamw(LR), "`optax.adamw`")),
-      Row("8-bit AdamW", "bfloat16", lambda r: (adam_8bit.adamw_8bit(LR), "`go.adamw_8bit`")),
-      Row("optax.contrib.galore", "bfloat16", _contrib_galore),
-      Row("GaLore AdamW, std", "bfloat16", _galore_row(g, "galore_adamw", hf)),
-      Row("GaLore AdamW, reverse_std (memory-minimal side)", "bfloat16",
-          _galore_row(g, "galore_adamw", hf, proj_type="reverse_std")),
-      Row("GaLore AdamW, std, int8 projectors", "bfloat16",
-          _galore_row(g, "galore_adamw", hf, projector_bits=8)),
-      Row("GaLore AdamW8bit, std", "bfloat16", _galore_row(g, "galore_adamw8bit", _adam8bit)),
-      Row("GaLore AdamW8bit, std, int8 projectors", "bfloat16",
-          _galore_row(g, "galore_adamw8bit", _adam8bit, projector_bits=8)),
-      Row("GaLore AdamW8bit, std, int4 projectors", "bfloat16",
-          _galore_row(g, "galore_adamw8bit", _adam8bit, projector_bits=4)),
-      Row("GaLore AdamW8bit, reverse_std, int8 projectors", "bfloat16",
-          _galore_row(g, "galore_adamw8bit", _adam8bit, proj_type="reverse_std", projector_bits=8)),
-      Row("GaLore AdamW8bit, reverse_std, int4 projectors", "bfloat16",
-          _galore_row(g, "galore_adamw8bit", _adam8bit, proj_type="reverse_std", projector_bits=4)),
-      Row("GaLore Adafactor, std", "bfloat16", _galore_row(g, "galore_adafactor", None)),
-      Row("GradNormLoRP", "bfloat16", _galore_row("galore_optax.gradnorm", "gradnorm_lorp", None)),
-      Row("GradNormLoRP 8-bit", "bfloat16",
-          _galore_row("galore_optax.gradnorm", "gradnorm_lorp8bit", None)),
+  bf16 = "bfloat16"
+  return [
+      Row("AdamW, fp32 states", "float32", lambda r: optax.adamw(LR), "`optax.adamw`", FULL_RANK),
+      Row("AdamW, bf16 states (baseline)", bf16, lambda r: optax.adamw(LR), "`optax.adamw`",
+          FULL_RANK),
+      Row("8-bit AdamW", bf16, lambda r: go.adamw_8bit(LR), "`go.adamw_8bit`", FULL_RANK),
+      Row("optax.contrib.galore", bf16, lambda r: common.contrib_galore(LR, r, TARGETS),
+          "`optax.contrib.galore`, scale_by_adam inside"),
+      Row("GaLore AdamW, std", bf16, _galore(go.galore_adamw), "`go.galore_adamw`"),
+      Row("GaLore AdamW, reverse_std (memory-minimal side)", bf16,
+          _galore(go.galore_adamw, proj_type="reverse_std"), "`go.galore_adamw`"),
+      Row("GaLore AdamW, std, int8 projectors", bf16,
+          _galore(go.galore_adamw, projector_bits=8), "`go.galore_adamw`"),
+      Row("GaLore AdamW8bit, std", bf16, _galore(go.galore_adamw8bit), "`go.galore_adamw8bit`"),
+      Row("GaLore AdamW8bit, std, int8 projectors", bf16,
+          _galore(go.galore_adamw8bit, projector_bits=8), "`go.galore_adamw8bit`"),
+      Row("GaLore AdamW8bit, std, int4 projectors", bf16,
+          _galore(go.galore_adamw8bit, projector_bits=4), "`go.galore_adamw8bit`"),
+      Row("GaLore AdamW8bit, reverse_std, int8 projectors", bf16,
+          _galore(go.galore_adamw8bit, proj_type="reverse_std", projector_bits=8),
+          "`go.galore_adamw8bit`"),
+      Row("GaLore AdamW8bit, reverse_std, int4 projectors", bf16,
+          _galore(go.galore_adamw8bit, proj_type="reverse_std", projector_bits=4),
+          "`go.galore_adamw8bit`"),
+      Row("GaLore Adafactor, std", bf16, _galore(go.galore_adafactor), "`go.galore_adafactor`"),
+      Row("GradNormLoRP", bf16, _galore(go.gradnorm_lorp), "`go.gradnorm_lorp`"),
+      Row("GradNormLoRP 8-bit", bf16, _galore(go.gradnorm_lorp8bit), "`go.gradnorm_lorp8bit`"),
+      Row("Fira", bf16, _galore(go.fira_adamw), "`go.fira_adamw`"),
+      Row("APOLLO (paper's ranks)", bf16, _galore(go.apollo_adamw), "`go.apollo_adamw`",
+          APOLLO_RANKS),
+      Row("APOLLO, regenerated projector", bf16,
+          _galore(go.apollo_adamw, regenerate_projector=True), "`go.apollo_adamw`",
+          APOLLO_RANKS),
+      Row("APOLLO 8-bit (paper's ranks)", bf16, _galore(go.apollo_adamw8bit),
+          "`go.apollo_adamw8bit`", APOLLO_RANKS),
+      Row("APOLLO-Mini", bf16, lambda r: go.apollo_mini(LR, mask=MASK), "`go.apollo_mini`",
+          {s: 1 for s in RANKS}),
   ]
-  return out
 
 
 BASELINE = "AdamW, bf16 states (baseline)"
@@ -157,34 +120,27 @@ class Cell:
   total: int
   projectors: int
   how: str
+  rank: int
 
 
-def measure(sizes) -> tuple[dict, dict, dict]:
-  """{row label: {size: Cell}}, {row label: reason missing}, {size: (params, projected)}."""
+def measure(sizes) -> tuple[dict, dict]:
+  """{row label: {size: Cell}}, {size: (params, projected)}."""
   table: dict[str, dict[str, Cell]] = {}
-  missing: dict[str, str] = {}
   counts = {}
   for size in sizes:
     trees = {}
     for row in rows():
-      if row.label in missing:
-        continue
       if row.param_dtype not in trees:
         trees[row.param_dtype] = common.llama_params(size, row.param_dtype)
-      params = trees[row.param_dtype]
-      try:
-        tx, how = row.build(RANKS[size])
-      except Missing as e:
-        missing[row.label] = str(e)
-        continue
-      state = jax.eval_shape(tx.init, params)
+      rank = (row.ranks or RANKS)[size]
+      state = jax.eval_shape(row.build(rank).init, trees[row.param_dtype])
       table.setdefault(row.label, {})[size] = Cell(
-          tree_utils.tree_bytes(state), _projector_bytes(state), how)
+          tree_utils.tree_bytes(state), _projector_bytes(state), row.how, rank)
     params = trees["float32"]
     flags = masking.resolve_mask(MASK, params)
     leaves = jax.tree.leaves(params)
     counts[size] = (sum(x.size for x in leaves), sum(x.size for x, f in zip(leaves, flags) if f))
-  return table, missing, counts
+  return table, counts
 
 
 def _gib(b: int) -> str:
@@ -195,18 +151,20 @@ def _reduction(cell: Cell, base: Cell) -> float:
   return 100.0 * (1.0 - cell.total / base.total)
 
 
-def report(table, missing, counts, sizes) -> str:
+def report(table, counts, sizes) -> str:
   big = sizes[-1]
   base = table[BASELINE]
   lines = [
       "# Optimizer-state memory", "",
       common.environment(), "",
       "Exact bytes of `jax.eval_shape(tx.init, params)` (no allocation) for the whole example "
-      "LLaMA (`examples/llama.py`: embeddings, LM head, RMSNorm scales and every decoder layer; "
-      "vocab 32000, untied). GaLore projects the attention and MLP kernels "
-      f"(`go.path_mask(r\"{TARGETS}\")`) at the paper's ranks "
+      "LLaMA (`benchmarks/llama_jax.py`: embeddings, LM head, RMSNorm scales and every decoder "
+      "layer; vocab 32000, untied). GaLore and Fira project the attention and MLP kernels "
+      f"(`go.path_mask(r\"{TARGETS}\")`) at the GaLore paper's ranks "
       + ", ".join(f"{s}: {RANKS[s]}" for s in sizes)
-      + "; embeddings, LM head and norms keep full-size states of the same optimizer "
+      + "; APOLLO at its scripts' ranks "
+      + ", ".join(f"{s}: {APOLLO_RANKS[s]}" for s in sizes)
+      + ", APOLLO-Mini at rank 1; embeddings, LM head and norms keep full-size states of the same optimizer "
       "(8-bit ones for the 8-bit rows, as bitsandbytes does). \"Optimizer state\" is all of "
       "the state: moments (and their fp32 block absmax for 8-bit moments), projectors (and "
       "their scales/zero points when quantized) and step counters. Parameters, gradients and "
@@ -216,16 +174,16 @@ def report(table, missing, counts, sizes) -> str:
           f"{s} {counts[s][0] / 1e6:,.1f}M ({counts[s][1] / 1e6:,.1f}M projected)" for s in sizes)
       + ".", "",
       f"## LLaMA-{big.upper()}, rank {RANKS[big]}", "",
-      "| optimizer | built from | moments etc. (GiB) | projectors (GiB) | total (GiB) | bytes | below bf16 AdamW (negative: above) |",
-      "|---|---|---:|---:|---:|---:|---:|",
+      "| optimizer | built from | rank | moments etc. (GiB) | projectors (GiB) | total (GiB) | bytes | below bf16 AdamW (negative: above) |",
+      "|---|---|---:|---:|---:|---:|---:|---:|",
   ]
   for label, cells in table.items():
     if big not in cells:
       continue
     c = cells[big]
     lines.append(
-        f"| {label} | {c.how} | {_gib(c.total - c.projectors)} | {_gib(c.projectors)} | "
-        f"{_gib(c.total)} | {c.total:,} | {_reduction(c, base[big]):.1f}% |")
+        f"| {label} | {c.how} | {c.rank} | {_gib(c.total - c.projectors)} | "
+        f"{_gib(c.projectors)} | {_gib(c.total)} | {c.total:,} | {_reduction(c, base[big]):.1f}% |")
   lines += ["", "## All sizes: total GiB (reduction below bf16 AdamW)", "",
             "| optimizer | " + " | ".join(f"{s} (r={RANKS[s]})" for s in sizes) + " |",
             "|---|" + "---:|" * len(sizes)]
@@ -291,10 +249,40 @@ def report(table, missing, counts, sizes) -> str:
         "(beta1=None, the default) and a factored second moment (a row and a column vector per "
         "matrix), so nearly all of its state is the projector, kept in float32 as galore-torch's "
         "`GaLoreAdafactor` does.")
-  if missing:
-    lines += ["", "## Rows not measured", ""]
-    lines += [f"- {label}: {why}" for label, why in missing.items()]
+  lines += _family_notes(table, big, counts[big])
   return "\n".join(lines) + "\n"
+
+
+def _family_notes(table, big, count) -> list[str]:
+  """Fira and APOLLO against what their authors report."""
+  cell = lambda label: table.get(label, {}).get(big)
+  apollo, mini, fira = cell("APOLLO (paper's ranks)"), cell("APOLLO-Mini"), cell("Fira")
+  regenerated = cell("APOLLO, regenerated projector")
+  if None in (apollo, mini, fira, regenerated):
+    return []
+  # Two bf16 AdamW moments for every parameter that is not projected.
+  unprojected = 2 * 2 * (count[0] - count[1])
+  projected_part = lambda c: f"{(c.total - unprojected) / 1e9:.2f} GB"
+  paper = PAPER_APOLLO_7B
+  return [
+      "", "## Fira and APOLLO against their authors' figures", "",
+      f"- APOLLO's project page reports LLaMA-7B optimizer states of {paper['8-bit Adam']:.0f}G "
+      f"(8-bit Adam), {paper['8-bit GaLore']}G (8-bit GaLore), {paper['APOLLO']}G (APOLLO) and "
+      f"{paper['APOLLO-Mini']}G (APOLLO-Mini). Here, for the whole model in bf16: 8-bit AdamW "
+      f"{_gib(table['8-bit AdamW'][big].total)} GiB, APOLLO "
+      f"{_gib(apollo.total)} GiB, APOLLO-Mini {_gib(mini.total)} GiB. The page counts only "
+      "the low-rank moments of the projected matrices: without the full-size AdamW moments "
+      f"of the embeddings, LM head and norms ({unprojected / 2**30:.2f} GiB here, which no "
+      "method projects) and without the stored projector "
+      f"({_gib(apollo.projectors)} GiB; `regenerate_projector=True` stores none), APOLLO "
+      f"holds {projected_part(regenerated)} and APOLLO-Mini {projected_part(mini)}, "
+      "the page's 1.6G and 0.0G.",
+      f"- Fira stores what GaLore stores plus one float per matrix (the limiter): "
+      f"{_gib(fira.total)} GiB at 7B against GaLore's "
+      f"{_gib(table['GaLore AdamW, std'][big].total)} GiB at the same rank. Fira's abstract "
+      "reports 8× less optimizer state than GaLore at 7B with its 7B script's rank 64 (GaLore: "
+      "1024); this table uses rank 1024 for both so that they compare at equal rank.",
+  ]
 
 
 def plot(table, sizes, path):
@@ -346,8 +334,8 @@ def main():
   parser.add_argument("--out", default=os.path.join(_HERE, "results", "memory"))
   args = parser.parse_args()
   sizes = [s for s in RANKS if s in args.sizes]
-  table, missing, counts = measure(sizes)
-  text = report(table, missing, counts, sizes)
+  table, counts = measure(sizes)
+  text = report(table, counts, sizes)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out + ".md", "w") as f:
     f.write(text)
