@@ -55,7 +55,7 @@ sys.path.insert(0, _HERE)
 sys.path.insert(1, os.path.dirname(_HERE))  # the repository root, for `examples`
 import common  # noqa: E402
 
-from galore_optax import alias  # noqa: E402
+import galore_optax as go  # noqa: E402
 from galore_optax import masking  # noqa: E402
 from galore_optax import projection  # noqa: E402
 from galore_optax import refresh as refresh_lib  # noqa: E402
@@ -256,6 +256,13 @@ def tree_steps(size, rank, rounds):
   for name in ("svd", "randomized", "power"):
     optimizers[f"galore_adamw, refresh='{name}'"] = alias.galore_adamw(
         1e-2, rank=rank, refresh=name, mask=mask)
+  # The GaLore family beyond the paper, at the same rank (APOLLO-Mini at 1).
+  optimizers["fira_adamw (exact SVD)"] = go.fira_adamw(1e-2, rank=rank, mask=mask)
+  optimizers["apollo_adamw (random, projector stored)"] = go.apollo_adamw(
+      1e-2, rank=rank, mask=mask)
+  optimizers["apollo_adamw (random, projector regenerated)"] = go.apollo_adamw(
+      1e-2, rank=rank, mask=mask, regenerate_projector=True)
+  optimizers["apollo_mini"] = go.apollo_mini(1e-2, mask=mask)
   fns = {}
   for name, tx in optimizers.items():
     step = jax.jit(tx.update)
