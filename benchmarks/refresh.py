@@ -136,7 +136,7 @@ def single_matrix_steps(m, n, rank, rounds):
   optimizers = {"optax.contrib.galore (exact SVD)": common.contrib_galore(1e-2, rank, TARGETS)}
   # refresh='svd' costs what the exact SVD row above costs; left out to keep the run short.
   for name in ("randomized", "power"):
-    optimizers[f"galore_adamw, refresh='{name}'"] = alias.galore_adamw(1e-2, rank=rank, refresh=name)
+    optimizers[f"galore_adamw, refresh='{name}'"] = go.galore_adamw(1e-2, rank=rank, refresh=name)
   fns = {}
   for name, tx in optimizers.items():
     step = jax.jit(tx.update)
@@ -254,7 +254,7 @@ def tree_steps(size, rank, rounds):
       "optax.contrib.galore (exact SVD)": common.contrib_galore(1e-2, rank, TARGETS),
   }
   for name in ("svd", "randomized", "power"):
-    optimizers[f"galore_adamw, refresh='{name}'"] = alias.galore_adamw(
+    optimizers[f"galore_adamw, refresh='{name}'"] = go.galore_adamw(
         1e-2, rank=rank, refresh=name, mask=mask)
   # The GaLore family beyond the paper, at the same rank (APOLLO-Mini at 1).
   optimizers["fira_adamw (exact SVD)"] = go.fira_adamw(1e-2, rank=rank, mask=mask)
