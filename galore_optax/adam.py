@@ -64,6 +64,7 @@ def scale_by_adam_hf(
   """
 
   def init_fn(params):
+    check_real(params, "scale_by_adam_hf")
     return ScaleByAdamHFState(
         count=jnp.zeros([], jnp.int32),
         mu=optax.tree.zeros_like(params, dtype=mu_dtype),
@@ -91,6 +92,17 @@ def scale_by_adam_hf(
     return new_updates, ScaleByAdamHFState(count=count, mu=mu, nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def check_real(params, owner: str) -> None:
+  """Raises, naming the leaf, for complex leaves (this Adam is real-only)."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating):
+      raise ValueError(
+          f"{jax.tree_util.keystr(path)}: {owner} works on real numbers and would drop "
+          f"the imaginary part of this {jnp.result_type(leaf)} leaf; split it into real "
+          "and imaginary parameters, or use optax.scale_by_adam for it."
+      )
 
 
 def _one_minus_power(b, t) -> chex.Array:

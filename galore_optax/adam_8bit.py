@@ -22,6 +22,7 @@ import optax
 from galore_optax import axis_specs
 from galore_optax import quantization
 from galore_optax import validation
+from galore_optax.adam import check_real
 
 
 class ScaleByAdam8bitState(NamedTuple):
@@ -162,6 +163,7 @@ def scale_by_adam_8bit(
   def init_fn(params):
     size = validation.static_int(block_size, "block_size")
     smallest = validation.static_int(min_8bit_size, "min_8bit_size", minimum=0)
+    check_real(params, "scale_by_adam_8bit")
     init = lambda p: _init_moment(p, size, smallest)
     return ScaleByAdam8bitState(
         count=jnp.zeros([], jnp.int32),
@@ -245,6 +247,8 @@ def adamw_8bit(
     >>> round(float(params["w"][0, 0]), 6)
     0.999
   """
+  validation.learning_rate(learning_rate)
+  validation.non_negative(weight_decay, "weight_decay")
   tx = optax.chain(
       scale_by_adam_8bit(
           b1=b1, b2=b2, eps=eps, block_size=block_size, min_8bit_size=min_8bit_size

@@ -399,8 +399,13 @@ def _with_weight_rms(build, scale_parameter: bool) -> optax.GradientTransformati
           "is relative to the weights' RMS): call tx.update(grads, state, "
           "params), or pass scale_parameter=False."
       )
-    weight_rms = tree_rms(params) if scale_parameter else None
-    f32 = jax.tree.map(lambda g: jnp.asarray(g, jnp.float32), updates)
+    # Zero-size leaves are hidden from the inner transform (see scale_by_galore).
+    weight_rms = None if not scale_parameter else jax.tree.map(
+        lambda p, r: optax.MaskedNode() if jnp.size(p) == 0 else r, params, tree_rms(params))
+    # Float gradients are taken to float32, as the reference does; others
+    # (integer leaves) stay as they are, so the same leaves are projected.
+    f32 = jax.tree.map(
+        lambda g: g.astype(jnp.float32) if jnp.issubdtype(g.dtype, jnp.floating) else g, updates)
     new_updates, state = build(weight_rms).update(f32, state, params)
     return (
         jax.tree.map(lambda u, g: u.astype(jnp.result_type(g)), new_updates, updates),

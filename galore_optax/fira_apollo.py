@@ -202,8 +202,8 @@ def apollo_adamw(
     >>> params = {"w": jnp.ones((64, 32)), "b": jnp.zeros(32)}
     >>> tx = go.apollo_adamw(1e-2, rank=8)
     >>> state = tx.init(params)
-    >>> state[0].inner_state.mu["w"].shape   # low-rank moments only
-    (32, 8)
+    >>> state[0].inner_state.mu["w"].shape   # low-rank moments only: r × in
+    (8, 64)
     >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
   """
   check_adam_args(b1, b2, eps, weight_decay, learning_rate)
@@ -297,8 +297,8 @@ def apollo_mini(
   Example:
     >>> import jax.numpy as jnp, galore_optax as go
     >>> state = go.apollo_mini(1e-2).init({"w": jnp.ones((64, 32))})
-    >>> state[0].inner_state.mu["w"].shape
-    (32, 1)
+    >>> state[0].inner_state.mu["w"].shape   # one row of the (out × in) gradient
+    (1, 64)
   """
   if galore.rank != 1:
     raise ValueError(

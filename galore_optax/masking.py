@@ -54,9 +54,18 @@ def _structure_mismatch(name: str, got: Any, params: Any, is_leaf=None) -> Value
   )
 
 
+def _is_float_matrix(x, min_ndim: int) -> bool:
+  dtype = getattr(x, "dtype", None) or np.result_type(x)
+  return np.ndim(x) >= min_ndim and jax.numpy.issubdtype(dtype, jax.numpy.floating)
+
+
 def default_mask(params: Any) -> Any:
-  """Projects every leaf with at least two axes (matrices and stacks of them)."""
-  return jax.tree.map(lambda x: np.ndim(x) >= 2, params)
+  """Projects every floating-point leaf with at least two axes.
+
+  Integer leaves (counters, indices) have no gradient to compress and are
+  left to the inner transformation, as optax leaves them alone.
+  """
+  return jax.tree.map(lambda x: _is_float_matrix(x, 2), params)
 
 
 def path_mask(pattern: str, *, min_ndim: int = 2) -> Callable[[Any], Any]:
@@ -64,8 +73,9 @@ def path_mask(pattern: str, *, min_ndim: int = 2) -> Callable[[Any], Any]:
 
   This is galore-torch's `target_modules` for pytrees: paths are joined with
   "/", e.g. "layers/3/attn/q_proj/kernel", and searched with `re.search`.
-  Leaves with fewer than `min_ndim` axes (biases, norm scales) are never
-  projected, as galore-torch only targets linear weights.
+  Leaves with fewer than `min_ndim` axes (biases, norm scales) and leaves
+  that are not floating point are never projected, as galore-torch only
+  targets linear weights.
 
   Args:
     pattern: regular expression searched in each leaf's path.
@@ -85,9 +95,7 @@ def path_mask(pattern: str, *, min_ndim: int = 2) -> Callable[[Any], Any]:
 
   def mask_fn(params):
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: bool(
-            np.ndim(x) >= min_ndim and regex.search(path_to_str(path))
-        ),
+        lambda path, x: bool(_is_float_matrix(x, min_ndim) and regex.search(path_to_str(path))),
         params,
     )
 
@@ -108,6 +116,12 @@ def resolve_mask(mask: Any, params: Any) -> list[bool]:
   if len(flags) != treedef.num_leaves:
     raise _structure_mismatch("mask", mask, params)
   for path, flag in zip(leaf_paths(params), flags):
+    if isinstance(flag, jax.core.Tracer):
+      raise TypeError(
+          f"mask entry for {path!r} is a traced value: a mask computed from "
+          "parameter values cannot decide array shapes under jit. Build the mask "
+          "from paths, shapes and dtypes (e.g. go.path_mask(...)), which are static."
+      )
     if not isinstance(flag, (bool, np.bool_)) and not (
         np.ndim(flag) == 0 and np.asarray(flag).dtype == bool
     ):

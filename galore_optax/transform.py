@@ -131,12 +131,14 @@ def galore_transform(
       ])
 
     # The inner transform sees zeros of the low-rank shapes, sharded like the
-    # axes they keep, so whatever state it builds from them is sharded too.
-    low_rank_params = treedef.unflatten([
+    # axes they keep, so whatever state it builds from them is sharded too;
+    # zero-size leaves are hidden from it (no zero-size state, which orbax
+    # cannot save).
+    low_rank_params = treedef.unflatten(_hide_empty(leaves, [
         x if p is None else axis_specs.zeros(
             p.low_rank_shape, jnp.result_type(x), layout, layout and p.low_rank_spec(layout))
         for p, x, layout in zip(plans, leaves, layouts)
-    ])
+    ]))
     inner_state = inner.init(low_rank_params)
     if realign is not None:
       realign.check(inner_state, plans)  # fails at init, not at a refresh
@@ -187,11 +189,12 @@ def galore_transform(
 
     low_rank = project(grads)
     low_params = None if params is None else treedef.unflatten(
-        project(treedef.flatten_up_to(params)))
+        _hide_empty(grads, project(_per_leaf(treedef, params, plans))))
 
     # 3. The inner transform, with low-rank state for projected leaves.
-    inner_out, inner_state = inner.update(treedef.unflatten(low_rank), inner_state, low_params)
-    out = treedef.flatten_up_to(inner_out)
+    inner_out, inner_state = inner.update(
+        treedef.unflatten(_hide_empty(grads, low_rank)), inner_state, low_params)
+    out = [g if jnp.size(g) == 0 else u for g, u in zip(grads, treedef.flatten_up_to(inner_out))]
 
     # 4. Back to full shape: α · project_back(N), or the output's variant.
     for p in todo:
@@ -212,6 +215,11 @@ def galore_transform(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _hide_empty(leaves, values) -> list:
+  """`values` with optax.MaskedNode() where the leaf has no elements."""
+  return [optax.MaskedNode() if jnp.size(x) == 0 else v for x, v in zip(leaves, values)]
+
+
 def _per_leaf(treedef, tree, plans, present: bool = True) -> list:
   """`tree` (shaped like the parameters) as a list; MaskedNodes if absent."""
   if not present:
@@ -220,8 +228,9 @@ def _per_leaf(treedef, tree, plans, present: bool = True) -> list:
     return list(treedef.flatten_up_to(tree))
   except (ValueError, TypeError):
     raise ValueError(
-        "the gradients' tree structure differs from the parameters' the GaLore "
-        "state was built for (tx.init(params)); pass gradients of the same tree."
+        "the gradients' tree structure differs from that of the parameters (or "
+        "of those the GaLore state was built for by tx.init); pass gradients "
+        "of the same tree."
     ) from None
 
 
