@@ -247,8 +247,9 @@ def run_comparison(base: configs_lib.TrainConfig, entries: Sequence[Entry], out_
       dataset = train_lib.load_dataset(base)
     trainer = _default_trainer(dataset, bar)
 
-  def train(config, folder):
-    bar.begin(f"{config.optimizer} lr {config.learning_rate:g} seed {config.seed}", config.steps)
+  def train(config, folder, planned=True):
+    bar.begin(f"{config.optimizer} lr {config.learning_rate:g} seed {config.seed}",
+              config.steps, planned)
     try:
       return trainer(config, os.path.join(out_dir, "runs", folder))
     finally:
@@ -264,16 +265,17 @@ def run_comparison(base: configs_lib.TrainConfig, entries: Sequence[Entry], out_
         if entry.label in pinned:
           outcome.tuning = tuning_lib.pinned(pinned[entry.label])
         else:
-          def trial(lr, entry=entry):
+          grid = grid_of(entry, factors)
+          def trial(lr, entry=entry, grid=grid):
             config = run_config(base, entry, learning_rate=lr, steps=tune_steps,
                                 seed=seeds[0], split="tuning")
             try:
-              result = train(config, f"{entry.folder}/tune_lr{lr:g}")
+              result = train(config, f"{entry.folder}/tune_lr{lr:g}", planned=lr in grid)
             except DivergenceError:
               return math.inf
             assert result.summary["eval_split"] == "tuning"
             return result.summary["final_eval_loss"]
-          outcome.tuning = tuning_lib.tune(grid_of(entry, factors), trial)
+          outcome.tuning = tuning_lib.tune(grid, trial)
         for seed in seeds:
           config = run_config(base, entry, learning_rate=outcome.tuning.chosen_lr,
                               steps=base.steps, seed=seed, split="validation")
@@ -320,9 +322,13 @@ class _Progress:
       self._bar = tqdm(total=total, unit="step", dynamic_ncols=True, leave=False)
     self._expected = self._done = 0
 
-  def begin(self, what: str, steps: int) -> None:
+  def begin(self, what: str, steps: int, planned: bool = True) -> None:
+    """A run starts; ``planned=False`` for one the total did not count (a grid extension)."""
     self._expected, self._done = steps, 0
     if self._bar is not None:
+      if not planned:
+        self._bar.total += steps
+        self._bar.refresh()
       self._bar.set_description(what)
 
   def step(self, step: int, loss: float) -> None:
@@ -352,7 +358,9 @@ def _time_side_by_side(outcomes, dataset, base, rounds, steps, log) -> None:
     batches = [sampler(base.steps + r * steps + k) for k in range(steps)]
     for o in timed:
       try:
-        o.step_times += train_lib.time_train_steps(o.result.model, o.result.optimizer, batches)
+        o.step_times += train_lib.time_train_steps(
+            o.result.model, o.result.optimizer, batches,
+            learning_rate=o.tuning.chosen_lr * base.min_lr_ratio)  # where the schedule ended
       except Exception as e:  # pylint: disable=broad-except
         o.error = f"timing failed: {_first_line(e)}"
 
@@ -413,6 +421,24 @@ def summarize(outcome: Outcome, baseline: Optional[Outcome]) -> Dict[str, Any]:
   return record
 
 
+def outcome_to_dict(outcome: Outcome) -> Dict[str, Any]:
+  """Everything of an Outcome but its models, JSON-able (``outcome_from_dict`` inverts it)."""
+  t = outcome.tuning
+  return {"label": outcome.entry.label, "optimizer": outcome.entry.optimizer,
+          "overrides": [list(kv) for kv in outcome.entry.overrides],
+          "tuning": dataclasses.asdict(t) if t else None, "summaries": outcome.summaries,
+          "histories": outcome.histories, "step_times": outcome.step_times,
+          "wall_s": outcome.wall_s, "error": outcome.error}
+
+
+def outcome_from_dict(record: Dict[str, Any]) -> Outcome:
+  entry = Entry(record["label"], record["optimizer"],
+                tuple(tuple(kv) for kv in record["overrides"]))
+  t = record["tuning"]
+  return Outcome(entry, tuning_lib.Tuning(**t) if t else None, record["summaries"],
+                 record["histories"], record["step_times"], record["wall_s"], record["error"])
+
+
 # ------------------------------------------------------------------------------ report
 
 
@@ -467,23 +493,33 @@ def results_table(outcomes: Sequence[Outcome], baseline: Optional[Outcome]) -> s
   return "\n".join(rows)
 
 
-def tuning_table(outcomes: Sequence[Outcome], factors: Sequence[float]) -> str:
-  """Tuning-split loss of every grid value, one column per grid factor."""
-  header = ["optimizer"] + [f"×{f:.3g}" for f in factors] + ["chosen"]
+def tuning_table(outcomes: Sequence[Outcome]) -> str:
+  """Tuning-split loss of every learning rate tried, one column per factor of the default."""
+  def factor(o, lr):
+    return f"{lr / optimizers_lib.get_spec(o.entry.optimizer).default_lr:.3g}"
+  tuned = [o for o in outcomes if o.tuning is not None]
+  columns = sorted({factor(o, lr) for o in tuned for lr in o.tuning.grid if not o.tuning.pinned},
+                   key=float)
+  header = ["optimizer", "default lr"] + [f"×{c}" for c in columns] + ["chosen"]
   rows = [_cells(header), "|" + "|".join("---" for _ in header) + "|"]
-  for o in outcomes:
+  for o in tuned:
     t = o.tuning
-    if t is None:
-      continue
+    default = _lr(optimizers_lib.get_spec(o.entry.optimizer).default_lr)
     if t.pinned:
-      rows.append(_cells([f"`{o.name}`"] + ["—"] * len(factors) + [f"{_lr(t.chosen_lr)} (pinned)"]))
+      rows.append(_cells([f"`{o.name}`", default] + ["—"] * len(columns)
+                         + [f"{_lr(t.chosen_lr)} (pinned)"]))
       continue
+    tried = {factor(o, lr): (lr, loss) for lr, loss in zip(t.grid, t.losses)}
     cells = []
-    for lr, loss in zip(t.grid, t.losses):
-      text = "diverged" if not math.isfinite(loss) else f"{loss:.4f}"
-      cells.append(f"**{_lr(lr)}: {text}**" if lr == t.chosen_lr else f"{_lr(lr)}: {text}")
-    rows.append(_cells([f"`{o.name}`"] + cells + [_lr(t.chosen_lr) + (" (grid edge)" if t.at_edge
-                                                                       else "")]))
+    for column in columns:
+      if column not in tried:
+        cells.append("")
+        continue
+      lr, loss = tried[column]
+      text = f"{_lr(lr)}: " + ("diverged" if not math.isfinite(loss) else f"{loss:.4f}")
+      cells.append(f"**{text}**" if lr == t.chosen_lr else text)
+    rows.append(_cells([f"`{o.name}`", default] + cells
+                       + [_lr(t.chosen_lr) + (" (grid edge)" if t.at_edge else "")]))
   return "\n".join(rows)
 
 
@@ -501,10 +537,11 @@ def describe_setup(base: configs_lib.TrainConfig, outcomes: Sequence[Outcome], *
         "the same for every optimizer)")
   lines.append(
       f"- Tuning: peak learning rate = the optimizer's default × "
-      f"{', '.join(f'{f:.3g}' for f in factors)}; one {tune_steps}-step run per value (seed "
-      f"{seeds[0]}, same schedule shape), chosen by the loss on the *tuning* split (documents "
-      "held out from training and from the validation split). The reported loss is on the "
-      "validation split, which no choice used.")
+      f"{', '.join(f'{f:.3g}' for f in factors)}, and one more value beyond an end of the "
+      f"grid while the best is at that end (at most {tuning_lib.MAX_EXTENSIONS}); one "
+      f"{tune_steps}-step run per value (seed {seeds[0]}, same schedule shape), chosen by the "
+      "loss on the *tuning* split (documents held out from training and from the validation "
+      "split). The reported loss is on the validation split, which no choice used.")
   lines.append(
       f"- Recipe: linear warmup over {base.warmup_fraction:.0%} of the steps, cosine decay to "
       f"{base.min_lr_ratio:.0%} of the peak; GaLore rank {train_lib.optimizer_config(base).rank}, "
@@ -540,7 +577,7 @@ def render_markdown(outcomes, baseline, *, command: str, plot_name: str, base, s
       f"(`galore_optax.tree_bytes`). Step time: median of {timing[0]} × {timing[1]} compiled "
       "steps per optimizer, timed side by side after training.", "",
       f"Learning-rate tuning: loss on the tuning split after {tune_steps} steps (bold: chosen).",
-      "", tuning_table(outcomes, factors), ""]
+      "", tuning_table(outcomes), ""]
   failed = [o for o in outcomes if o.error is not None]
   if failed:
     lines += ["Failed: " + "; ".join(f"`{o.name}`: {o.error}" for o in failed), ""]

@@ -15,6 +15,11 @@ is one ``OptimizerSpec`` in the list below, for example::
                   lambda lr, c: go.fira_adamw(lr, weight_decay=c.weight_decay,
                                               refresh=c.refresh, **galore_options(c))),
 
+The learning rate is a value in the optimizer state (``optax.inject_hyperparams``) that the
+training step sets from the schedule, not a constant of the compiled program: runs that differ
+only in their peak learning rate or length (``examples.compare``'s tuning runs and seeds) share
+one transformation and one compiled step.
+
 Every optimizer is wrapped in ``optax.apply_if_finite`` (see ``build_optimizer``): a step whose
 gradients hold a NaN or an infinity changes neither the weights nor the optimizer state.
 """
@@ -26,6 +31,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import galore_optax as go
 import jax
+import jax.numpy as jnp
 import optax
 from galore_optax.projection import PROJ_TYPES
 from galore_optax.refresh import REFRESH_METHODS
@@ -65,7 +71,8 @@ class OptimizerSpec:
     name: the name used on the command line.
     description: one line for ``--list-optimizers`` and the docs.
     default_lr: the peak learning rate of the paper's recipe (the centre of the tuning grid).
-    build: ``build(learning_rate_schedule, config) -> optax.GradientTransformation``.
+    build: ``build(learning_rate, config) -> optax.GradientTransformation``; the learning
+      rate is a scalar (a traced one inside the step).
     projects: True when the optimizer takes GaLore's options (rank, proj_type, refresh).
     proj_types: the ``proj_type`` values it supports.
     refresh_methods: the ``refresh`` values it supports.
@@ -125,8 +132,8 @@ REGISTRY: Dict[str, OptimizerSpec] = {spec.name: spec for spec in [
                                           **galore_options(c))),
     OptimizerSpec(
         "galore_adafactor", "galore_optax.galore_adafactor", 1e-2,
-        # The peak learning rate as is, as transformers documents for Adafactor with a
-        # schedule: scale_parameter would multiply it by each weight's RMS (~0.02 at init).
+        # The learning rate as is, as transformers documents for Adafactor with a schedule:
+        # scale_parameter would multiply it by each weight's RMS (~0.02 at init).
         lambda lr, c: go.galore_adafactor(lr, weight_decay=c.weight_decay, refresh=c.refresh,
                                           scale_parameter=False, relative_step=False,
                                           **galore_options(c))),
@@ -205,28 +212,43 @@ def build_optimizer(name: str, cfg: OptimizerConfig):
 
   Returns:
     (optax transformation, learning-rate schedule, peak learning rate). The transformation
-    is ``optax.apply_if_finite`` around the (optionally clipped) optimizer unless
-    ``cfg.max_consecutive_nonfinite`` is 0.
+    takes its learning rate from its state: set it before each update with
+    ``set_learning_rate(opt_state, schedule(step))``. It is ``optax.apply_if_finite`` around
+    the (optionally clipped) optimizer unless ``cfg.max_consecutive_nonfinite`` is 0, and the
+    same object for every ``cfg`` that differs only in the schedule (learning rate, steps,
+    warmup), so that ``nnx.jit`` reuses the compiled step.
   """
   peak = check_config(name, cfg)
-  return _build(name, cfg, peak)
+  schedule_free = dataclasses.replace(cfg, learning_rate=None, total_steps=0,
+                                      warmup_fraction=0.0, min_lr_ratio=0.0)
+  return _build(name, schedule_free), learning_rate_schedule(peak, cfg), peak
 
 
 @functools.lru_cache(maxsize=64)
-def _build(name: str, cfg: OptimizerConfig, peak: float):
-  # Cached: nnx.Optimizer keeps the transformation as static graph metadata, so handing out
-  # the same object for the same configuration lets nnx.jit reuse a compiled train step
-  # across runs in one process (seeds of a comparison, a resumed run, the tests).
-  schedule = learning_rate_schedule(peak, cfg)
-  tx = REGISTRY[name].build(schedule, cfg)
-  if cfg.grad_clip:
-    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+def _build(name: str, cfg: OptimizerConfig) -> optax.GradientTransformation:
+  def with_learning_rate(learning_rate):
+    tx = REGISTRY[name].build(learning_rate, cfg)
+    if cfg.grad_clip:
+      tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+    return tx
+  with_learning_rate(0.0)  # built once here, so that a bad option fails now
+  # 0 until the training step sets it; float32 whatever the parameters' dtype.
+  tx = optax.inject_hyperparams(with_learning_rate, hyperparam_dtype=jnp.float32)(
+      learning_rate=0.0)
   if cfg.max_consecutive_nonfinite:
     # The loop stops once this many steps in a row were skipped, so apply_if_finite's
     # "apply anyway after max_consecutive_errors" is never reached.
     tx = optax.apply_if_finite(_keeps_state_structure(tx),
                                max_consecutive_errors=cfg.max_consecutive_nonfinite)
-  return tx, schedule, peak
+  return tx
+
+
+def set_learning_rate(opt_state, learning_rate) -> None:
+  """Sets the learning rate of the next update in a state of ``build_optimizer``'s
+  transformation held by ``nnx.Optimizer`` (inside or outside ``nnx.jit``)."""
+  if isinstance(opt_state, optax.ApplyIfFiniteState):
+    opt_state = opt_state.inner_state
+  opt_state.hyperparams["learning_rate"][...] = learning_rate
 
 
 def _keeps_state_structure(tx: optax.GradientTransformation) -> optax.GradientTransformation:

@@ -63,8 +63,9 @@ def loss_fn(model: models.Llama, batch: jax.Array) -> jax.Array:
   return losses.mean()
 
 
-def _update(model, optimizer, metrics, batch) -> jax.Array:
+def _update(model, optimizer, metrics, batch, learning_rate) -> jax.Array:
   loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
+  optimizers_lib.set_learning_rate(optimizer.opt_state, learning_rate)
   optimizer.update(model, grads)
   grad_norm = optax.global_norm(grads)
   # A skipped step (non-finite gradients) stays out of the logged averages.
@@ -76,15 +77,18 @@ def _update(model, optimizer, metrics, batch) -> jax.Array:
 
 @functools.partial(nnx.jit, donate_argnums=(0, 1))
 def train_step(model: models.Llama, optimizer: nnx.Optimizer, metrics: nnx.MultiMetric,
-               batch: jax.Array) -> jax.Array:
-  return _update(model, optimizer, metrics, batch)
+               batch: jax.Array, learning_rate: jax.Array) -> jax.Array:
+  """One update at ``learning_rate`` (an array, so that every value shares one compiled
+  step); returns the loss before it."""
+  return _update(model, optimizer, metrics, batch, learning_rate)
 
 
 @functools.partial(nnx.jit, donate_argnums=(0, 1))
 def sharded_train_step(model: models.Llama, optimizer: nnx.Optimizer,
-                       metrics: nnx.MultiMetric, batch: jax.Array) -> jax.Array:
+                       metrics: nnx.MultiMetric, batch: jax.Array,
+                       learning_rate: jax.Array) -> jax.Array:
   """``train_step`` on a mesh: the new weights and optimizer state keep their shardings."""
-  loss = _update(model, optimizer, metrics, batch)
+  loss = _update(model, optimizer, metrics, batch, learning_rate)
   # With Auto mesh axes XLA picks the outputs' shardings; pin them to the Variables'
   # out_sharding metadata (set by shard_model; galore_optax sets the optimizer state's).
   for node in (model, optimizer):
@@ -673,8 +677,10 @@ class _Loop:
       last_logged, window_time = start_step, 0.0
       for step in range(start_step, end_step):
         batch = self.place(self.sampler(step))
+        learning_rate = np.float32(self.schedule(step))
         t0 = time.perf_counter()
-        loss = float(self.step_fn(self.model, self.optimizer, metrics, batch))  # waits
+        loss = float(self.step_fn(self.model, self.optimizer, metrics, batch,
+                                  learning_rate))  # waits
         dt = time.perf_counter() - t0
         window_time += dt
         if self.compile_time is None:
@@ -696,7 +702,7 @@ class _Loop:
           n = done - last_logged
           self._record({"step": done, "split": "train", "loss": values["loss"],
                         "grad_norm": values["grad_norm"],
-                        "lr": float(self.schedule(step)), "tokens": done * tokens_per_step,
+                        "lr": float(learning_rate), "tokens": done * tokens_per_step,
                         "skipped_steps": self.skipped_total,
                         "step_time_s": window_time / n,
                         "tokens_per_s": tokens_per_step * n / window_time})
@@ -717,7 +723,7 @@ class _Loop:
 
 
 def time_train_steps(model: models.Llama, optimizer: nnx.Optimizer,
-                     batches: List[np.ndarray]) -> List[float]:
+                     batches: List[np.ndarray], learning_rate: float) -> List[float]:
   """Seconds of one (already compiled) ``train_step`` per batch, each waited for.
 
   examples.compare calls this for its optimizers in turn, so that they are timed side by
@@ -728,7 +734,7 @@ def time_train_steps(model: models.Llama, optimizer: nnx.Optimizer,
   for batch in batches:
     batch = jnp.asarray(batch)
     t0 = time.perf_counter()
-    float(train_step(model, optimizer, metrics, batch))
+    float(train_step(model, optimizer, metrics, batch, np.float32(learning_rate)))
     times.append(time.perf_counter() - t0)
   return times
 

@@ -2,7 +2,9 @@
 
 An optimizer's grid is its default peak learning rate (``OptimizerSpec.default_lr``, the
 paper's recipe) times a few factors, ``DEFAULT_FACTORS`` = 1/3, 1, 3. Each grid value trains
-a short run, and the value with the lowest loss on the *tuning* split wins. That split is held
+a short run, and the value with the lowest loss on the *tuning* split wins. When the winner
+is the smallest or largest value, the best learning rate may lie outside the grid, so the
+grid grows by one more value on that side (same spacing), at most ``MAX_EXTENSIONS`` times. That split is held
 out from training and is never the reported validation split, so the reported loss has not
 been used to make any choice. A trial whose loss stops being finite counts as diverged
 (infinite loss).
@@ -15,6 +17,7 @@ from typing import Callable, List, Optional, Sequence
 from examples.errors import DivergenceError, ExampleError
 
 DEFAULT_FACTORS = (1 / 3, 1.0, 3.0)
+MAX_EXTENSIONS = 2
 
 
 def parse_factors(text: str) -> List[float]:
@@ -41,11 +44,15 @@ def parse_factors(text: str) -> List[float]:
   return sorted(factors)
 
 
+def _round(lr: float) -> float:
+  return float(f"{lr:.3g}")
+
+
 def lr_grid(center: float, factors: Sequence[float]) -> List[float]:
   """``center * factor`` for each factor, ascending, rounded to 3 significant digits."""
   if not factors:
     raise ExampleError("the learning-rate grid is empty")
-  return sorted(float(f"{center * f:.3g}") for f in factors)
+  return sorted(_round(center * f) for f in factors)
 
 
 @dataclasses.dataclass
@@ -57,17 +64,19 @@ class Tuning:
     losses: tuning-split loss of each grid value (inf: diverged); None when pinned.
     chosen_lr: the value with the lowest loss, or the pinned one.
     pinned: True when the learning rate was given (``--lr name=value``) and not tuned.
+    extended: how many values were added beyond the initial grid's edges.
   """
 
   grid: List[float]
   losses: Optional[List[float]]
   chosen_lr: float
   pinned: bool = False
+  extended: int = 0
 
   @property
   def at_edge(self) -> bool:
-    """True when the winner is the smallest or largest value of a grid of two or more:
-    the best learning rate may lie outside the grid."""
+    """True when the winner is the smallest or largest value of a grid of two or more
+    (after the extensions): the best learning rate may lie outside the grid."""
     return (not self.pinned and len(self.grid) > 1
             and self.chosen_lr in (self.grid[0], self.grid[-1]))
 
@@ -85,22 +94,41 @@ def choose(grid: Sequence[float], losses: Sequence[float]) -> float:
   return min(finite)[1]
 
 
-def tune(grid: Sequence[float], trial: Callable[[float], float]) -> Tuning:
+def tune(grid: Sequence[float], trial: Callable[[float], float],
+         max_extensions: int = MAX_EXTENSIONS) -> Tuning:
   """Runs ``trial(lr) -> tuning-split loss`` for each grid value and keeps the best.
+
+  While the best value is the smallest or largest of the grid, one more value is tried
+  beyond it (the grid's spacing at that end), at most ``max_extensions`` times.
 
   Args:
     grid: peak learning rates, ascending.
     trial: trains a short run at ``lr`` and returns its final loss on the tuning split
       (``math.inf`` when it diverged).
+    max_extensions: how many values may be added beyond the grid's edges.
 
   Returns:
-    The Tuning record.
+    The Tuning record (the grid includes the added values).
   """
-  grid = list(grid)
+  grid = sorted(grid)
   if not grid:
     raise ExampleError("the learning-rate grid is empty")
   losses = [float(trial(lr)) for lr in grid]
-  return Tuning(grid, losses, choose(grid, losses))
+  extended = 0
+  while extended < max_extensions and len(grid) > 1:
+    best = choose(grid, losses)
+    if best == grid[-1]:
+      lr = _round(grid[-1] * grid[-1] / grid[-2])
+      grid.append(lr)
+      losses.append(float(trial(lr)))
+    elif best == grid[0]:
+      lr = _round(grid[0] * grid[0] / grid[1])
+      grid.insert(0, lr)
+      losses.insert(0, float(trial(lr)))
+    else:
+      break
+    extended += 1
+  return Tuning(grid, losses, choose(grid, losses), extended=extended)
 
 
 def pinned(lr: float) -> Tuning:

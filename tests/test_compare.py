@@ -19,17 +19,34 @@ from test_examples import NANO_1, _assert_one_error_line, text_docs  # pylint: d
 # ----------------------------------------------------------------------------- tuning
 
 
+def _bowl(best):
+  """A tuning loss with its minimum at learning rate ``best``."""
+  return lambda lr: (math.log10(lr) - math.log10(best)) ** 2 + 1.0
+
+
 def test_tune_picks_the_lowest_tuning_loss():
   tried = []
   def trial(lr):
     tried.append(lr)
-    return (math.log10(lr) + 2.5) ** 2 + 1.0  # lowest at 10**-2.5 ≈ 3.2e-3
+    return _bowl(1e-3)(lr)
   result = tuning.tune(tuning.lr_grid(1e-3, tuning.DEFAULT_FACTORS), trial)
   assert tried == result.grid == [3.33e-4, 1e-3, 3e-3]
-  assert result.chosen_lr == 3e-3 and result.losses == [trial(x) for x in result.grid]
-  assert result.at_edge and not result.pinned
-  inner = tuning.tune([1e-3, 3e-3, 1e-2], trial)
-  assert inner.chosen_lr == 3e-3 and not inner.at_edge
+  assert result.chosen_lr == 1e-3 and result.losses == [_bowl(1e-3)(x) for x in result.grid]
+  assert not result.at_edge and not result.pinned and result.extended == 0
+
+
+def test_tune_grows_the_grid_past_an_edge_winner():
+  # Best at 10**-2.5: 3e-3 wins the first grid, 9e-3 is tried and loses.
+  up = tuning.tune([3.33e-4, 1e-3, 3e-3], _bowl(10 ** -2.5))
+  assert up.grid == [3.33e-4, 1e-3, 3e-3, 9e-3] and up.chosen_lr == 3e-3
+  assert up.extended == 1 and not up.at_edge
+  # Best far below: two values are added downwards, and the winner is still at the edge.
+  down = tuning.tune([1e-3, 3e-3], _bowl(1e-6))
+  assert down.grid == [1.11e-4, 3.33e-4, 1e-3, 3e-3] and down.chosen_lr == 1.11e-4
+  assert down.extended == tuning.MAX_EXTENSIONS and down.at_edge
+  # A diverged top value is not a winner: no extension past it.
+  capped = tuning.tune([1e-3, 3e-3], lambda lr: math.inf if lr > 2e-3 else _bowl(1e-3)(lr))
+  assert capped.grid == [3.33e-4, 1e-3, 3e-3] and capped.chosen_lr == 1e-3
 
 
 def test_diverged_trials_lose_and_all_diverged_is_an_error():
@@ -97,19 +114,24 @@ def test_compare_chooses_on_the_tuning_split_and_reports_the_validation_split(tm
                                     tune_steps=3, trainer=fake, timing_rounds=0,
                                     progress=False, log=lambda *_: None)
   adamw, galore = outcomes
-  assert adamw.tuning.grid == [3.33e-4, 1e-3, 3e-3] and adamw.tuning.chosen_lr == 3e-3
+  # 3e-3 won the first grid at its edge, so 9e-3 was tried too (and lost).
+  assert adamw.tuning.grid == [3.33e-4, 1e-3, 3e-3, 9e-3] and adamw.tuning.chosen_lr == 3e-3
   # galore_adamw diverged at 3e-2 (infinite loss): the best remaining value wins.
   assert galore.tuning.losses[-1] == math.inf and galore.tuning.chosen_lr == 1e-2
   tuning_calls = [c for c in fake.calls if c["split"] == "tuning"]
   reported = [c for c in fake.calls if c["split"] == "validation"]
   # Tuning: short runs, first seed only, never the validation split.
   assert {(c["steps"], c["seed"]) for c in tuning_calls} == {(3, 4)}
-  assert len(tuning_calls) == 3 + 2  # the diverged trial recorded nothing
+  assert len(tuning_calls) == 4 + 2  # the diverged trial recorded nothing
   # Reported: the full budget at the chosen learning rate, once per seed.
   assert [(c["optimizer"], c["lr"], c["seed"], c["steps"]) for c in reported] == [
       ("adamw", 3e-3, 4, 10), ("adamw", 3e-3, 5, 10),
       ("galore_adamw", 1e-2, 4, 10), ("galore_adamw", 1e-2, 5, 10)]
   assert adamw.losses == pytest.approx([4 + math.log(9) + 0.04, 4 + math.log(9) + 0.05])
+  md_table = compare.tuning_table(outcomes)
+  assert md_table.splitlines()[0] == "| optimizer | default lr | ×0.333 | ×1 | ×3 | ×9 | chosen |"
+  assert "| `adamw` | 0.001 | 0.000333: " in md_table and "**0.003: " in md_table
+  assert "0.03: diverged" in md_table
   assert len({c["workdir"] for c in fake.calls}) == len(fake.calls)
 
 
@@ -194,15 +216,18 @@ def test_compare_end_to_end(monkeypatch, tmp_path, capsys):
   main_rows = rows[:2]
   assert main_rows[0].startswith("| `adamw` | 0.003 (pinned) |")
   assert main_rows[1].startswith("| `galore_adamw` | ")
-  assert "(0.005, 0.02)" in main_rows[1] and "0 (baseline)" in main_rows[0]
+  assert "0.005, 0.02" in main_rows[1] and "0 (baseline)" in main_rows[0]
   assert "%" in main_rows[1].split("|")[5]
-  assert "| `galore_adamw` | 0.005: " in md  # the tuning table
+  tuning_row = [l for l in md.splitlines() if l.startswith("| `galore_adamw` | 0.01 |")]
+  assert len(tuning_row) == 1 and "0.005: " in tuning_row[0]  # the tuning table
   assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
   results = json.loads(json_path.read_text())
   by_name = {r["name"]: r for r in results["optimizers"]}
   galore = by_name["galore_adamw"]
-  assert galore["grid"] == [0.005, 0.02] and len(galore["tuning_losses"]) == 2
+  # The grid, grown past an edge winner if that happened.
+  assert {0.005, 0.02} <= set(galore["grid"]) and len(galore["grid"]) <= 4
+  assert len(galore["tuning_losses"]) == len(galore["grid"])
   assert galore["chosen_lr"] == galore["grid"][galore["tuning_losses"].index(
       min(galore["tuning_losses"]))]
   assert galore["seeds"] == [0, 1] and len(galore["final_eval_loss"]) == 2
@@ -215,6 +240,7 @@ def test_compare_end_to_end(monkeypatch, tmp_path, capsys):
   def splits(folder):
     with open(out / "runs" / folder / "metrics.jsonl", encoding="utf-8") as f:
       return {r["split"] for r in map(json.loads, f)} - {"train"}
-  assert splits("galore_adamw/tune_lr0.005") == splits("galore_adamw/tune_lr0.02") == {"tuning"}
+  for lr in galore["grid"]:
+    assert splits(f"galore_adamw/tune_lr{lr:g}") == {"tuning"}
   assert splits("galore_adamw/seed0") == splits("adamw/seed1") == {"eval"}
   assert not os.path.exists(out / "runs" / "adamw" / "seed0" / "checkpoints")

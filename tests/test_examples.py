@@ -166,13 +166,14 @@ def test_small_config_is_dominated_by_projected_kernels_and_trains():
   projected = sum(s for s, m in zip(sizes, mask) if m) / sum(sizes)
   assert 0.85 < projected < 0.86, projected
   cfg_opt = optimizers.OptimizerConfig(total_steps=4, warmup_fraction=0.0, rank=64)
-  tx, _, _ = optimizers.build_optimizer("galore_adamw", cfg_opt)
+  tx, schedule, _ = optimizers.build_optimizer("galore_adamw", cfg_opt)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   train.settle_state_containers(optimizer)
   # Learnable text: a repeated token pattern.
   batch = jnp.tile(jnp.arange(33) % 17, (4, 1))
   metrics = train.make_train_metrics()
-  losses = [float(train.train_step(model, optimizer, metrics, batch)) for _ in range(4)]
+  losses = [float(train.train_step(model, optimizer, metrics, batch, np.float32(schedule(step))))
+            for step in range(4)]
   assert abs(losses[0] - np.log(vocab)) < 0.2, losses  # starts near uniform
   assert losses[-1] < losses[0] - 1.0, losses
 
@@ -189,9 +190,9 @@ _TRACES = []
 
 
 @functools.partial(nnx.jit, donate_argnums=(0, 1))
-def _counted_train_step(model, optimizer, metrics, batch):
+def _counted_train_step(model, optimizer, metrics, batch, learning_rate):
   _TRACES.append(1)  # runs only while tracing
-  return train.train_step.fun(model, optimizer, metrics, batch)
+  return train.train_step.fun(model, optimizer, metrics, batch, learning_rate)
 
 
 @pytest.mark.parametrize(
@@ -201,7 +202,7 @@ def test_a_few_steps_lower_the_loss_and_compile_once(name, scan, refresh):
   model = _model(scan_layers=scan, num_layers=2 if scan else 1)
   cfg = optimizers.OptimizerConfig(total_steps=8, warmup_fraction=0.0, rank=4,
                                    update_proj_gap=3, refresh=refresh)
-  tx, _, _ = optimizers.build_optimizer(name, cfg)
+  tx, schedule, _ = optimizers.build_optimizer(name, cfg)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   # Without this, the state's containers change at the first update and step 2 compiles
   # the step again.
@@ -209,10 +210,25 @@ def test_a_few_steps_lower_the_loss_and_compile_once(name, scan, refresh):
   batch = jax.random.randint(jax.random.key(3), (4, 17), 0, VOCAB)
   metrics = train.make_train_metrics()
   del _TRACES[:]
-  losses = [float(_counted_train_step(model, optimizer, metrics, batch)) for _ in range(8)]
+  losses = [float(_counted_train_step(model, optimizer, metrics, batch,
+                                      np.float32(schedule(step))))
+            for step in range(8)]
   assert len(_TRACES) == 1
   assert all(np.isfinite(losses)), losses
   assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_runs_that_differ_in_schedule_share_one_transformation():
+  """Learning rate and length live in the state: one compiled step for all tuning runs."""
+  first = optimizers.build_optimizer("galore_adamw", optimizers.OptimizerConfig(
+      learning_rate=1e-3, total_steps=100, rank=4))
+  second = optimizers.build_optimizer("galore_adamw", optimizers.OptimizerConfig(
+      learning_rate=3e-2, total_steps=7, warmup_fraction=0.5, rank=4))
+  assert first[0] is second[0]
+  assert (first[2], second[2]) == (1e-3, 3e-2)
+  assert float(first[1](10)) == pytest.approx(1e-3) and float(second[1](2)) < 3e-2
+  other = optimizers.build_optimizer("galore_adamw", optimizers.OptimizerConfig(rank=5))
+  assert other[0] is not first[0]
 
 
 def _state_shapes(name, **cfg):
@@ -264,17 +280,20 @@ def test_a_misspelt_option_fails_at_build(monkeypatch):
 
 
 def test_nonfinite_gradients_skip_the_step():
+  # The configuration and shapes of test_a_few_steps...[galore_adamw]: its compiled step.
   model = _model(num_layers=1)
-  tx, _, _ = optimizers.build_optimizer(
-      "galore_adamw", optimizers.OptimizerConfig(rank=4, warmup_fraction=0.0, total_steps=4))
+  tx, _, _ = optimizers.build_optimizer("galore_adamw", optimizers.OptimizerConfig(
+      total_steps=8, warmup_fraction=0.0, rank=4, update_proj_gap=3))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   train.settle_state_containers(optimizer)
   metrics = train.make_train_metrics()
-  good = jax.random.randint(jax.random.key(3), (2, 9), 0, VOCAB)
+  good = jax.random.randint(jax.random.key(3), (4, 17), 0, VOCAB)
   bad = good.at[0, 3].set(VOCAB)  # out of the vocabulary: the embedding lookup gives NaN
-  train.train_step(model, optimizer, metrics, good)
+  lr = np.float32(1e-2)
+  step = lambda batch: float(_counted_train_step(model, optimizer, metrics, batch, lr))
+  step(good)
   before = jax.tree.map(np.asarray, (nnx.state(model, nnx.Param), nnx.state(optimizer)))
-  assert not np.isfinite(float(train.train_step(model, optimizer, metrics, bad)))
+  assert not np.isfinite(step(bad))
   after = jax.tree.map(np.asarray, (nnx.state(model, nnx.Param), nnx.state(optimizer)))
   counts = optimizers.nonfinite_counts(optimizer.opt_state)
   assert (int(counts[0][...]), int(counts[1][...])) == (1, 1)
@@ -282,7 +301,7 @@ def test_nonfinite_gradients_skip_the_step():
              if not np.array_equal(a, b)]
   # Only nnx.Optimizer's own step and apply_if_finite's counters moved.
   assert len(changed) <= 4 and all(jax.tree.leaves(after)[k].size == 1 for k in changed)
-  assert np.isfinite(float(train.train_step(model, optimizer, metrics, good)))
+  assert np.isfinite(step(good))
   assert int(optimizer.opt_state.notfinite_count[...]) == 0
   # The skipped step's NaN stays out of the logged average.
   assert np.isfinite(float(metrics.compute()["loss"]))
@@ -442,8 +461,8 @@ def _poisoned_dataset(dataset, bad_rows):
 
 def test_skipped_steps_are_counted_logged_and_training_goes_on(nano, small_dataset, tmp_path):
   dataset = _poisoned_dataset(small_dataset, [3])
-  config = _config(nano, steps=12, batch_size=1, save_checkpoints=False)
-  sampler = input_pipeline.BatchSampler(dataset.train, 1, config.seed)
+  config = _config(nano, steps=12, save_checkpoints=False)
+  sampler = input_pipeline.BatchSampler(dataset.train, config.batch_size, config.seed)
   expected = sum(3 in sampler.indices(s) for s in range(config.steps))
   assert expected >= 1
   lines = []
@@ -462,12 +481,13 @@ def test_skipped_steps_are_counted_logged_and_training_goes_on(nano, small_datas
 
 def test_too_many_nonfinite_steps_in_a_row_stop_the_run(nano, small_dataset, tmp_path):
   dataset = _poisoned_dataset(small_dataset, list(range(8)))  # every batch
-  with pytest.raises(DivergenceError, match="3 steps in a row up to step 3 had non-finite "
-                     r"gradients \(--max-consecutive-nonfinite 3\)"):
-    train.train_and_evaluate(_config(nano, max_consecutive_nonfinite=3, save_checkpoints=False),
+  with pytest.raises(DivergenceError, match="10 steps in a row up to step 10 had non-finite "
+                     r"gradients \(--max-consecutive-nonfinite 10\)"):
+    train.train_and_evaluate(_config(nano, steps=12, save_checkpoints=False),
                              str(tmp_path / "a"), dataset=dataset, log=quiet)
   with pytest.raises(DivergenceError, match="the loss became nan at step 1"):
-    train.train_and_evaluate(_config(nano, max_consecutive_nonfinite=0, save_checkpoints=False),
+    train.train_and_evaluate(_config(nano, optimizer="adamw", max_consecutive_nonfinite=0,
+                                     save_checkpoints=False),
                              str(tmp_path / "b"), dataset=dataset, log=quiet)
 
 
