@@ -32,6 +32,8 @@ REFRESH_METHODS = {
     "svd (exact)": RefreshMethod(go.svd_refresh),
     "randomized": RefreshMethod(go.randomized_refresh()),
     "power (warm)": RefreshMethod(go.power_refresh(), warm=True),
+    # APOLLO's projection: no decomposition at all, so its energy is ~rank/n, not ~1.
+    "random (APOLLO)": RefreshMethod(go.random_refresh),
 }
 EXACT = "svd (exact)"
 
@@ -46,8 +48,9 @@ class Optimizer:
 
   @property
   def smallest_candidate(self) -> bool:
-    """Library optimizers at their default refresh (the others differ only in time)."""
-    return self.library and self.refresh in (None, EXACT)
+    """Library optimizers at their default refresh (the others differ only in time):
+    the exact SVD, or APOLLO's random projection."""
+    return self.library and self.refresh in (None, EXACT, "random (APOLLO)")
 
 
 def _lr(galore: bool) -> float:
@@ -82,6 +85,13 @@ OPTIMIZERS = {
         lambda r, m: go.gradnorm_lorp8bit(_lr(True), rank=r, mask=m, refresh="randomized"),
         step=True, refresh="randomized"),
     "adamw_8bit": Optimizer(lambda r, m: go.adamw_8bit(_lr(False)), step=True),
+    "apollo_adamw": Optimizer(lambda r, m: go.apollo_adamw(_lr(True), rank=r, mask=m),
+                              step=True, memory=True, refresh="random (APOLLO)"),
+    "apollo_mini": Optimizer(lambda r, m: go.apollo_mini(_lr(True), mask=m), step=True,
+                             memory=True, refresh="random (APOLLO)"),
+    "fira_adamw, randomized": Optimizer(
+        lambda r, m: go.fira_adamw(_lr(True), rank=r, mask=m, refresh="randomized"), step=True,
+        refresh="randomized"),
     "galore_adamw8bit": Optimizer(lambda r, m: go.galore_adamw8bit(_lr(True), rank=r, mask=m),
                                   memory=True, refresh=EXACT),
     "galore_adamw8bit, projector_bits=4": Optimizer(
