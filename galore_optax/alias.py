@@ -23,28 +23,21 @@ from galore_optax.adafactor import scale_by_adafactor_hf
 from galore_optax.adafactor import tree_rms
 from galore_optax.adam import scale_by_adam_hf
 from galore_optax.adam_8bit import scale_by_adam_8bit
-from galore_optax.options import GaLoreOptions, galore_optimizer
+from galore_optax.options import ADAMW, AdamOptions, GaLoreOptions, galore_optimizer
 from galore_optax.transform import galore_transform
 from galore_optax.weight_decay import decay_weights_after_update
 
 MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
 
+_ADAM_POSITIONAL = ("b1", "b2", "eps", "weight_decay")
+ADAM_8BIT = ("b1", "b2", "eps", "weight_decay", "weight_decay_mask")  # no mu_dtype: 8-bit
+EPS_8BIT = {"eps": 1e-8}  # bitsandbytes' default
 NO_8BIT_REALIGNMENT = {"realign_moments": "8-bit moments are codes with block scales and cannot be rotated."}
 
 
 def _is_static_zero(x) -> bool:
   # Under optax.inject_hyperparams numbers arrive as arrays: keep the term then.
   return isinstance(x, (int, float)) and x == 0
-
-
-def check_adam_args(b1, b2, eps, weight_decay, learning_rate=None) -> None:
-  """Validates the Adam(W) hyperparameters shared by the aliases."""
-  if learning_rate is not None:
-    validation.learning_rate(learning_rate)
-  validation.decay(b1, "b1")
-  validation.decay(b2, "b2")
-  validation.non_negative(eps, "eps")
-  validation.non_negative(weight_decay, "weight_decay")
 
 
 def learning_rate_and_decay(
@@ -80,6 +73,13 @@ def learning_rate_and_decay(
   return transforms
 
 
+def decay_after(learning_rate, adam: AdamOptions) -> list[optax.GradientTransformation]:
+  """The learning rate, then galore-torch's decay of the updated weights."""
+  mask = adam.weight_decay_mask
+  return learning_rate_and_decay(
+      learning_rate, adam.weight_decay, after=True if mask is None else mask)
+
+
 def _projected_and(options: GaLoreOptions, projected: bool, other: MaskOrFn):
   """A mask callable: leaves that are (or are not) projected and in `other`."""
 
@@ -110,15 +110,8 @@ def zero_nonfinite() -> optax.GradientTransformation:
   )
 
 
-@galore_optimizer(leading=(), options_first=("rank",))
-def galore(
-    *,
-    galore: GaLoreOptions,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    mu_dtype: Optional[Any] = None,
-) -> optax.GradientTransformation:
+@galore_optimizer(leading=(), options_first=("rank",), adam=("b1", "b2", "eps", "mu_dtype"))
+def galore(*, galore: GaLoreOptions, adam: AdamOptions) -> optax.GradientTransformation:
   """GaLore with a low-rank Adam inside and no learning rate.
 
   Chain it with a learning rate (and anything else) like any optax
@@ -127,10 +120,7 @@ def galore(
   Args:
     {galore_options}
       `realign_moments=True` realigns with this Adam's b1 and b2.
-    b1: Adam's first-moment decay.
-    b2: Adam's second-moment decay.
-    eps: Adam's eps, added before bias correction.
-    mu_dtype: optional dtype of the first moment.
+    {adam_options}
 
   Returns:
     An `optax.GradientTransformation`.
@@ -140,22 +130,13 @@ def galore(
     >>> tx = optax.chain(go.galore(rank=8), optax.scale_by_learning_rate(1e-3))
     >>> state = tx.init({"w": jnp.zeros((32, 16))})
   """
-  check_adam_args(b1, b2, eps, 0.0)
-  galore = galore.with_realignment_decays(b1, b2)
-  return galore_transform(galore, scale_by_adam_hf(b1, b2, eps, mu_dtype))
+  galore = galore.with_realignment_decays(adam.b1, adam.b2)
+  return galore_transform(galore, scale_by_adam_hf(adam.b1, adam.b2, adam.eps, adam.mu_dtype))
 
 
-@galore_optimizer(middle=("b1", "b2", "eps", "weight_decay"))
+@galore_optimizer(middle=_ADAM_POSITIONAL, adam=ADAMW)
 def galore_adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    galore: GaLoreOptions,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    weight_decay: float = 0.0,
-    mu_dtype: Optional[Any] = None,
-    weight_decay_mask: MaskOrFn = None,
+    learning_rate: optax.ScalarOrSchedule, *, galore: GaLoreOptions, adam: AdamOptions,
 ) -> optax.GradientTransformation:
   """galore-torch's `GaLoreAdamW`, step for step.
 
@@ -168,12 +149,7 @@ def galore_adamw(
     learning_rate: a float or an optax schedule.
     {galore_options}
       `realign_moments=True` realigns with this optimizer's b1 and b2.
-    b1: Adam's first-moment decay.
-    b2: Adam's second-moment decay.
-    eps: Adam's eps, added to sqrt(v) before bias correction.
-    weight_decay: decoupled weight decay, applied after the update.
-    mu_dtype: optional dtype of the first moment.
-    weight_decay_mask: which leaves are decayed; default all, as galore-torch.
+    {adam_options}
 
   Returns:
     An `optax.GradientTransformation`.
@@ -190,29 +166,22 @@ def galore_adamw(
     >>> updates, state = tx.update(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
   """
-  check_adam_args(b1, b2, eps, weight_decay, learning_rate)
-  galore = galore.with_realignment_decays(b1, b2)
+  galore = galore.with_realignment_decays(adam.b1, adam.b2)
   return optax.chain(
-      galore_transform(galore, scale_by_adam_hf(b1, b2, eps, mu_dtype)),
-      *learning_rate_and_decay(
-          learning_rate, weight_decay,
-          after=True if weight_decay_mask is None else weight_decay_mask,
-      ),
+      galore_transform(galore, scale_by_adam_hf(adam.b1, adam.b2, adam.eps, adam.mu_dtype)),
+      *decay_after(learning_rate, adam),
   )
 
 
-@galore_optimizer(middle=("b1", "b2", "eps", "weight_decay"), refuses=NO_8BIT_REALIGNMENT)
+@galore_optimizer(middle=_ADAM_POSITIONAL, adam=ADAM_8BIT, defaults=EPS_8BIT,
+                  refuses=NO_8BIT_REALIGNMENT)
 def galore_adamw8bit(
     learning_rate: optax.ScalarOrSchedule,
     *,
     galore: GaLoreOptions,
+    adam: AdamOptions,
     block_size: int = 256,
     min_8bit_size: int = 4096,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
   """galore-torch's `GaLoreAdamW8bit`: GaLore around bitsandbytes' 8-bit Adam.
 
@@ -234,14 +203,10 @@ def galore_adamw8bit(
   Args:
     learning_rate: a float or an optax schedule.
     {galore_options}
-    b1: Adam's first-moment decay.
-    b2: Adam's second-moment decay.
-    eps: added to sqrt(v) inside the bias correction, as bitsandbytes.
-    weight_decay: decoupled weight decay (see above for its placement).
+    {adam_options}
     block_size: elements per quantization block (bitsandbytes: 256; the
       GaLore paper's runs: 2048).
     min_8bit_size: moments with fewer elements stay float32.
-    weight_decay_mask: which leaves are decayed; default all, as galore-torch.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -261,15 +226,15 @@ def galore_adamw8bit(
     >>> updates, state = tx.update(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
   """
-  check_adam_args(b1, b2, eps, weight_decay, learning_rate)
+  inner = scale_by_adam_8bit(adam.b1, adam.b2, adam.eps, block_size, min_8bit_size)
   return optax.chain(
       zero_nonfinite(),
-      galore_transform(galore, scale_by_adam_8bit(b1, b2, eps, block_size, min_8bit_size)),
+      galore_transform(galore, inner),
       *learning_rate_and_decay(
           learning_rate,
-          weight_decay,
-          before=_projected_and(galore, False, weight_decay_mask),
-          after=_projected_and(galore, True, weight_decay_mask),
+          adam.weight_decay,
+          before=_projected_and(galore, False, adam.weight_decay_mask),
+          after=_projected_and(galore, True, adam.weight_decay_mask),
       ),
   )
 

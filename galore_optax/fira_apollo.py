@@ -17,7 +17,6 @@ fira 1.0.2 and apollo-torch 1.0.3 do.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
 
 import optax
 
@@ -25,44 +24,32 @@ from galore_optax import outputs
 from galore_optax import validation
 from galore_optax.adam import scale_by_adam_hf, scale_by_bias_correction
 from galore_optax.adam_8bit import scale_by_adam_8bit
-from galore_optax.alias import (
-    MaskOrFn,
-    check_adam_args,
-    learning_rate_and_decay,
-    zero_nonfinite,
-)
-from galore_optax.options import GaLoreOptions, galore_optimizer
+from galore_optax.alias import ADAM_8BIT, EPS_8BIT, _ADAM_POSITIONAL, decay_after, zero_nonfinite
+from galore_optax.options import ADAMW, AdamOptions, GaLoreOptions, galore_optimizer
 from galore_optax.transform import galore_transform
 
-_ADAM = ("b1", "b2", "eps", "weight_decay")
 PROJ_METHODS = {"random": "random", "svd": "svd"}
 SCALE_TYPES = ("channel", "tensor")
 _NOT_FULL = {"proj_type": "'full' keeps no channel axis for the per-channel factors"}
 
 
-def _chain(galore, inner, output, b1, b2, learning_rate, weight_decay, weight_decay_mask):
+def _chain(galore, inner, output, learning_rate, adam: AdamOptions):
   """GaLore with `output`, then Adam's step size, the learning rate and decay."""
   return [
       galore_transform(galore, inner, output),
-      scale_by_bias_correction(b1, b2),
-      *learning_rate_and_decay(
-          learning_rate, weight_decay,
-          after=True if weight_decay_mask is None else weight_decay_mask,
-      ),
+      scale_by_bias_correction(adam.b1, adam.b2),
+      *decay_after(learning_rate, adam),
   ]
 
 
-@galore_optimizer(middle=_ADAM, defaults={"scale": 0.25})
+def _direction(adam: AdamOptions):
+  """galore-torch's Adam without its step size: N = m / (√v + eps)."""
+  return scale_by_adam_hf(adam.b1, adam.b2, adam.eps, adam.mu_dtype, bias_correction=False)
+
+
+@galore_optimizer(middle=_ADAM_POSITIONAL, adam=ADAMW, defaults={"scale": 0.25})
 def fira_adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    galore: GaLoreOptions,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    weight_decay: float = 0.0,
-    mu_dtype: Optional[Any] = None,
-    weight_decay_mask: MaskOrFn = None,
+    learning_rate: optax.ScalarOrSchedule, *, galore: GaLoreOptions, adam: AdamOptions,
 ) -> optax.GradientTransformation:
   """Fira: GaLore plus the rescaled, limited residual (fira 1.0.2's `FiraAdamW`).
 
@@ -82,12 +69,7 @@ def fira_adamw(
   Args:
     learning_rate: a float or an optax schedule.
     {galore_options}
-    b1: Adam's first-moment decay.
-    b2: Adam's second-moment decay.
-    eps: Adam's eps, added to √v.
-    weight_decay: decoupled weight decay, applied after the update.
-    mu_dtype: optional dtype of the first moment.
-    weight_decay_mask: which leaves are decayed; default all.
+    {adam_options}
 
   Returns:
     An `optax.GradientTransformation`.
@@ -105,14 +87,10 @@ def fira_adamw(
     Array(-1., dtype=float32)
     >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
   """
-  check_adam_args(b1, b2, eps, weight_decay, learning_rate)
   if galore.proj_type == "full":
     raise ValueError(f"fira_adamw does not support proj_type='full': {_NOT_FULL['proj_type']}.")
-  galore = galore.with_realignment_decays(b1, b2)
-  inner = scale_by_adam_hf(b1, b2, eps, mu_dtype, bias_correction=False)
-  return optax.chain(*_chain(
-      galore, inner, outputs.FiraResidual(), b1, b2, learning_rate, weight_decay,
-      weight_decay_mask))
+  galore = galore.with_realignment_decays(adam.b1, adam.b2)
+  return optax.chain(*_chain(galore, _direction(adam), outputs.FiraResidual(), learning_rate, adam))
 
 
 def _apollo_options(galore: GaLoreOptions, owner: str, proj: str, per_channel: bool):
@@ -131,33 +109,27 @@ def _apollo_options(galore: GaLoreOptions, owner: str, proj: str, per_channel: b
   return dataclasses.replace(galore, refresh=PROJ_METHODS[proj])
 
 
-def _apollo(learning_rate, galore, inner, scale_type, scale_front, disable_nl, b1, b2,
-            weight_decay, weight_decay_mask, owner, proj, eight_bit=False):
+def _apollo(learning_rate, galore, adam, inner, scale_type, scale_front, disable_nl, owner, proj,
+            eight_bit=False):
   validation.choice(scale_type, "scale_type", SCALE_TYPES)
   per_channel = scale_type == "channel"
   galore = _apollo_options(galore, owner, proj, per_channel)
   output = outputs.ApolloScaling(
       per_channel=per_channel, scale_front=bool(scale_front), limit=not disable_nl)
   head = [zero_nonfinite()] if eight_bit else []
-  return optax.chain(*head, *_chain(
-      galore, inner, output, b1, b2, learning_rate, weight_decay, weight_decay_mask))
+  return optax.chain(*head, *_chain(galore, inner, output, learning_rate, adam))
 
 
-@galore_optimizer(middle=_ADAM, defaults={"rank": 256}, exclude=("refresh",))
+@galore_optimizer(middle=_ADAM_POSITIONAL, adam=ADAMW, defaults={"rank": 256}, exclude=("refresh",))
 def apollo_adamw(
     learning_rate: optax.ScalarOrSchedule,
     *,
     galore: GaLoreOptions,
+    adam: AdamOptions,
     scale_type: str = "channel",
     proj: str = "random",
     scale_front: bool = False,
     disable_nl: bool = False,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    weight_decay: float = 0.0,
-    mu_dtype: Optional[Any] = None,
-    weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
   """APOLLO: the gradient scaled by what the low-rank Adam says (apollo-torch 1.0.3).
 
@@ -183,12 +155,7 @@ def apollo_adamw(
     scale_front: multiply by √scale before the limiter (apollo-torch's
       flag; the limiter compares norms, so only rounding differs).
     disable_nl: no norm-growth limiter (and no limiter state).
-    b1: Adam's first-moment decay.
-    b2: Adam's second-moment decay.
-    eps: Adam's eps, added to √v.
-    weight_decay: decoupled weight decay, applied after the update.
-    mu_dtype: optional dtype of the first moment.
-    weight_decay_mask: which leaves are decayed; default all.
+    {adam_options}
 
   Returns:
     An `optax.GradientTransformation`.
@@ -206,28 +173,23 @@ def apollo_adamw(
     (8, 64)
     >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
   """
-  check_adam_args(b1, b2, eps, weight_decay, learning_rate)
-  inner = scale_by_adam_hf(b1, b2, eps, mu_dtype, bias_correction=False)
-  return _apollo(learning_rate, galore, inner, scale_type, scale_front, disable_nl, b1, b2,
-                 weight_decay, weight_decay_mask, "apollo_adamw", proj)
+  return _apollo(learning_rate, galore, adam, _direction(adam), scale_type, scale_front,
+                 disable_nl, "apollo_adamw", proj)
 
 
-@galore_optimizer(middle=_ADAM, defaults={"rank": 256}, exclude=("refresh",))
+@galore_optimizer(middle=_ADAM_POSITIONAL, adam=ADAM_8BIT, defaults={"rank": 256, **EPS_8BIT},
+                  exclude=("refresh",))
 def apollo_adamw8bit(
     learning_rate: optax.ScalarOrSchedule,
     *,
     galore: GaLoreOptions,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    adam: AdamOptions,
     scale_type: str = "channel",
     proj: str = "random",
     scale_front: bool = False,
     disable_nl: bool = False,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    weight_decay_mask: MaskOrFn = None,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
 ) -> optax.GradientTransformation:
   """`apollo_adamw` with bitsandbytes-style blockwise 8-bit low-rank moments.
 
@@ -239,38 +201,30 @@ def apollo_adamw8bit(
   Args:
     learning_rate: a float or an optax schedule.
     {galore_options}
+    {adam_options}
+    scale_type, proj, scale_front, disable_nl: as in `apollo_adamw`.
     block_size: elements per quantization block.
     min_8bit_size: moments with fewer elements stay float32.
-    scale_type, proj, scale_front, disable_nl: as in `apollo_adamw`.
-    b1: Adam's first-moment decay.
-    b2: Adam's second-moment decay.
-    eps: Adam's eps, bitsandbytes' placement.
-    weight_decay: decoupled weight decay, applied after the update.
-    weight_decay_mask: which leaves are decayed; default all.
 
   Returns:
     An `optax.GradientTransformation`.
   """
-  check_adam_args(b1, b2, eps, weight_decay, learning_rate)
-  inner = scale_by_adam_8bit(b1, b2, eps, block_size, min_8bit_size, bias_correction=False)
-  return _apollo(learning_rate, galore, inner, scale_type, scale_front, disable_nl, b1, b2,
-                 weight_decay, weight_decay_mask, "apollo_adamw8bit", proj, eight_bit=True)
+  inner = scale_by_adam_8bit(
+      adam.b1, adam.b2, adam.eps, block_size, min_8bit_size, bias_correction=False)
+  return _apollo(learning_rate, galore, adam, inner, scale_type, scale_front, disable_nl,
+                 "apollo_adamw8bit", proj, eight_bit=True)
 
 
-@galore_optimizer(middle=_ADAM, defaults={"rank": 1, "scale": 128.0}, exclude=("refresh",))
+@galore_optimizer(middle=_ADAM_POSITIONAL, adam=ADAMW, defaults={"rank": 1, "scale": 128.0},
+                  exclude=("refresh",))
 def apollo_mini(
     learning_rate: optax.ScalarOrSchedule,
     *,
     galore: GaLoreOptions,
+    adam: AdamOptions,
     proj: str = "random",
     scale_front: bool = False,
     disable_nl: bool = False,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    weight_decay: float = 0.0,
-    mu_dtype: Optional[Any] = None,
-    weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
   """APOLLO-Mini: rank-1 random projection, one factor per matrix, scale 128.
 
@@ -283,13 +237,8 @@ def apollo_mini(
     learning_rate: a float or an optax schedule.
     {galore_options} rank must stay 1 (for another rank use `apollo_adamw`
       with scale_type='tensor').
+    {adam_options}
     proj, scale_front, disable_nl: as in `apollo_adamw`.
-    b1: Adam's first-moment decay.
-    b2: Adam's second-moment decay.
-    eps: Adam's eps, added to √v.
-    weight_decay: decoupled weight decay, applied after the update.
-    mu_dtype: optional dtype of the first moment.
-    weight_decay_mask: which leaves are decayed; default all.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -305,7 +254,5 @@ def apollo_mini(
         f"apollo_mini is rank 1 by definition, got rank={galore.rank}; for another "
         "rank use apollo_adamw(rank=..., scale_type='tensor')."
     )
-  check_adam_args(b1, b2, eps, weight_decay, learning_rate)
-  inner = scale_by_adam_hf(b1, b2, eps, mu_dtype, bias_correction=False)
-  return _apollo(learning_rate, galore, inner, "tensor", scale_front, disable_nl, b1, b2,
-                 weight_decay, weight_decay_mask, "apollo_mini", proj)
+  return _apollo(learning_rate, galore, adam, _direction(adam), "tensor", scale_front,
+                 disable_nl, "apollo_mini", proj)

@@ -27,8 +27,8 @@ from galore_optax import masking
 from galore_optax import matrix_view
 from galore_optax.adam import scale_by_adam_hf
 from galore_optax.adam_8bit import scale_by_adam_8bit
-from galore_optax.alias import NO_8BIT_REALIGNMENT, MaskOrFn, check_adam_args
-from galore_optax.options import GaLoreOptions, galore_optimizer
+from galore_optax.alias import ADAM_8BIT, EPS_8BIT, NO_8BIT_REALIGNMENT, _ADAM_POSITIONAL
+from galore_optax.options import ADAMW, AdamOptions, GaLoreOptions, galore_optimizer
 from galore_optax.transform import GaLoreState, galore_transform
 
 
@@ -132,18 +132,14 @@ def _split_gradient(w, grad, axes):
   return g, v, dg, dv
 
 
-@galore_optimizer(middle=("b1", "b2", "eps", "weight_decay"), trailing=("inner", "norm_axis"))
+@galore_optimizer(middle=_ADAM_POSITIONAL, trailing=("inner", "norm_axis"), adam=ADAMW)
 def gradnorm_lorp(
     learning_rate: optax.ScalarOrSchedule,
     *,
     galore: GaLoreOptions,
+    adam: AdamOptions,
     inner: Optional[optax.GradientTransformation] = None,
     norm_axis: Optional[Union[int, Sequence[int]]] = None,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    weight_decay: Union[float, chex.Array] = 0.0,
-    weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
   """GradNormLoRP: gradient weight-normalized low-rank projection.
 
@@ -182,18 +178,14 @@ def gradnorm_lorp(
       magnitude update or the weight decay; proj_type 'full' is the paper's
       two-sided projection. `realign_moments=True` realigns the direction
       moments with this optimizer's b1 and b2.
-    b1: Adam's first-moment decay (ignored when `inner` is given).
-    b2: Adam's second-moment decay (ignored when `inner` is given).
-    eps: Adam's eps, added before bias correction as in galore-torch
-      (ignored when `inner` is given).
-    weight_decay: decoupled weight decay, applied to the updated weights.
+    {adam_options} b1, b2, eps and mu_dtype make the default `inner`;
+      weight decay applies to the updated weights.
     inner: the optimizer run on the low-rank ∂V, on ∂g and on unprojected
       gradients; default galore-torch's Adam (`scale_by_adam_hf(b1, b2,
-      eps)`). `go.scale_by_adam_8bit()` gives 8-bit states.
+      eps, mu_dtype)`). `go.scale_by_adam_8bit()` gives 8-bit states.
     norm_axis: axes the magnitude is the norm over: None for each leaf's
       reduction (input) axes, i.e. one magnitude per output channel, or an
       int / tuple of ints for every projected leaf (never a batch axis).
-    weight_decay_mask: which leaves are decayed; default all.
 
   Returns:
     An `optax.GradientTransformation` whose state is a `GradNormLoRPState`
@@ -222,26 +214,23 @@ def gradnorm_lorp(
     >>> params = optax.apply_updates(params, updates)
   """
   _check_norm_axis(norm_axis)
-  check_adam_args(b1, b2, eps, weight_decay, learning_rate)
   if inner is None:
-    inner = scale_by_adam_hf(b1, b2, eps)
+    inner = scale_by_adam_hf(adam.b1, adam.b2, adam.eps, adam.mu_dtype)
   elif not isinstance(inner, optax.GradientTransformation):
     raise TypeError(
         f"inner must be an optax.GradientTransformation (e.g. "
         f"go.scale_by_adam_8bit()), got {type(inner).__name__}."
     )
   return _weight_normalized(
-      learning_rate, galore.with_realignment_decays(b1, b2), inner, norm_axis,
-      weight_decay, weight_decay_mask,
-  )
+      learning_rate, galore.with_realignment_decays(adam.b1, adam.b2), inner, norm_axis, adam)
 
 
 def _weight_normalized(
-    learning_rate, opts, inner, norm_axis, weight_decay, weight_decay_mask,
-    zero_nonfinite_grads=False,
+    learning_rate, opts, inner, norm_axis, adam: AdamOptions, zero_nonfinite_grads=False,
 ) -> optax.GradientTransformation:
   """GradNormLoRP's transformation; see `gradnorm_lorp`."""
   galore = galore_transform(opts, inner)
+  weight_decay, weight_decay_mask = adam.weight_decay, adam.weight_decay_mask
   decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
 
   def norm_axes(tree):
@@ -332,20 +321,16 @@ def _new_weight_update(grad, w, axes, split, direction_update, magnitude_update,
   return (w_new - w.astype(jnp.float32)).astype(grad.dtype)
 
 
-@galore_optimizer(middle=("b1", "b2", "eps", "weight_decay"), trailing=("norm_axis",),
-                  refuses=NO_8BIT_REALIGNMENT)
+@galore_optimizer(middle=_ADAM_POSITIONAL, trailing=("norm_axis",), adam=ADAM_8BIT,
+                  defaults=EPS_8BIT, refuses=NO_8BIT_REALIGNMENT)
 def gradnorm_lorp8bit(
     learning_rate: optax.ScalarOrSchedule,
     *,
     galore: GaLoreOptions,
+    adam: AdamOptions,
+    norm_axis: Optional[Union[int, Sequence[int]]] = None,
     block_size: int = 256,
     min_8bit_size: int = 4096,
-    norm_axis: Optional[Union[int, Sequence[int]]] = None,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: Union[float, chex.Array] = 0.0,
-    weight_decay_mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
   """`gradnorm_lorp` with bitsandbytes-style blockwise 8-bit Adam states.
 
@@ -361,14 +346,10 @@ def gradnorm_lorp8bit(
   Args:
     learning_rate: a float or an optax schedule.
     {galore_options}
-    b1: Adam's first-moment decay.
-    b2: Adam's second-moment decay.
-    eps: Adam's eps, bitsandbytes' placement (see `scale_by_adam_8bit`).
-    weight_decay: decoupled weight decay, applied to the updated weights.
+    {adam_options}
     norm_axis: see `gradnorm_lorp`.
     block_size: elements per quantization block.
     min_8bit_size: state tensors with fewer elements stay float32.
-    weight_decay_mask: which leaves are decayed; default all.
 
   Returns:
     An `optax.GradientTransformation` (state `GradNormLoRPState`) whose
@@ -389,9 +370,6 @@ def gradnorm_lorp8bit(
     >>> updates, state = tx.update(params, state, params)
   """
   _check_norm_axis(norm_axis)
-  check_adam_args(b1, b2, eps, weight_decay, learning_rate)
-  inner = scale_by_adam_8bit(b1, b2, eps, block_size, min_8bit_size)
+  inner = scale_by_adam_8bit(adam.b1, adam.b2, adam.eps, block_size, min_8bit_size)
   return _weight_normalized(
-      learning_rate, galore, inner, norm_axis, weight_decay, weight_decay_mask,
-      zero_nonfinite_grads=True,
-  )
+      learning_rate, galore, inner, norm_axis, adam, zero_nonfinite_grads=True)

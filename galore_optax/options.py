@@ -174,8 +174,39 @@ def _check_realignment(value) -> None:
   validation.decay(value.b2, "realign_moments.b2")
 
 
+@dataclasses.dataclass(frozen=True)
+class AdamOptions:
+  """The Adam(W) hyperparameters of the GaLore-family optimizers.
+
+  Attributes:
+    b1: first-moment decay.
+    b2: second-moment decay.
+    eps: added to √v (galore-torch's placement, before the bias correction;
+      the 8-bit optimizers add it inside, as bitsandbytes, and default 1e-8).
+    weight_decay: decoupled weight decay; where each optimizer applies it is
+      in its description.
+    mu_dtype: optional dtype of the first moment (float moments only).
+    weight_decay_mask: which leaves are decayed (a pytree of bools or a
+      callable); default all.
+  """
+
+  b1: Any = 0.9
+  b2: Any = 0.999
+  eps: Any = 1e-6
+  weight_decay: Any = 0.0
+  mu_dtype: Any = None
+  weight_decay_mask: Any = None
+
+  def __post_init__(self):
+    validation.decay(self.b1, "b1")
+    validation.decay(self.b2, "b2")
+    validation.non_negative(self.eps, "eps")
+    validation.non_negative(self.weight_decay, "weight_decay")
+
+
 _LEADING_OPTIONS = ("rank", "update_proj_gap", "scale", "proj_type")
 _TRAILING_OPTIONS = ("mask", "dimension_numbers")
+ADAMW = ("b1", "b2", "eps", "weight_decay", "mu_dtype", "weight_decay_mask")
 
 
 def _options_doc(positional, refuses, exclude) -> str:
@@ -189,42 +220,53 @@ def _options_doc(positional, refuses, exclude) -> str:
   return textwrap.fill(text, width=76, subsequent_indent="      ")
 
 
+def _adam_doc(names, defaults) -> str:
+  eps = defaults.get("eps", AdamOptions.eps)
+  text = (f"{', '.join(names)}: Adam's hyperparameters, documented in "
+          f"`go.AdamOptions` (eps defaults to {eps:g} here).")
+  return textwrap.fill(text, width=76, subsequent_indent="      ")
+
+
 def galore_optimizer(
     *, leading=("learning_rate",), middle=(), trailing=(), options_first=None, refuses=None,
-    defaults=None, exclude=(),
+    defaults=None, exclude=(), adam=(),
 ):
-  """Gives an optimizer factory the GaLore options, declared once here.
+  """Gives an optimizer factory the GaLore options (and Adam's), declared once.
 
   The decorated `factory` names only its own arguments and takes a keyword
-  `galore`, a validated `GaLoreOptions`. The public signature puts them in
-  the positions galore-torch users know:
+  `galore`, a validated `GaLoreOptions` (and `adam`, an `AdamOptions` with
+  the fields named in `adam`). The public signature puts them in the
+  positions galore-torch users know:
 
     (*leading, rank, update_proj_gap, scale, proj_type, *middle, mask,
-     dimension_numbers, *trailing, *, <factory's keywords>, refresh,
-     projector_dtype, projector_bits, lazy_refresh, realign_moments)
+     dimension_numbers, *trailing, *, <factory's keywords>, <the other
+     Adam fields>, refresh, projector_dtype, projector_bits, ...)
 
   `options_first` overrides which options come before `middle` (the others
   are keyword-only). `refuses` maps options the factory cannot apply to the
   reason, raised as a ValueError when one is set; `defaults` overrides
-  option defaults (e.g. Fira's α = 0.25); `exclude` leaves options out of
-  the signature (the factory sets them from arguments of its own). Unknown
-  keywords raise a TypeError naming the factory; `optax.inject_hyperparams`
-  and `help()` see every option, and "{galore_options}" in the docstring
-  becomes their description.
+  defaults of either group (e.g. Fira's α = 0.25); `exclude` leaves GaLore
+  options out of the signature (the factory sets them from arguments of its
+  own). Unknown keywords raise a TypeError naming the factory;
+  `optax.inject_hyperparams` and `help()` see every option, and
+  "{galore_options}" / "{adam_options}" in the docstring become their
+  description.
   """
-  refuses = dict(refuses or {})
+  refuses, defaults = dict(refuses or {}), dict(defaults or {})
+  galore_fields = {
+      f.name: f.default for f in dataclasses.fields(GaLoreOptions) if f.name not in exclude}
+  adam_fields = {n: getattr(AdamOptions, n) for n in adam}
+  field_defaults = {**galore_fields, **adam_fields}
+  field_defaults.update({k: v for k, v in defaults.items() if k in field_defaults})
 
   def decorate(factory):
     own = inspect.signature(factory).parameters
-    field_defaults = {
-        f.name: f.default for f in dataclasses.fields(GaLoreOptions) if f.name not in exclude
-    }
-    field_defaults.update(defaults or {})
     first = _LEADING_OPTIONS if options_first is None else options_first
     after = _TRAILING_OPTIONS if options_first is None else ()
     positional = list(leading) + list(first) + list(middle) + list(after) + list(trailing)
-    keyword = [n for n in own if n not in positional and n != "galore"]
-    keyword += [n for n in field_defaults if n not in positional]
+    keyword = [n for n in own if n not in positional and n not in ("galore", "adam")]
+    keyword += [n for n in adam_fields if n not in positional]
+    keyword += [n for n in galore_fields if n not in positional]
 
     def param(name, kind):
       if name in own:
@@ -245,16 +287,21 @@ def galore_optimizer(
         raise TypeError(f"{factory.__name__}: {e}") from None
       bound.apply_defaults()
       values = bound.arguments
+      if values.get("learning_rate") is not None:
+        validation.learning_rate(values["learning_rate"])
       galore = GaLoreOptions.create(
-          factory.__name__, **{n: values.pop(n) for n in field_defaults})
+          factory.__name__, **{n: values.pop(n) for n in galore_fields})
       for option, why in refuses.items():
         if getattr(galore, option) not in (None, False):
           raise ValueError(f"{factory.__name__} does not support {option}: {why}")
+      if adam:
+        values["adam"] = AdamOptions(**{n: values.pop(n) for n in adam_fields})
       return factory(**values, galore=galore)
 
     build.__signature__ = signature
     build.__doc__ = (factory.__doc__ or "").replace(
-        "{galore_options}", _options_doc(list(first) + list(after), refuses, exclude))
+        "{galore_options}", _options_doc(list(first) + list(after), refuses, exclude)
+    ).replace("{adam_options}", _adam_doc(list(adam_fields), defaults))
     return build
 
   return decorate
