@@ -26,7 +26,8 @@ from galore_optax.adam_8bit import ScaleByAdam8bitState
 from galore_optax.gradnorm import GradNormLoRPState
 from galore_optax.masking import path_mask
 from galore_optax.matrix_view import DimensionNumbers
-from galore_optax.options import GaLoreOptions
+from galore_optax.fira_apollo import ApolloOptions
+from galore_optax.options import AdamOptions, GaLoreOptions
 from galore_optax.projector_quantization import (
     QuantizedProjector,
     dequantize_projector,
@@ -70,7 +71,9 @@ apollo_mini = _public(_fira_apollo.apollo_mini)
 __version__ = "0.1.0"
 
 __all__ = (
+    "AdamOptions",
     "AddAdafactorDecayedWeightsState",
+    "ApolloOptions",
     "DimensionNumbers",
     "FactoredMoment",
     "GaLoreOptions",

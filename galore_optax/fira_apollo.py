@@ -30,6 +30,36 @@ from galore_optax.transform import galore_transform
 
 PROJ_METHODS = {"random": "random", "svd": "svd"}
 SCALE_TYPES = ("channel", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class ApolloOptions:
+  """APOLLO's own options, with apollo-torch's names.
+
+  Attributes:
+    scale_type: 'channel' (a factor per index of the kept axis) or 'tensor'
+      (one per matrix).
+    proj: 'random' (APOLLO's Gaussian projection) or 'svd' (GaLore's, for
+      comparison).
+    scale_front: multiply by √scale before the limiter (the limiter compares
+      norms, so only rounding differs).
+    disable_nl: no norm-growth limiter (and no limiter state).
+  """
+
+  scale_type: str = "channel"
+  proj: str = "random"
+  scale_front: bool = False
+  disable_nl: bool = False
+
+  def __post_init__(self):
+    validation.choice(self.scale_type, "scale_type", SCALE_TYPES)
+    validation.choice(self.proj, "proj", tuple(PROJ_METHODS))
+    validation.choice(self.scale_front, "scale_front", (True, False))
+    validation.choice(self.disable_nl, "disable_nl", (True, False))
+
+
+_APOLLO = {"apollo": (ApolloOptions, ("scale_type", "proj", "scale_front", "disable_nl"))}
+_MINI = {"apollo": (ApolloOptions, ("proj", "scale_front", "disable_nl"))}
 _NOT_FULL = {"proj_type": "'full' keeps no channel axis for the per-channel factors"}
 
 
@@ -95,7 +125,6 @@ def fira_adamw(
 
 def _apollo_options(galore: GaLoreOptions, owner: str, proj: str, per_channel: bool):
   """The GaLore options with APOLLO's projection, checked against APOLLO's rules."""
-  validation.choice(proj, "proj", tuple(PROJ_METHODS))
   if per_channel and galore.proj_type == "full":
     raise ValueError(f"{owner} with scale_type='channel' does not support proj_type='full': "
                      f"{_NOT_FULL['proj_type']}; use scale_type='tensor'.")
@@ -109,27 +138,23 @@ def _apollo_options(galore: GaLoreOptions, owner: str, proj: str, per_channel: b
   return dataclasses.replace(galore, refresh=PROJ_METHODS[proj])
 
 
-def _apollo(learning_rate, galore, adam, inner, scale_type, scale_front, disable_nl, owner, proj,
-            eight_bit=False):
-  validation.choice(scale_type, "scale_type", SCALE_TYPES)
-  per_channel = scale_type == "channel"
-  galore = _apollo_options(galore, owner, proj, per_channel)
+def _apollo(learning_rate, galore, adam, apollo: ApolloOptions, inner, owner, eight_bit=False):
+  per_channel = apollo.scale_type == "channel"
+  galore = _apollo_options(galore, owner, apollo.proj, per_channel)
   output = outputs.ApolloScaling(
-      per_channel=per_channel, scale_front=bool(scale_front), limit=not disable_nl)
+      per_channel=per_channel, scale_front=apollo.scale_front, limit=not apollo.disable_nl)
   head = [zero_nonfinite()] if eight_bit else []
   return optax.chain(*head, *_chain(galore, inner, output, learning_rate, adam))
 
 
-@galore_optimizer(middle=_ADAM_POSITIONAL, adam=ADAMW, defaults={"rank": 256}, exclude=("refresh",))
+@galore_optimizer(middle=_ADAM_POSITIONAL, adam=ADAMW, groups=_APOLLO, defaults={"rank": 256},
+                  exclude=("refresh",))
 def apollo_adamw(
     learning_rate: optax.ScalarOrSchedule,
     *,
     galore: GaLoreOptions,
     adam: AdamOptions,
-    scale_type: str = "channel",
-    proj: str = "random",
-    scale_front: bool = False,
-    disable_nl: bool = False,
+    apollo: ApolloOptions,
 ) -> optax.GradientTransformation:
   """APOLLO: the gradient scaled by what the low-rank Adam says (apollo-torch 1.0.3).
 
@@ -150,11 +175,7 @@ def apollo_adamw(
     {galore_options} With proj='random', lazy_refresh and realign_moments
       do not apply (a random projection is no basis of the gradient's
       subspace); regenerate_projector=True stores no projector at all.
-    scale_type: 'channel' (a factor per index of the kept axis) or 'tensor'.
-    proj: 'random' (APOLLO) or 'svd' (GaLore's projection, for comparison).
-    scale_front: multiply by √scale before the limiter (apollo-torch's
-      flag; the limiter compares norms, so only rounding differs).
-    disable_nl: no norm-growth limiter (and no limiter state).
+    {apollo_options}
     {adam_options}
 
   Returns:
@@ -173,21 +194,17 @@ def apollo_adamw(
     (8, 64)
     >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
   """
-  return _apollo(learning_rate, galore, adam, _direction(adam), scale_type, scale_front,
-                 disable_nl, "apollo_adamw", proj)
+  return _apollo(learning_rate, galore, adam, apollo, _direction(adam), "apollo_adamw")
 
 
-@galore_optimizer(middle=_ADAM_POSITIONAL, adam=ADAM_8BIT, defaults={"rank": 256, **EPS_8BIT},
-                  exclude=("refresh",))
+@galore_optimizer(middle=_ADAM_POSITIONAL, adam=ADAM_8BIT, groups=_APOLLO,
+                  defaults={"rank": 256, **EPS_8BIT}, exclude=("refresh",))
 def apollo_adamw8bit(
     learning_rate: optax.ScalarOrSchedule,
     *,
     galore: GaLoreOptions,
     adam: AdamOptions,
-    scale_type: str = "channel",
-    proj: str = "random",
-    scale_front: bool = False,
-    disable_nl: bool = False,
+    apollo: ApolloOptions,
     block_size: int = 256,
     min_8bit_size: int = 4096,
 ) -> optax.GradientTransformation:
@@ -202,7 +219,7 @@ def apollo_adamw8bit(
     learning_rate: a float or an optax schedule.
     {galore_options}
     {adam_options}
-    scale_type, proj, scale_front, disable_nl: as in `apollo_adamw`.
+    {apollo_options}
     block_size: elements per quantization block.
     min_8bit_size: moments with fewer elements stay float32.
 
@@ -211,20 +228,17 @@ def apollo_adamw8bit(
   """
   inner = scale_by_adam_8bit(
       adam.b1, adam.b2, adam.eps, block_size, min_8bit_size, bias_correction=False)
-  return _apollo(learning_rate, galore, adam, inner, scale_type, scale_front, disable_nl,
-                 "apollo_adamw8bit", proj, eight_bit=True)
+  return _apollo(learning_rate, galore, adam, apollo, inner, "apollo_adamw8bit", eight_bit=True)
 
 
-@galore_optimizer(middle=_ADAM_POSITIONAL, adam=ADAMW, defaults={"rank": 1, "scale": 128.0},
-                  exclude=("refresh",))
+@galore_optimizer(middle=_ADAM_POSITIONAL, adam=ADAMW, groups=_MINI,
+                  defaults={"rank": 1, "scale": 128.0}, exclude=("refresh",))
 def apollo_mini(
     learning_rate: optax.ScalarOrSchedule,
     *,
     galore: GaLoreOptions,
     adam: AdamOptions,
-    proj: str = "random",
-    scale_front: bool = False,
-    disable_nl: bool = False,
+    apollo: ApolloOptions,
 ) -> optax.GradientTransformation:
   """APOLLO-Mini: rank-1 random projection, one factor per matrix, scale 128.
 
@@ -238,7 +252,7 @@ def apollo_mini(
     {galore_options} rank must stay 1 (for another rank use `apollo_adamw`
       with scale_type='tensor').
     {adam_options}
-    proj, scale_front, disable_nl: as in `apollo_adamw`.
+    {apollo_options} scale_type is 'tensor'.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -254,5 +268,5 @@ def apollo_mini(
         f"apollo_mini is rank 1 by definition, got rank={galore.rank}; for another "
         "rank use apollo_adamw(rank=..., scale_type='tensor')."
     )
-  return _apollo(learning_rate, galore, adam, _direction(adam), "tensor", scale_front,
-                 disable_nl, "apollo_mini", proj)
+  apollo = dataclasses.replace(apollo, scale_type="tensor")
+  return _apollo(learning_rate, galore, adam, apollo, _direction(adam), "apollo_mini")

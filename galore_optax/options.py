@@ -220,23 +220,25 @@ def _options_doc(positional, refuses, exclude) -> str:
   return textwrap.fill(text, width=76, subsequent_indent="      ")
 
 
-def _adam_doc(names, defaults) -> str:
-  eps = defaults.get("eps", AdamOptions.eps)
-  text = (f"{', '.join(names)}: Adam's hyperparameters, documented in "
-          f"`go.AdamOptions` (eps defaults to {eps:g} here).")
+def _group_doc(cls, names, defaults) -> str:
+  changed = [f"{n} defaults to {defaults[n]!r}" for n in names
+             if n in defaults and defaults[n] != getattr(cls, n)]
+  text = f"{', '.join(names)}: documented in `go.{cls.__name__}`"
+  text += f" ({'; '.join(changed)} here)." if changed else "."
   return textwrap.fill(text, width=76, subsequent_indent="      ")
 
 
 def galore_optimizer(
     *, leading=("learning_rate",), middle=(), trailing=(), options_first=None, refuses=None,
-    defaults=None, exclude=(), adam=(),
+    defaults=None, exclude=(), adam=(), groups=None,
 ):
-  """Gives an optimizer factory the GaLore options (and Adam's), declared once.
+  """Gives an optimizer factory the GaLore options (and others), declared once.
 
   The decorated `factory` names only its own arguments and takes a keyword
-  `galore`, a validated `GaLoreOptions` (and `adam`, an `AdamOptions` with
-  the fields named in `adam`). The public signature puts them in the
-  positions galore-torch users know:
+  `galore`, a validated `GaLoreOptions`, and one keyword per other option
+  group: `adam` (an `AdamOptions` with the fields named in `adam`), and the
+  entries of `groups`, {keyword: (dataclass, field names)}. The public
+  signature puts them in the positions galore-torch users know:
 
     (*leading, rank, update_proj_gap, scale, proj_type, *middle, mask,
      dimension_numbers, *trailing, *, <factory's keywords>, <the other
@@ -249,14 +251,17 @@ def galore_optimizer(
   options out of the signature (the factory sets them from arguments of its
   own). Unknown keywords raise a TypeError naming the factory;
   `optax.inject_hyperparams` and `help()` see every option, and
-  "{galore_options}" / "{adam_options}" in the docstring become their
-  description.
+  "{galore_options}" and "{<keyword>_options}" in the docstring become
+  their descriptions.
   """
   refuses, defaults = dict(refuses or {}), dict(defaults or {})
+  groups = dict(groups or {})
+  if adam:
+    groups["adam"] = (AdamOptions, tuple(adam))
   galore_fields = {
       f.name: f.default for f in dataclasses.fields(GaLoreOptions) if f.name not in exclude}
-  adam_fields = {n: getattr(AdamOptions, n) for n in adam}
-  field_defaults = {**galore_fields, **adam_fields}
+  group_fields = {n: getattr(cls, n) for cls, names in groups.values() for n in names}
+  field_defaults = {**galore_fields, **group_fields}
   field_defaults.update({k: v for k, v in defaults.items() if k in field_defaults})
 
   def decorate(factory):
@@ -264,8 +269,8 @@ def galore_optimizer(
     first = _LEADING_OPTIONS if options_first is None else options_first
     after = _TRAILING_OPTIONS if options_first is None else ()
     positional = list(leading) + list(first) + list(middle) + list(after) + list(trailing)
-    keyword = [n for n in own if n not in positional and n not in ("galore", "adam")]
-    keyword += [n for n in adam_fields if n not in positional]
+    keyword = [n for n in own if n not in positional and n != "galore" and n not in groups]
+    keyword += [n for n in group_fields if n not in positional]
     keyword += [n for n in galore_fields if n not in positional]
 
     def param(name, kind):
@@ -294,14 +299,16 @@ def galore_optimizer(
       for option, why in refuses.items():
         if getattr(galore, option) not in (None, False):
           raise ValueError(f"{factory.__name__} does not support {option}: {why}")
-      if adam:
-        values["adam"] = AdamOptions(**{n: values.pop(n) for n in adam_fields})
+      for keyword_, (cls, names) in groups.items():
+        values[keyword_] = cls(**{n: values.pop(n) for n in names})
       return factory(**values, galore=galore)
 
     build.__signature__ = signature
-    build.__doc__ = (factory.__doc__ or "").replace(
-        "{galore_options}", _options_doc(list(first) + list(after), refuses, exclude)
-    ).replace("{adam_options}", _adam_doc(list(adam_fields), defaults))
+    doc = (factory.__doc__ or "").replace(
+        "{galore_options}", _options_doc(list(first) + list(after), refuses, exclude))
+    for keyword_, (cls, names) in groups.items():
+      doc = doc.replace("{%s_options}" % keyword_, _group_doc(cls, names, defaults))
+    build.__doc__ = doc
     return build
 
   return decorate
