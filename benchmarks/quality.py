@@ -23,7 +23,6 @@ where it stopped (with the same settings). Writes benchmarks/results/quality.md 
 import argparse
 import datetime
 import json
-import math
 import os
 import shlex
 import sys
@@ -40,6 +39,8 @@ from examples import report  # noqa: E402
 from examples import train  # noqa: E402
 from examples import tuning  # noqa: E402
 from examples.errors import ExampleError  # noqa: E402
+import galore_optax as go  # noqa: E402
+import optax  # noqa: E402
 
 RESULTS_DIR = os.path.join(_HERE, "results")
 PYTHON_DOCS = "/usr/share/doc/python3.11/html/_sources"
@@ -50,14 +51,40 @@ CORPUS_NAMES = {"stdlib": "Python standard library docstrings (embedded corpus)"
 TARGET_GAP = 0.03
 
 
+# The optimizers of issue 15, plus any added to the registry since (fira, apollo, ...).
+DEFAULT_OPTIMIZERS = ("adamw", "adamw_8bit", "galore_adamw", "galore_adamw8bit",
+                      "galore_adafactor", "gradnorm_lorp", "optax_contrib_galore")
+KNOWN_BEFORE = DEFAULT_OPTIMIZERS + ("gradnorm_lorp8bit",)
+SCALED_ADAMW = "adamw_scaled"
+
+
+def _scaled_adamw(learning_rate, cfg):
+  """AdamW whose attention/MLP updates are multiplied by GaLore's scale: GaLore's step sizes
+  per parameter group without its projection (a diagnostic row, not an optimizer to use)."""
+  return optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+                     optax.masked(optax.scale(cfg.scale), go.path_mask(cfg.targets)),
+                     optax.scale_by_learning_rate(learning_rate))
+
+
+optimizers.REGISTRY.setdefault(SCALED_ADAMW, optimizers.OptimizerSpec(
+    SCALED_ADAMW, "AdamW with attention/MLP updates x GaLore's scale (diagnostic)", 1e-2,
+    _scaled_adamw, projects=False))
+
+
 def entries_for(names):
-  """One entry per registry name; galore_adamw also with the randomized refresh."""
+  """One entry per name; galore_adamw also with the randomized refresh."""
   entries = []
   for name in names:
-    entries.append(compare.Entry(name, name))
+    label = "adamw, attn/mlp steps × 0.25" if name == SCALED_ADAMW else name
+    entries.append(compare.Entry(label, name))
     if name == "galore_adamw":
       entries.append(compare.Entry("galore_adamw (randomized)", name, (("refresh", "randomized"),)))
   return entries
+
+
+def default_optimizers():
+  added = [n for n in optimizers.REGISTRY if n not in KNOWN_BEFORE and n != SCALED_ADAMW]
+  return ",".join(list(DEFAULT_OPTIMIZERS) + added + [SCALED_ADAMW])
 
 
 def settings_of(args, corpus):
@@ -104,6 +131,7 @@ def run_corpus(args, corpus, entries, out_dir, log):
         f"final eval loss {losses or outcome.error} ({(time.perf_counter() - t0) / 60:.1f} min)")
     saved[entry.label] = compare.outcome_to_dict(outcome)
     fileio.write_json(path, {"settings": settings, "data": dataset.describe(),
+                             "command": args.command,
                              "outcomes": [saved[o.entry.label] for o in outcomes]})
   return outcomes, (dataset.describe() if dataset else json.load(open(path))["data"])
 
@@ -131,14 +159,15 @@ def findings(corpus, outcomes, baseline):
   return lines
 
 
-def render(args, results, started, wall_s, command):
+def render(args, results, started, command):
   load = report.load_average()
+  hours = sum(o.wall_s for outcomes, _ in results.values() for o in outcomes) / 3600
   lines = ["# Training quality at tuned learning rates, over seeds", "",
            f"Command (from the repository root): `{command}`", "",
-           f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')}; this invocation took "
-           f"{wall_s / 3600:.1f} h"
-           + (f"; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
-              "(1 / 5 / 15 min; the machine was shared)" if load else ""),
+           f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')}; {hours:.1f} h of training in all"
+           + (f"; load average when this file was written {load[0]:.1f} / {load[1]:.1f} / "
+              f"{load[2]:.1f} (1 / 5 / 15 min; the machine was shared with other jobs)"
+              if load else ""),
            f"- Machine: {report.machine()}",
            "- Versions: " + ", ".join(f"{k} {v}" for k, v in report.versions().items()),
            f"- Setup: `apt-get install -y python3.11-doc` provides the second corpus "
@@ -174,10 +203,10 @@ def render(args, results, started, wall_s, command):
       "learning rate is at the end of its grid. Step times are not measured here (see "
       "benchmarks/results/llama.md for side-by-side timing).", "",
       "![validation loss, mean ± one standard deviation over seeds](quality.png)", ""]
-  report.plot_loss_curves(panels, os.path.join(RESULTS_DIR, "quality.png"),
+  report.plot_loss_curves(panels, os.path.join(args.results_dir, "quality.png"),
                           f"LLaMA {args.config}: each optimizer at its tuned learning rate "
                           f"(band: ± 1 std over {len(args.seeds)} seeds)")
-  fileio.write_text(os.path.join(RESULTS_DIR, "quality.md"), "\n".join(lines))
+  fileio.write_text(os.path.join(args.results_dir, "quality.md"), "\n".join(lines))
 
 
 def main(argv=None):
@@ -185,25 +214,28 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--corpora", default="stdlib,pydocs", help=f"from: {', '.join(CORPORA)}")
-  p.add_argument("--optimizers", default=",".join(optimizers.REGISTRY),
-                 help="registry names (galore_adamw also runs with the randomized refresh)")
+  p.add_argument("--optimizers", default=default_optimizers(),
+                 help="registry names (galore_adamw also runs with the randomized refresh; "
+                      f"{SCALED_ADAMW} is the diagnostic row)")
   p.add_argument("--config", default="small")
   p.add_argument("--steps", type=int, default=1000)
   p.add_argument("--tune-steps", type=int, default=250)
   p.add_argument("--lr-grid", default="0.333,1,3")
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--batch-size", type=int, default=8)
-  p.add_argument("--seq-len", type=int, default=128)
+  p.add_argument("--seq-len", type=int, default=64)
   p.add_argument("--update-proj-gap", type=int, default=200)
   p.add_argument("--eval-every", type=int, default=100)
-  p.add_argument("--eval-batches", type=int, default=8)
+  p.add_argument("--eval-batches", type=int, default=16)
   p.add_argument("--log-every", type=int, default=25)
   p.add_argument("--out", default=os.path.join("runs", "quality"))
+  p.add_argument("--results-dir", default=RESULTS_DIR,
+                 help="where quality.md and quality.png go")
   p.add_argument("--report-only", action="store_true",
                  help="render the results files from the saved runs without training")
   args = p.parse_args(argv)
   started = datetime.datetime.now(datetime.timezone.utc)
-  t0 = time.perf_counter()
+  args.command = "python benchmarks/quality.py" + ("" if not argv else " " + shlex.join(argv))
   log = lambda message: print(message, flush=True)
   try:
     args.seeds = compare.parse_seeds(args.seeds)
@@ -222,14 +254,14 @@ def main(argv=None):
           saved = json.load(f)
         results[corpus] = ([compare.outcome_from_dict(r) for r in saved["outcomes"]],
                            saved["data"])
+        args.command = saved.get("command", args.command)  # the command that trained them
       else:
         results[corpus] = run_corpus(args, corpus, entries, out_dir, log)
   except ExampleError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  command = "python benchmarks/quality.py" + ("" if not argv else " " + shlex.join(argv))
-  render(args, results, started, time.perf_counter() - t0, command)
-  log(f"wrote {os.path.join(RESULTS_DIR, 'quality')}.md and .png")
+  render(args, results, started, args.command)
+  log(f"wrote {os.path.join(args.results_dir, 'quality')}.md and .png")
   return 0
 
 

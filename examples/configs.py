@@ -140,6 +140,7 @@ class TrainConfig:
   eval_every: int = 50
   eval_batches: int = 8
   eval_split: str = "validation"  # "tuning" while choosing a learning rate (examples.compare)
+  eval_at_start: bool = True  # also evaluate before the first step (a tuning run needs no curve)
   log_every: int = 10
   checkpoint_every: int = 0  # 0: only at the end
   save_checkpoints: bool = True  # False: no checkpoints at all (examples.compare)
@@ -157,7 +158,7 @@ class TrainConfig:
 # other field decides the trajectory (model, optimizer, data, schedule, seed), so --resume
 # refuses a checkpoint written with a different value.
 RESUME_MAY_CHANGE = frozenset({
-    "eval_every", "eval_batches", "eval_split", "log_every", "checkpoint_every",
+    "eval_every", "eval_batches", "eval_split", "eval_at_start", "log_every", "checkpoint_every",
     "save_checkpoints", "keep_checkpoints", "resume", "stop_after", "progress", "mesh",
     "cache_dir"})
 

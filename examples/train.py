@@ -667,7 +667,7 @@ class _Loop:
     progress = None
     log = self.log
     try:
-      if start_step == 0:
+      if start_step == 0 and config.eval_at_start:
         self._evaluate(0)
       if config.progress:
         from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
