@@ -15,10 +15,10 @@ is one ``OptimizerSpec`` in the list below, for example::
                   lambda lr, c: go.fira_adamw(lr, weight_decay=c.weight_decay,
                                               refresh=c.refresh, **galore_options(c))),
 
-The learning rate is a value in the optimizer state (``optax.inject_hyperparams``) that the
-training step sets from the schedule, not a constant of the compiled program: runs that differ
-only in their peak learning rate or length (``examples.compare``'s tuning runs and seeds) share
-one transformation and one compiled step.
+The learning rate comes with every update as the extra argument ``learning_rate`` (the
+training step computes it from the schedule), so it is not a constant of the compiled program:
+runs that differ only in their peak learning rate or length (``examples.compare``'s tuning runs
+and seeds) share one transformation and one compiled step.
 
 Every optimizer is wrapped in ``optax.apply_if_finite`` (see ``build_optimizer``): a step whose
 gradients hold a NaN or an infinity changes neither the weights nor the optimizer state.
@@ -31,7 +31,6 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import galore_optax as go
 import jax
-import jax.numpy as jnp
 import optax
 from galore_optax.projection import PROJ_TYPES
 from galore_optax.refresh import REFRESH_METHODS
@@ -211,12 +210,13 @@ def build_optimizer(name: str, cfg: OptimizerConfig):
     cfg: the hyperparameters.
 
   Returns:
-    (optax transformation, learning-rate schedule, peak learning rate). The transformation
-    takes its learning rate from its state: set it before each update with
-    ``set_learning_rate(opt_state, schedule(step))``. It is ``optax.apply_if_finite`` around
-    the (optionally clipped) optimizer unless ``cfg.max_consecutive_nonfinite`` is 0, and the
-    same object for every ``cfg`` that differs only in the schedule (learning rate, steps,
-    warmup), so that ``nnx.jit`` reuses the compiled step.
+    (optax transformation, learning-rate schedule, peak learning rate). The transformation's
+    ``update`` takes the learning rate as a keyword argument
+    (``optimizer.update(model, grads, learning_rate=schedule(step))``). It is
+    ``optax.apply_if_finite`` around the (optionally clipped) optimizer unless
+    ``cfg.max_consecutive_nonfinite`` is 0, and the same object for every ``cfg`` that differs
+    only in the schedule (learning rate, steps, warmup), so that ``nnx.jit`` reuses the
+    compiled step.
   """
   peak = check_config(name, cfg)
   schedule_free = dataclasses.replace(cfg, learning_rate=None, total_steps=0,
@@ -225,16 +225,13 @@ def build_optimizer(name: str, cfg: OptimizerConfig):
 
 
 @functools.lru_cache(maxsize=64)
-def _build(name: str, cfg: OptimizerConfig) -> optax.GradientTransformation:
+def _build(name: str, cfg: OptimizerConfig) -> optax.GradientTransformationExtraArgs:
   def with_learning_rate(learning_rate):
     tx = REGISTRY[name].build(learning_rate, cfg)
     if cfg.grad_clip:
       tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
     return tx
-  with_learning_rate(0.0)  # built once here, so that a bad option fails now
-  # 0 until the training step sets it; float32 whatever the parameters' dtype.
-  tx = optax.inject_hyperparams(with_learning_rate, hyperparam_dtype=jnp.float32)(
-      learning_rate=0.0)
+  tx = _learning_rate_argument(with_learning_rate)
   if cfg.max_consecutive_nonfinite:
     # The loop stops once this many steps in a row were skipped, so apply_if_finite's
     # "apply anyway after max_consecutive_errors" is never reached.
@@ -243,12 +240,19 @@ def _build(name: str, cfg: OptimizerConfig) -> optax.GradientTransformation:
   return tx
 
 
-def set_learning_rate(opt_state, learning_rate) -> None:
-  """Sets the learning rate of the next update in a state of ``build_optimizer``'s
-  transformation held by ``nnx.Optimizer`` (inside or outside ``nnx.jit``)."""
-  if isinstance(opt_state, optax.ApplyIfFiniteState):
-    opt_state = opt_state.inner_state
-  opt_state.hyperparams["learning_rate"][...] = learning_rate
+def _learning_rate_argument(
+    make: Callable[[Any], optax.GradientTransformation]) -> optax.GradientTransformationExtraArgs:
+  """``make(learning_rate)`` with the learning rate passed to every ``update`` as the keyword
+  argument ``learning_rate``: nothing in the state, no constant in the compiled step."""
+  # The state does not depend on the learning rate; any positive value builds it. Building
+  # here also makes a bad option fail now rather than at the first step.
+  placeholder = make(1.0)
+
+  def update(updates, state, params=None, *, learning_rate, **extra_args):
+    del extra_args
+    return make(learning_rate).update(updates, state, params)
+
+  return optax.GradientTransformationExtraArgs(placeholder.init, update)
 
 
 def _keeps_state_structure(tx: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -260,10 +264,10 @@ def _keeps_state_structure(tx: optax.GradientTransformation) -> optax.GradientTr
   apply_if_finite chooses between the new and the old state with ``lax.cond``, which needs
   both in one structure, so the new leaves are put back in the old containers by name.
   """
-  def update(updates, state, params=None):
-    updates, new_state = tx.update(updates, state, params)
+  def update(updates, state, params=None, **extra_args):
+    updates, new_state = tx.update(updates, state, params, **extra_args)
     return updates, _restructure_like(state, new_state)
-  return optax.GradientTransformation(tx.init, update)
+  return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
 def _key_name(key) -> Any:

@@ -65,8 +65,7 @@ def loss_fn(model: models.Llama, batch: jax.Array) -> jax.Array:
 
 def _update(model, optimizer, metrics, batch, learning_rate) -> jax.Array:
   loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
-  optimizers_lib.set_learning_rate(optimizer.opt_state, learning_rate)
-  optimizer.update(model, grads)
+  optimizer.update(model, grads, learning_rate=learning_rate)
   grad_norm = optax.global_norm(grads)
   # A skipped step (non-finite gradients) stays out of the logged averages.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
