@@ -34,24 +34,6 @@ PARAMS = {
 }
 
 
-def test_stacked_leaf_equals_separate_slices():
-  layers = [jax.random.normal(jax.random.key(i), (16, 8)) for i in range(3)]
-  stacked = {"w": jnp.stack(layers)}
-  separate = {f"w{i}": w for i, w in enumerate(layers)}
-  tx = go.galore_adamw(1e-2, rank=3, update_proj_gap=2)
-  state_s, state_p = tx.init(stacked), tx.init(separate)
-  for t in range(5):
-    gs = [jax.random.normal(jax.random.key(100 + 10 * t + i), (16, 8)) for i in range(3)]
-    u_s, state_s = tx.update({"w": jnp.stack(gs)}, state_s, stacked)
-    u_p, state_p = tx.update({f"w{i}": g for i, g in enumerate(gs)}, state_p, separate)
-    stacked = optax.apply_updates(stacked, u_s)
-    separate = optax.apply_updates(separate, u_p)
-  for i in range(3):
-    np.testing.assert_allclose(stacked["w"][i], separate[f"w{i}"], rtol=1e-6, atol=1e-7)
-  # in=16, out=8: output side, one (8, 3) basis per layer
-  assert state_s[0].projectors["w"]["u"].shape == (3, 8, 3)
-
-
 def test_state_is_low_rank_and_orbax_friendly():
   state = go.galore_adamw(1e-3, rank=4).init(PARAMS)[0]
   # dense kernel: in=12, out=20 -> out >= in: input side, low-rank grad (20, 4)
