@@ -370,7 +370,9 @@ def _batch_placer(mesh: Optional[jax.sharding.Mesh]):
 
 def optimizer_config(config: configs_lib.TrainConfig) -> optimizers_lib.OptimizerConfig:
   """The optimizer's part of ``config``, with the per-model defaults filled in."""
-  rank = config.rank if config.rank is not None else configs_lib.DEFAULT_RANKS.get(config.model, 128)
+  rank = config.rank
+  if rank is None:
+    rank = configs_lib.DEFAULT_RANKS.get(config.model, 128)
   return optimizers_lib.OptimizerConfig(
       learning_rate=config.learning_rate, total_steps=config.steps,
       warmup_fraction=config.warmup_fraction, min_lr_ratio=config.min_lr_ratio,

@@ -2,12 +2,12 @@
 
 An optimizer's grid is its default peak learning rate (``OptimizerSpec.default_lr``, the
 paper's recipe) times a few factors, ``DEFAULT_FACTORS`` = 1/3, 1, 3. Each grid value trains
-a short run, and the value with the lowest loss on the *tuning* split wins. When the winner
-is the smallest or largest value, the best learning rate may lie outside the grid, so the
-grid grows by one more value on that side (same spacing), at most ``MAX_EXTENSIONS`` times. That split is held
+a short run, and the value with the lowest loss on the *tuning* split wins. That split is held
 out from training and is never the reported validation split, so the reported loss has not
 been used to make any choice. A trial whose loss stops being finite counts as diverged
-(infinite loss).
+(infinite loss). When the winner is the smallest or largest value, the best learning rate may
+lie outside the grid, so the grid grows by one more value on that side (same spacing), at
+most ``MAX_EXTENSIONS`` times.
 """
 
 import dataclasses

@@ -13,7 +13,8 @@ from examples import configs
 from examples import tuning
 from examples.errors import DivergenceError, ExampleError
 
-from test_examples import NANO_1, _assert_one_error_line, text_docs  # pylint: disable=wrong-import-order
+# pylint: disable=wrong-import-order
+from test_examples import NANO_1, _assert_one_error_line, text_docs
 
 
 # ----------------------------------------------------------------------------- tuning
@@ -129,7 +130,8 @@ def test_compare_chooses_on_the_tuning_split_and_reports_the_validation_split(tm
       ("galore_adamw", 1e-2, 4, 10), ("galore_adamw", 1e-2, 5, 10)]
   assert adamw.losses == pytest.approx([4 + math.log(9) + 0.04, 4 + math.log(9) + 0.05])
   md_table = compare.tuning_table(outcomes)
-  assert md_table.splitlines()[0] == "| optimizer | default lr | ×0.333 | ×1 | ×3 | ×9 | chosen |"
+  header = "| optimizer | default lr | ×0.333 | ×1 | ×3 | ×9 | chosen |"
+  assert md_table.splitlines()[0] == header
   assert "| `adamw` | 0.001 | 0.000333: " in md_table and "**0.003: " in md_table
   assert "0.03: diverged" in md_table
   assert len({c["workdir"] for c in fake.calls}) == len(fake.calls)
