@@ -9,11 +9,7 @@ update at full size.
 
 ``REGISTRY`` maps each name to an ``OptimizerSpec`` whose ``build`` calls one function with
 explicit keyword arguments, so a misspelt or removed option fails at once. Adding an optimizer
-is one ``OptimizerSpec`` in the list below, for example::
-
-    OptimizerSpec("fira_adamw", "galore_optax.fira_adamw", 1e-2,
-                  lambda lr, c: go.fira_adamw(lr, weight_decay=c.weight_decay,
-                                              refresh=c.refresh, **galore_options(c))),
+is one ``OptimizerSpec`` in the list below (see ``fira_adamw`` for an example).
 
 The learning rate comes with every update as the extra argument ``learning_rate`` (the
 training step computes it from the schedule), so it is not a constant of the compiled program:
@@ -112,6 +108,9 @@ def _contrib_galore(learning_rate, cfg: OptimizerConfig) -> optax.GradientTransf
       weight_decay=cfg.weight_decay, weight_dimension_numbers=dimension_numbers)
 
 
+# Fira's and APOLLO's per-channel factors need one projected side.
+_ONE_SIDED = tuple(p for p in PROJ_TYPES if p != "full")
+
 REGISTRY: Dict[str, OptimizerSpec] = {spec.name: spec for spec in [
     OptimizerSpec(
         "adamw", "optax.adamw (full-rank baseline)", 1e-3,
@@ -144,6 +143,24 @@ REGISTRY: Dict[str, OptimizerSpec] = {spec.name: spec for spec in [
         "gradnorm_lorp8bit", "galore_optax.gradnorm_lorp8bit", 1e-2,
         lambda lr, c: go.gradnorm_lorp8bit(lr, weight_decay=c.weight_decay, refresh=c.refresh,
                                            **galore_options(c))),
+    OptimizerSpec(
+        "fira_adamw", "galore_optax.fira_adamw (GaLore + the rescaled residual)", 1e-2,
+        lambda lr, c: go.fira_adamw(lr, weight_decay=c.weight_decay, refresh=c.refresh,
+                                    **galore_options(c)),
+        proj_types=_ONE_SIDED),
+    # APOLLO: its own random projection (--refresh does not apply) and scale 1, as its scripts.
+    OptimizerSpec(
+        "apollo_adamw", "galore_optax.apollo_adamw (random projection, channel-wise scaling)",
+        1e-2,
+        lambda lr, c: go.apollo_adamw(lr, weight_decay=c.weight_decay,
+                                      **dict(galore_options(c), scale=1.0)),
+        proj_types=_ONE_SIDED, refresh_methods=("svd",)),
+    OptimizerSpec(
+        "apollo_mini", "galore_optax.apollo_mini (rank 1, tensor-wise scaling, scale 128)", 1e-2,
+        lambda lr, c: go.apollo_mini(lr, weight_decay=c.weight_decay,
+                                     update_proj_gap=c.update_proj_gap, proj_type=c.proj_type,
+                                     mask=go.path_mask(c.targets)),
+        proj_types=_ONE_SIDED, refresh_methods=("svd",)),
     OptimizerSpec(
         "optax_contrib_galore", "optax.contrib.galore (peer baseline)", 1e-2, _contrib_galore,
         proj_types=("std",), refresh_methods=("svd",), stacked_kernels=False),
