@@ -73,13 +73,9 @@ class Run:
   def env(self, memory: bool = False) -> dict:
     env = dict(_CHILD_ENV, PYTHONUNBUFFERED="1")
     if self.cpu:
-      # CPU-only workarounds, never applied on a GPU (XLA aborts on unknown flags; and
-      # nothing there needs them): jaxlib 0.10.2's concurrency-optimized CPU scheduler
-      # deadlocked on a program with refreshes of different shapes on 2 cores, and
-      # concurrent LAPACK calls each starting OpenBLAS threads thrash a small machine.
+      # CPU only: concurrent LAPACK calls each starting OpenBLAS threads thrash a
+      # small machine.
       env.setdefault("OPENBLAS_NUM_THREADS", "1")
-      env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
-                          + " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
     if memory:
       # Several children share the device while they compile: none may grab 75% of it up
       # front (JAX's default), and the one measuring may use nearly all of it.

@@ -34,16 +34,11 @@ import re
 import sys
 import time
 
-# Two CPU-only settings, for every method alike, set before jax loads:
-# - XLA's CPU runtime runs independent LAPACK calls (SVD, QR) at the same
-#   time, and each starts OpenBLAS's own threads: on a busy 2-core machine a
-#   batch of eight 136×136 SVDs took 1.96 s instead of 10 ms. One thread each.
-# - jaxlib 0.10.2's concurrency-optimized CPU scheduler deadlocked (all
-#   threads idle, for good) on a program holding two randomized refreshes of
-#   different shapes, i.e. any LLaMA tree; the plain scheduler runs it.
+# XLA's CPU runtime runs independent LAPACK calls (SVD, QR) at the same time,
+# and each starts OpenBLAS's own threads: on a busy 2-core machine a batch of
+# eight 136×136 SVDs took 1.96 s instead of 10 ms. One thread each, for every
+# method alike, set before jax loads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
 
 import jax
 import jax.numpy as jnp

@@ -22,11 +22,6 @@ Modules:
 
 import os as _os
 
-# jaxlib's batched LAPACK kernels (the SVDs and QRs of the subspace refresh) hand
-# their batch to XLA's intra-op thread pool and wait; with one thread per core,
-# two such kernels running at once on a 2-core machine deadlocked. A pool of at
-# least 8 threads avoids it (read once, when jax creates its CPU client).
-_os.environ.setdefault("NPROC", str(max(8, _os.cpu_count() or 1)))
 # XLA already runs independent kernels in parallel; OpenBLAS threads inside each LAPACK
 # call on top of that thrash a busy machine: on two loaded cores the first step of the
 # `small` model (its exact-SVD refresh) took 97 s with OpenBLAS's default threads and 11 s

@@ -195,6 +195,32 @@ def random_refresh(g, rank, sides, previous=None, key=None):
 random_refresh.regenerate = random_bases
 
 
+def one_matrix_at_a_time_on_cpu(refresh: RefreshFn) -> RefreshFn:
+  """`refresh` run on a (B, m, n) stack one matrix at a time on CPU, batched elsewhere.
+
+  jaxlib's CPU LAPACK kernels (SVD, QR) split a batch of matrices over XLA's
+  intra-op thread pool and block their own thread until the pieces are done,
+  while XLA runs independent kernels at once: on a host with few cores the
+  blocked threads can be the whole pool, and the step hangs for good. A call
+  on one matrix never waits on the pool. Each matrix still sees a stack of
+  one, with its own key, so its bases are those of the batched call.
+  """
+
+  def per_matrix(g, rank, sides, previous, keys):
+    batched = lambda: refresh(g, rank, sides, previous, keys)
+    if g.shape[0] == 1:
+      return batched()
+
+    def looped():
+      one = lambda args: jax.tree.map(lambda x: x[0], refresh(
+          args[0][None], rank, sides, jax.tree.map(lambda x: x[None], args[1]), args[2][None]))
+      return jax.lax.map(one, (g, previous, keys))
+
+    return jax.lax.platform_dependent(cpu=looped, default=batched)
+
+  return per_matrix
+
+
 REFRESH_METHODS: dict[str, RefreshFn] = {
     "svd": svd_refresh,
     "randomized": randomized_refresh(),

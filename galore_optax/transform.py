@@ -249,23 +249,14 @@ def _check_projectors(stored, plans, grads, paths, storage) -> None:
       )
 
 
-def _compute_bases(grads, group, previous, refresh_fn, count, after=None) -> dict:
-  """float32 bases for the equal-shaped leaves of `group`, in one call.
-
-  `after`, when given, is the previous call's output: passing it through an
-  optimization barrier with this call's input orders the decompositions one
-  after another. XLA's CPU runtime otherwise runs independent LAPACK calls
-  at once, and each waits for threads of one shared pool: on a host with few
-  cores they can exhaust it and hang forever.
-  """
+def _compute_bases(grads, group, previous, refresh_fn, count) -> dict:
+  """float32 bases for the equal-shaped leaves of `group`, in one call."""
   first = group[0]
   m, n = first.view.m, first.view.n
   stacked = jnp.concatenate([
       matrix_view.to_matrix(grads[p.index], p.view).reshape(-1, m, n).astype(jnp.float32)
       for p in group
   ])
-  if after is not None:
-    stacked, _ = jax.lax.optimization_barrier((stacked, after))
   prev = {
       side: jnp.concatenate([
           previous[p.index][side].reshape((-1,) + previous[p.index][side].shape[-2:])
@@ -277,7 +268,8 @@ def _compute_bases(grads, group, previous, refresh_fn, count, after=None) -> dic
       refresh_lib.matrix_keys(p.index, jnp.full((p.num_matrices,), count, jnp.int32))
       for p in group
   ])
-  bases = refresh_fn(stacked, first.rank, first.sides, prev, keys)
+  refresh = refresh_lib.one_matrix_at_a_time_on_cpu(refresh_fn)
+  bases = refresh(stacked, first.rank, first.sides, prev, keys)
   out, offset = {}, 0
   for p in group:
     out[p.index] = {
@@ -307,16 +299,13 @@ def _refresh_projectors(grads, todo, stored, sched, inner_state, count, due, opt
   # A batched schedule refreshes every leaf now, equal shapes in one call; a
   # per-leaf one decides per leaf, under a lax.cond that skips the others.
   groups = plan_lib.shape_groups(todo) if schedule.batched else [[p] for p in todo]
-  last = None
   for group in groups:
-    compute = lambda g=group, after=last: _compute_bases(
-        grads, g, previous, refresh_fn, count, after)
+    compute = lambda g=group: _compute_bases(grads, g, previous, refresh_fn, count)
     if schedule.batched:
       bases = compute()
     else:
       i = group[0].index
       bases = jax.lax.cond(jnp.any(due[i]), compute, lambda i=i: {i: previous[i]})
-    last = bases
     for p in group:
       i = p.index
       new = storage.encode(bases[i], p, grads[i].dtype, count)
