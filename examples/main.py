@@ -12,6 +12,7 @@ several optimizers, each at its own tuned learning rate.
 """
 
 import argparse
+import inspect
 import os
 import sys
 
@@ -51,12 +52,13 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                  help="documents held out for choosing learning rates")
   p.add_argument("--cache-dir", default=None, help="tokenizer/corpus cache "
                  f"(default $GALORE_EXAMPLES_CACHE or {input_pipeline.default_cache_dir()})")
-  p.add_argument("--rank", type=int, default=None, help="GaLore rank (default per config)")
+  p.add_argument("--rank", type=int, default=None, help="GaLore rank (default per config; apollo_mini's is always 1)")
   p.add_argument("--update-proj-gap", type=int, default=d.update_proj_gap)
   p.add_argument("--galore-scale", type=float, default=d.galore_scale)
   p.add_argument("--proj-type", default=d.proj_type)
   p.add_argument("--refresh", default=d.refresh,
-                 help="galore_optax subspace refresh: svd (exact), randomized or power")
+                 help="galore_optax subspace refresh: svd (exact), randomized or power "
+                      "(apollo_adamw and apollo_mini draw their own random projection)")
   p.add_argument("--weight-decay", type=float, default=d.weight_decay)
   p.add_argument("--grad-clip", type=float, default=None, help="global-norm clip (default off)")
   p.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction)
@@ -93,6 +95,28 @@ def config_from_args(args: argparse.Namespace, **extra) -> configs_lib.TrainConf
       eval_every=args.eval_every, eval_batches=args.eval_batches, log_every=args.log_every,
       scan_layers=args.scan_layers, remat=args.remat, tie_embeddings=args.tie_embeddings,
       dtype=dtype, param_dtype=param_dtype, progress=not args.no_progress, **extra)
+
+
+def _drop_orbax_read_noise() -> None:
+  """Keeps a failed checkpoint read to the command's one error line.
+
+  When one array of a checkpoint cannot be read, orbax's other reads are still
+  in flight; they finish against its closed event loop and report through
+  ``sys.unraisablehook`` ("Event loop is closed", or the same read error again
+  from an orbax coroutine nobody awaits any more). Those two are dropped;
+  everything else reaches the default hook.
+  """
+  default = sys.unraisablehook
+
+  def hook(unraisable):
+    closed_loop = (isinstance(unraisable.exc_value, RuntimeError)
+                   and str(unraisable.exc_value) == "Event loop is closed")
+    orbax_read = (inspect.iscoroutine(unraisable.object)
+                  and "orbax" in unraisable.object.cr_code.co_filename)
+    if not (closed_loop or orbax_read):
+      default(unraisable)
+
+  sys.unraisablehook = hook
 
 
 def main(argv=None, prog: str = "python -m examples.main") -> int:
@@ -138,4 +162,5 @@ def main(argv=None, prog: str = "python -m examples.main") -> int:
 
 
 if __name__ == "__main__":
+  _drop_orbax_read_noise()
   sys.exit(main())

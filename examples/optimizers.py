@@ -72,6 +72,7 @@ class OptimizerSpec:
     proj_types: the ``proj_type`` values it supports.
     refresh_methods: the ``refresh`` values it supports.
     stacked_kernels: False when it cannot project (layers, in, out) kernels (--scan-layers).
+    fixed_rank: the optimizer's own rank, which ``rank`` does not change (APOLLO-Mini: 1).
   """
 
   name: str
@@ -82,6 +83,7 @@ class OptimizerSpec:
   proj_types: Tuple[str, ...] = tuple(PROJ_TYPES)
   refresh_methods: Tuple[str, ...] = tuple(REFRESH_METHODS)
   stacked_kernels: bool = True
+  fixed_rank: Optional[int] = None
 
 
 def galore_options(cfg: OptimizerConfig) -> Dict[str, Any]:
@@ -160,7 +162,7 @@ REGISTRY: Dict[str, OptimizerSpec] = {spec.name: spec for spec in [
         lambda lr, c: go.apollo_mini(lr, weight_decay=c.weight_decay,
                                      update_proj_gap=c.update_proj_gap, proj_type=c.proj_type,
                                      mask=go.path_mask(c.targets)),
-        proj_types=_ONE_SIDED, refresh_methods=("svd",)),
+        proj_types=_ONE_SIDED, refresh_methods=("svd",), fixed_rank=1),
     OptimizerSpec(
         "optax_contrib_galore", "optax.contrib.galore (peer baseline)", 1e-2, _contrib_galore,
         proj_types=("std",), refresh_methods=("svd",), stacked_kernels=False),
