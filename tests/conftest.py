@@ -3,3 +3,16 @@ import sys
 
 # The parity helpers in tests/reference.py are imported as a plain module.
 sys.path.insert(0, os.path.dirname(__file__))
+
+import background  # noqa: E402  (after the path above)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Starts the background job of every selected test's fixture that names one."""
+  for name in dict.fromkeys(f for item in items for f in getattr(item, "fixturenames", ())):
+    if background.is_registered(name):
+      background.start(name)
+
+
+def pytest_sessionfinish(session, exitstatus):
+  background.kill_all()

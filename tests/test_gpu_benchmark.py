@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+import background
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu.py")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -26,16 +28,26 @@ def _run(*args, timeout=300):
                         text=True, timeout=timeout)
 
 
+def _smoke_command(scratch):
+  out = os.path.join(scratch, "gpu.md")
+  return [background.Command([sys.executable, SCRIPT, "--smoke", "--part", "refresh,step,memory",
+                              "--out", out], cwd=ROOT)]
+
+
+background.register("smoke", _smoke_command, 300)
+
+
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def smoke():
   """One smoke run of the parts that need no example code: (report json, markdown)."""
-  out = tmp_path_factory.mktemp("gpu") / "gpu.md"
-  proc = _run("--smoke", "--part", "refresh,step,memory", "--out", str(out))
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(out.with_suffix(".json")) as f:
+  done = background.result("smoke")
+  assert not done.timed_out and done.returncodes[0] == 0, done.stderrs[0][-3000:]
+  out = os.path.join(background.scratch("smoke"), "gpu.md")
+  with open(out[:-3] + ".json") as f:
     report = json.load(f)
-  assert out.with_suffix(".png").stat().st_size > 0
-  return report, out.read_text()
+  assert os.path.getsize(out[:-3] + ".png") > 0
+  with open(out) as f:
+    return report, f.read()
 
 
 def test_smoke_refresh_energies(smoke):

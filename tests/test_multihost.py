@@ -8,7 +8,6 @@ the same steps in this single-device process.
 
 import os
 import socket
-import subprocess
 import sys
 
 import jax
@@ -16,9 +15,11 @@ import numpy as np
 import optax
 import pytest
 
+import background
 import multihost_problem as problem
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
+ROOT = os.path.dirname(os.path.dirname(WORKER))
 TIMEOUT_S = 300
 
 
@@ -28,27 +29,33 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
-  out = str(tmp_path / "params.npz")
+def _workers(scratch):
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  procs = [
-      subprocess.Popen(
-          [sys.executable, WORKER, str(i), str(port), out], env=env,
-          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      )
-      for i in range(2)
-  ]
-  try:
-    results = [p.communicate(timeout=TIMEOUT_S) for p in procs]
-  except subprocess.TimeoutExpired:
-    for p in procs:
-      p.kill()
+  # The code under test, not whatever copy of the package is installed.
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+  out = os.path.join(scratch, "params.npz")
+  return [background.Command([sys.executable, WORKER, str(i), str(port), out], env=env)
+          for i in range(2)]
+
+
+background.register("two_processes", _workers, TIMEOUT_S)
+
+
+@pytest.fixture
+def two_processes():
+  """The parameters the two-process run saved (it ran beside the other tests)."""
+  done = background.result("two_processes")
+  if done.timed_out:
     pytest.fail(f"the two-process run did not finish in {TIMEOUT_S} s")
-  for p, (_, err) in zip(procs, results):
-    assert p.returncode == 0, f"a worker exited with {p.returncode}:\n{err[-3000:]}"
-  got = dict(np.load(out))
+  for code, err in zip(done.returncodes, done.stderrs):
+    assert code == 0, f"a worker exited with {code}:\n{err[-3000:]}"
+  return dict(np.load(os.path.join(background.scratch("two_processes"), "params.npz")))
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(two_processes):
+  got = two_processes
 
   tx = problem.optimizer()
 

@@ -9,9 +9,7 @@ starts, so it cannot run in this process).
 
 import json
 import os
-import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +18,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
+import background
 import galore_optax as go
 
 CHECKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharding_checks.py")
@@ -212,33 +211,35 @@ EXPLICIT_INIT = [
 REFRESH = ["svd", "randomized", "power"]
 
 
+def _checks_command(scratch):
+  del scratch
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "NPROC")}
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+  return [background.Command([sys.executable, CHECKS], cwd=ROOT, env=env)]
+
+
+background.register("checks", _checks_command, CHECKS_TIMEOUT_S)
+
+
 @pytest.fixture(scope="module")
 def checks():
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "NPROC")}
-  start = time.perf_counter()
-  try:
-    proc = subprocess.run(
-        [sys.executable, CHECKS], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=CHECKS_TIMEOUT_S,
-    )
-  except subprocess.TimeoutExpired as e:
-    tail = (e.stderr or b"")[-3000:]
-    tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+  """sharding_checks.py's report, from its run beside the other tests."""
+  done = background.result("checks")
+  stdout, stderr = done.stdouts[0], done.stderrs[0]
+  if done.timed_out:
     pytest.fail(
         f"tests/sharding_checks.py did not finish in {CHECKS_TIMEOUT_S} s (a hang of "
-        f"the 8-device run? see the NPROC note there); stderr tail:\n{tail}"
+        f"the 8-device run? see the NPROC note there); stderr tail:\n{stderr[-3000:]}"
     )
-  if proc.returncode != 0:
+  if done.returncodes[0] != 0:
     pytest.fail(
-        f"tests/sharding_checks.py exited with {proc.returncode}; stderr tail:\n"
-        f"{proc.stderr[-4000:]}"
+        f"tests/sharding_checks.py exited with {done.returncodes[0]}; stderr tail:\n"
+        f"{stderr[-4000:]}"
     )
-  lines = proc.stdout.strip().splitlines()
+  lines = stdout.strip().splitlines()
   if not lines:
-    pytest.fail(f"tests/sharding_checks.py printed nothing; stderr:\n{proc.stderr[-4000:]}")
-  results = json.loads(lines[-1])
-  results["seconds/wall"] = round(time.perf_counter() - start, 2)
-  return results
+    pytest.fail(f"tests/sharding_checks.py printed nothing; stderr:\n{stderr[-4000:]}")
+  return json.loads(lines[-1])
 
 
 def entry(checks, key):
