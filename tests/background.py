@@ -9,12 +9,17 @@ suite's wall time, not its work, is what shrinks.
 A test module registers a job under the name of the fixture that reads it;
 conftest starts the jobs of the selected tests' fixtures right after
 collection, and the fixture calls ``result(name)``, which starts the job if
-nothing did.
+nothing did. A job lives in a folder shared by the session's pytest-xdist
+workers (every worker collects every test): the first worker to create the
+folder starts it, and whichever worker runs the test reads its output files.
+Each command runs under ``timeout``, so a job nobody reads ends on its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import shlex
 import subprocess
 import tempfile
 import time
@@ -37,43 +42,9 @@ class Finished:
   timed_out: bool
 
 
-class _Job:
-
-  def __init__(self, commands: Sequence[Command], timeout_s: float, scratch: str):
-    self.deadline = time.monotonic() + timeout_s
-    self.scratch = scratch
-    self.procs = [
-        subprocess.Popen(c.argv, cwd=c.cwd, env=c.env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-        for c in commands
-    ]
-    self.finished: Optional[Finished] = None
-
-  def wait(self) -> Finished:
-    if self.finished is None:
-      outs, timed_out = [], False
-      for p in self.procs:
-        try:
-          outs.append(p.communicate(timeout=max(1.0, self.deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-          timed_out = True
-          for q in self.procs:
-            q.kill()
-          outs.append(p.communicate())
-      self.finished = Finished([p.returncode for p in self.procs],
-                               [o for o, _ in outs], [e for _, e in outs], timed_out)
-    return self.finished
-
-  def kill(self) -> None:
-    for p in self.procs:
-      if p.poll() is None:
-        p.kill()
-        p.communicate()
-
-
-# name -> (commands factory, timeout); the factory gets a fresh scratch folder.
+# name -> (commands factory, timeout); the factory gets the job's folder for its files.
 _REGISTERED: Dict[str, tuple] = {}
-_STARTED: Dict[str, _Job] = {}
+_TIMED_OUT = 124  # timeout(1)'s status
 
 
 def register(name: str, commands: Callable[[str], Sequence[Command]], timeout_s: float) -> None:
@@ -84,24 +55,57 @@ def is_registered(name: str) -> bool:
   return name in _REGISTERED
 
 
-def start(name: str) -> None:
-  if name not in _STARTED:
-    commands, timeout_s = _REGISTERED[name]
-    scratch_dir = tempfile.mkdtemp(prefix=f"{name}-")
-    _STARTED[name] = _Job(commands(scratch_dir), timeout_s, scratch_dir)
-
-
-def result(name: str) -> Finished:
-  """The finished job (started now if it was not); its timeout counts from its start."""
-  start(name)
-  return _STARTED[name].wait()
+def _session_dir() -> str:
+  # The same for every worker of one pytest-xdist run; this process's own otherwise.
+  run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+  return os.path.join(tempfile.gettempdir(), f"galore-optax-tests-{run}")
 
 
 def scratch(name: str) -> str:
-  """The scratch folder of a started job (its commands wrote their files there)."""
-  return _STARTED[name].scratch
+  """The job's folder: its commands' files and their outputs."""
+  return os.path.join(_session_dir(), name)
 
 
-def kill_all() -> None:
-  for job in _STARTED.values():
-    job.kill()
+def start(name: str) -> None:
+  """Starts the job unless this session already did (in any worker)."""
+  folder = scratch(name)
+  os.makedirs(_session_dir(), exist_ok=True)
+  try:
+    os.mkdir(folder)  # atomic: one worker wins
+  except FileExistsError:
+    return
+  commands, timeout_s = _REGISTERED[name]
+  for i, c in enumerate(commands(folder)):
+    out = lambda kind, i=i: os.path.join(folder, f"{i}.{kind}")
+    # The status file appears only when the command has ended.
+    script = (f"timeout -k 5 {int(timeout_s)} {shlex.join(c.argv)} "
+              f"> {shlex.quote(out('stdout'))} 2> {shlex.quote(out('stderr'))}; "
+              f"echo $? > {shlex.quote(out('tmp'))} && mv {shlex.quote(out('tmp'))} "
+              f"{shlex.quote(out('status'))}")
+    subprocess.Popen(["/bin/sh", "-c", script], cwd=c.cwd, env=c.env,
+                     stdin=subprocess.DEVNULL, start_new_session=True)
+  with open(os.path.join(folder, "count.tmp"), "w") as f:
+    f.write(str(i + 1))
+  os.replace(os.path.join(folder, "count.tmp"), os.path.join(folder, "count"))
+
+
+def result(name: str) -> Finished:
+  """The finished job (started now if it was not)."""
+  start(name)
+  folder = scratch(name)
+  _, timeout_s = _REGISTERED[name]
+  deadline = time.monotonic() + timeout_s + 30  # its own timeout ends it before this
+  path = lambda i, kind: os.path.join(folder, f"{i}.{kind}")
+  while not os.path.exists(os.path.join(folder, "count")):
+    time.sleep(0.1)
+  with open(os.path.join(folder, "count")) as f:
+    count = int(f.read())
+  while not all(os.path.exists(path(i, "status")) for i in range(count)):
+    if time.monotonic() > deadline:
+      raise RuntimeError(f"background job {name!r} left no status in {folder}")
+    time.sleep(0.5)
+  read = lambda p: open(p, encoding="utf-8", errors="replace").read()
+  codes = [int(read(path(i, "status"))) for i in range(count)]
+  return Finished(codes, [read(path(i, "stdout")) for i in range(count)],
+                  [read(path(i, "stderr")) for i in range(count)],
+                  any(c in (_TIMED_OUT, 128 + 9) for c in codes))

@@ -12,7 +12,3 @@ def pytest_collection_modifyitems(config, items):
   for name in dict.fromkeys(f for item in items for f in getattr(item, "fixturenames", ())):
     if background.is_registered(name):
       background.start(name)
-
-
-def pytest_sessionfinish(session, exitstatus):
-  background.kill_all()

@@ -142,7 +142,7 @@ def test_numpy_integers_in_dimension_numbers_work():
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16, jnp.int32, jnp.complex64]
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     shape=st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple),
     dtype=st.sampled_from(DTYPES),

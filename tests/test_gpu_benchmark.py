@@ -34,7 +34,7 @@ def _smoke_command(scratch):
                               "--out", out], cwd=ROOT)]
 
 
-background.register("smoke", _smoke_command, 300)
+background.register("smoke", _smoke_command, 600)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import multihost_problem as problem
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 ROOT = os.path.dirname(os.path.dirname(WORKER))
-TIMEOUT_S = 300
+TIMEOUT_S = 600
 
 
 def _free_port() -> int:

@@ -23,7 +23,7 @@ import galore_optax as go
 
 CHECKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharding_checks.py")
 ROOT = os.path.dirname(os.path.dirname(CHECKS))
-CHECKS_TIMEOUT_S = 420  # ~100 s on a 2-core machine; the margin is for a busy one
+CHECKS_TIMEOUT_S = 900  # ~140 s alone on 2 cores; beside the other tests, under load, far more
 TOL = 1e-6  # float32 parity of sharded and single-device steps
 
 
