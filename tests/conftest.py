@@ -9,6 +9,8 @@ import background  # noqa: E402  (after the path above)
 
 def pytest_collection_modifyitems(config, items):
   """Starts the background job of every selected test's fixture that names one."""
+  if config.option.collectonly:
+    return
   for name in dict.fromkeys(f for item in items for f in getattr(item, "fixturenames", ())):
     if background.is_registered(name):
       background.start(name)
