@@ -52,7 +52,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                  help="documents held out for choosing learning rates")
   p.add_argument("--cache-dir", default=None, help="tokenizer/corpus cache "
                  f"(default $GALORE_EXAMPLES_CACHE or {input_pipeline.default_cache_dir()})")
-  p.add_argument("--rank", type=int, default=None, help="GaLore rank (default per config; apollo_mini's is always 1)")
+  p.add_argument("--rank", type=int, default=None,
+                 help="GaLore rank (default per config; apollo_mini's is always 1)")
   p.add_argument("--update-proj-gap", type=int, default=d.update_proj_gap)
   p.add_argument("--galore-scale", type=float, default=d.galore_scale)
   p.add_argument("--proj-type", default=d.proj_type)

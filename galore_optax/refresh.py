@@ -211,11 +211,11 @@ def one_matrix_at_a_time_on_cpu(refresh: RefreshFn) -> RefreshFn:
     if g.shape[0] == 1:
       return batched()
 
-    def looped():
-      one = lambda args: jax.tree.map(lambda x: x[0], refresh(
-          args[0][None], rank, sides, jax.tree.map(lambda x: x[None], args[1]), args[2][None]))
-      return jax.lax.map(one, (g, previous, keys))
+    def one(matrix_previous_key):
+      g1, previous1, key1 = jax.tree.map(lambda x: x[None], matrix_previous_key)
+      return jax.tree.map(lambda x: x[0], refresh(g1, rank, sides, previous1, key1))
 
+    looped = lambda: jax.lax.map(one, (g, previous, keys))
     return jax.lax.platform_dependent(cpu=looped, default=batched)
 
   return per_matrix
