@@ -47,8 +47,10 @@ PYTHON_DOCS = "/usr/share/doc/python3.11/html/_sources"
 CORPORA = {"stdlib": None, "pydocs": PYTHON_DOCS}
 CORPUS_NAMES = {"stdlib": "Python standard library docstrings (embedded corpus)",
                 "pydocs": "Python 3.11 documentation sources (python3.11-doc)"}
-# GaLore's target (Zhao et al. 2024: +2.4% perplexity at 60M on C4).
+# Issue 15's target, after the paper (Zhao et al. 2024: +2.4% perplexity at 60M on C4):
+# galore_adamw within +3% of tuned AdamW at 1,000 steps or more.
 TARGET_GAP = 0.03
+TARGET_STEPS = 1000
 
 
 # The optimizers of issue 15, plus any added to the registry since (fira, apollo, ...).
@@ -136,7 +138,7 @@ def run_corpus(args, corpus, entries, out_dir, log):
   return outcomes, (dataset.describe() if dataset else json.load(open(path))["data"])
 
 
-def findings(corpus, outcomes, baseline):
+def findings(corpus, outcomes, baseline, steps):
   """Sentences stating what the numbers of one corpus show (generated, not written)."""
   lines = []
   if baseline is None:
@@ -153,26 +155,33 @@ def findings(corpus, outcomes, baseline):
             + f" vs tuned AdamW ({compare.verdict(gaps)}), at {state:.0%} of AdamW's "
             "optimizer state")
     if o.entry.label == "galore_adamw":
-      met = mean <= TARGET_GAP
-      text += (f"; the target (within +{TARGET_GAP:.0%}) is {'met' if met else 'not met'}")
+      if steps < TARGET_STEPS:
+        text += (f"; the target (within +{TARGET_GAP:.0%} at {TARGET_STEPS:,}+ steps) is not "
+                 f"assessed by this {steps}-step run")
+      else:
+        met = mean <= TARGET_GAP
+        text += (f"; the target (within +{TARGET_GAP:.0%}) is {'met' if met else 'not met'}")
     lines.append("- " + text + ".")
   return lines
 
 
-def render(args, results, started, command):
+def render(args, results, started, commands):
   load = report.load_average()
   hours = sum(o.wall_s for outcomes, _ in results.values() for o in outcomes) / 3600
   lines = ["# Training quality at tuned learning rates, over seeds", "",
-           f"Command (from the repository root): `{command}`", "",
-           f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')}; {hours:.1f} h of training in all"
-           + (f"; load average when this file was written {load[0]:.1f} / {load[1]:.1f} / "
-              f"{load[2]:.1f} (1 / 5 / 15 min; the machine was shared with other jobs)"
-              if load else ""),
-           f"- Machine: {report.machine()}",
-           "- Versions: " + ", ".join(f"{k} {v}" for k, v in report.versions().items()),
-           f"- Setup: `apt-get install -y python3.11-doc` provides the second corpus "
-           f"({PYTHON_DOCS}); the first is embedded (no download).",
-           ""]
+           "Commands (from the repository root), one per corpus:", ""]
+  lines += [f"- {CORPUS_NAMES[corpus]}: `{command}`" for corpus, command in commands.items()]
+  lines += [
+      "",
+      f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')}; {hours:.1f} h of training in all"
+      + (f"; load average when this file was written {load[0]:.1f} / {load[1]:.1f} / "
+         f"{load[2]:.1f} (1 / 5 / 15 min; the machine was shared with other jobs)"
+         if load else ""),
+      f"- Machine: {report.machine()}",
+      "- Versions: " + ", ".join(f"{k} {v}" for k, v in report.versions().items()),
+      f"- Setup: `apt-get install -y python3.11-doc` provides the second corpus "
+      f"({PYTHON_DOCS}); the first is embedded (no download).",
+      ""]
   panels = []
   for corpus, (outcomes, data) in results.items():
     baseline = compare.baseline_of(outcomes)
@@ -182,7 +191,8 @@ def render(args, results, started, command):
     lines += compare.describe_setup(base, outcomes, seeds=args.seeds,
                                     factors=tuning.parse_factors(args.lr_grid),
                                     tune_steps=args.tune_steps, data=data)
-    lines += ["", "What the numbers show:", ""] + findings(corpus, outcomes, baseline) + [""]
+    lines += ["", "What the numbers show:", ""]
+    lines += findings(corpus, outcomes, baseline, args.steps) + [""]
     lines += [compare.results_table(outcomes, baseline), "",
               f"Learning-rate tuning: loss on the tuning split after {args.tune_steps} steps, "
               f"seed {args.seeds[0]} (bold: chosen).", "",
@@ -247,20 +257,21 @@ def main(argv=None):
       raise ExampleError(f"{PYTHON_DOCS} is missing: apt-get install -y python3.11-doc")
     entries = entries_for(e.label for e in compare.parse_optimizers(args.optimizers))
     out_dir = os.path.abspath(args.out)
-    results = {}
+    results, commands = {}, {}
     for corpus in corpora:
       if args.report_only:
         with open(os.path.join(out_dir, f"{corpus}.json"), encoding="utf-8") as f:
           saved = json.load(f)
         results[corpus] = ([compare.outcome_from_dict(r) for r in saved["outcomes"]],
                            saved["data"])
-        args.command = saved.get("command", args.command)  # the command that trained them
+        commands[corpus] = saved.get("command", args.command)  # the command that trained them
       else:
         results[corpus] = run_corpus(args, corpus, entries, out_dir, log)
+        commands[corpus] = args.command
   except ExampleError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  render(args, results, started, args.command)
+  render(args, results, started, commands)
   log(f"wrote {os.path.join(args.results_dir, 'quality')}.md and .png")
   return 0
 
