@@ -583,7 +583,7 @@ def render_markdown(outcomes, baseline, *, command: str, plot_name: str, base, s
   if len(seeds) == 1:
     lines += [
         "With one seed the gaps carry no spread; benchmarks/results/quality.md repeats the "
-        "comparison over three seeds and longer runs.", ""]
+        "comparison over three seeds.", ""]
   lines += [
       f"Learning-rate tuning: loss on the tuning split after {tune_steps} steps (bold: chosen).",
       "", tuning_table(outcomes), ""]
