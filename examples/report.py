@@ -123,8 +123,10 @@ def plot_loss_curves(panels, path: str, title: str) -> None:
       steps, mean, low, high = curve_band(histories, split)
       if not steps:
         continue
+      # Past ten lines the colours repeat: the repeats are dashed, so no two lines look alike.
       color = f"C{i % 10}"
       ax.plot(steps, mean, color=color, linewidth=1.3, label=label,
+              linestyle="-" if i < 10 else "--",
               marker="o" if split != "train" else None, markersize=2.5)
       if len(histories) > 1:
         ax.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0)
