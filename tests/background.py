@@ -23,6 +23,7 @@ import shlex
 import subprocess
 import tempfile
 import time
+import uuid
 from typing import Callable, Dict, List, Optional, Sequence
 
 
@@ -55,10 +56,13 @@ def is_registered(name: str) -> bool:
   return name in _REGISTERED
 
 
+# The same for every worker of one pytest-xdist run; new for each run without xdist (a
+# reused pid must not find an earlier run's outputs).
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or uuid.uuid4().hex
+
+
 def _session_dir() -> str:
-  # The same for every worker of one pytest-xdist run; this process's own otherwise.
-  run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
-  return os.path.join(tempfile.gettempdir(), f"galore-optax-tests-{run}")
+  return os.path.join(tempfile.gettempdir(), f"galore-optax-tests-{_RUN}")
 
 
 def scratch(name: str) -> str:
