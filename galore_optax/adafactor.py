@@ -211,16 +211,13 @@ def scale_by_adafactor_hf(
     warmup_init: warm the relative step size up linearly (1e-6·t).
     param_rms: optional pytree of per-leaf parameter RMS values (as
       `galore_optax.adafactor.tree_rms(params)` returns) used instead of the
-      RMS of `params`. Inside
-      `scale_by_galore` the transformation receives projected parameters PᵀW,
-      whose RMS is not that of the weights; `galore_adafactor` passes the full
-      weights' RMS here, as galore-torch does.
+      RMS of `params`. Inside `scale_by_galore` this transformation sees PᵀW,
+      whose RMS is not the weights'; `galore_adafactor` passes the weights'.
 
   Returns:
-    An `optax.GradientTransformation` whose state is a
-    `ScaleByAdafactorHFState`. Updates have the gradient's dtype; state is
-    float32. Needs `params` in `update` when `scale_parameter` is True and no
-    `param_rms` is given.
+    An `optax.GradientTransformation` with a `ScaleByAdafactorHFState`.
+    Updates have the gradient's dtype, the state float32. `update` needs
+    `params` when `scale_parameter` is True and no `param_rms` is given.
 
   References:
     Shazeer and Stern, Adafactor: Adaptive Learning Rates with Sublinear

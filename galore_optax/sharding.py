@@ -8,12 +8,11 @@ those declarations back where arrays carry no Explicit types:
 * `opt_state_shardings(tx, params)` runs `tx.init` under `jax.eval_shape`
   on an Explicit stand-in of the mesh (Auto meshes, PartitionSpecs, NNX
   metadata) and returns a `NamedSharding` per state leaf;
-* `sharding_aware(tx)`, the boundary every optimizer of this package is
-  wrapped in once, gives `nnx.Optimizer` the declared spec of each state
-  Variable (it would copy the parameter's onto a low-rank moment), rebuilds
-  the transform's own state structure from the State mappings nnx hands
-  back, and runs `update` under `jax.sharding.auto_axes` on Explicit meshes
-  so XLA picks the collectives of the projection matmuls.
+* `sharding_aware(tx)`, the boundary every optimizer here is wrapped in
+  once, gives `nnx.Optimizer` the declared spec of each state Variable (it
+  would copy the parameter's onto a low-rank moment), rebuilds the state's
+  own structure from the State mappings nnx hands back, and runs `update`
+  under `jax.sharding.auto_axes` so XLA picks the projections' collectives.
 """
 
 from __future__ import annotations
