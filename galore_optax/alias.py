@@ -23,15 +23,13 @@ from galore_optax.adafactor import scale_by_adafactor_hf
 from galore_optax.adafactor import tree_rms
 from galore_optax.adam import scale_by_adam_hf
 from galore_optax.adam_8bit import scale_by_adam_8bit
-from galore_optax.options import ADAMW, AdamOptions, GaLoreOptions, galore_optimizer
+from galore_optax.options import ADAM_8BIT, ADAM_POSITIONAL, ADAMW, EPS_8BIT
+from galore_optax.options import AdamOptions, GaLoreOptions, galore_optimizer
 from galore_optax.transform import galore_transform
 from galore_optax.weight_decay import decay_weights_after_update
 
 MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
 
-_ADAM_POSITIONAL = ("b1", "b2", "eps", "weight_decay")
-ADAM_8BIT = ("b1", "b2", "eps", "weight_decay", "weight_decay_mask")  # no mu_dtype: 8-bit
-EPS_8BIT = {"eps": 1e-8}  # bitsandbytes' default
 NO_8BIT_REALIGNMENT = {"realign_moments": "8-bit moments are codes with block scales and cannot be rotated."}
 
 
@@ -134,7 +132,7 @@ def galore(*, galore: GaLoreOptions, adam: AdamOptions) -> optax.GradientTransfo
   return galore_transform(galore, scale_by_adam_hf(adam.b1, adam.b2, adam.eps, adam.mu_dtype))
 
 
-@galore_optimizer(middle=_ADAM_POSITIONAL, adam=ADAMW)
+@galore_optimizer(middle=ADAM_POSITIONAL, adam=ADAMW)
 def galore_adamw(
     learning_rate: optax.ScalarOrSchedule, *, galore: GaLoreOptions, adam: AdamOptions,
 ) -> optax.GradientTransformation:
@@ -173,7 +171,7 @@ def galore_adamw(
   )
 
 
-@galore_optimizer(middle=_ADAM_POSITIONAL, adam=ADAM_8BIT, defaults=EPS_8BIT,
+@galore_optimizer(middle=ADAM_POSITIONAL, adam=ADAM_8BIT, defaults=EPS_8BIT,
                   refuses=NO_8BIT_REALIGNMENT)
 def galore_adamw8bit(
     learning_rate: optax.ScalarOrSchedule,

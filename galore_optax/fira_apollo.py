@@ -24,8 +24,9 @@ from galore_optax import outputs
 from galore_optax import validation
 from galore_optax.adam import scale_by_adam_hf, scale_by_bias_correction
 from galore_optax.adam_8bit import scale_by_adam_8bit
-from galore_optax.alias import ADAM_8BIT, EPS_8BIT, _ADAM_POSITIONAL, decay_after, zero_nonfinite
-from galore_optax.options import ADAMW, AdamOptions, GaLoreOptions, galore_optimizer
+from galore_optax.alias import decay_after, zero_nonfinite
+from galore_optax.options import ADAM_8BIT, ADAM_POSITIONAL, ADAMW, EPS_8BIT
+from galore_optax.options import AdamOptions, GaLoreOptions, galore_optimizer
 from galore_optax.transform import galore_transform
 
 PROJ_METHODS = {"random": "random", "svd": "svd"}
@@ -77,7 +78,7 @@ def _direction(adam: AdamOptions):
   return scale_by_adam_hf(adam.b1, adam.b2, adam.eps, adam.mu_dtype, bias_correction=False)
 
 
-@galore_optimizer(middle=_ADAM_POSITIONAL, adam=ADAMW, defaults={"scale": 0.25})
+@galore_optimizer(middle=ADAM_POSITIONAL, adam=ADAMW, defaults={"scale": 0.25})
 def fira_adamw(
     learning_rate: optax.ScalarOrSchedule, *, galore: GaLoreOptions, adam: AdamOptions,
 ) -> optax.GradientTransformation:
@@ -147,7 +148,7 @@ def _apollo(learning_rate, galore, adam, apollo: ApolloOptions, inner, owner, ei
   return optax.chain(*head, *_chain(galore, inner, output, learning_rate, adam))
 
 
-@galore_optimizer(middle=_ADAM_POSITIONAL, adam=ADAMW, groups=_APOLLO, defaults={"rank": 256},
+@galore_optimizer(middle=ADAM_POSITIONAL, adam=ADAMW, groups=_APOLLO, defaults={"rank": 256},
                   exclude=("refresh",))
 def apollo_adamw(
     learning_rate: optax.ScalarOrSchedule,
@@ -197,7 +198,7 @@ def apollo_adamw(
   return _apollo(learning_rate, galore, adam, apollo, _direction(adam), "apollo_adamw")
 
 
-@galore_optimizer(middle=_ADAM_POSITIONAL, adam=ADAM_8BIT, groups=_APOLLO,
+@galore_optimizer(middle=ADAM_POSITIONAL, adam=ADAM_8BIT, groups=_APOLLO,
                   defaults={"rank": 256, **EPS_8BIT}, exclude=("refresh",))
 def apollo_adamw8bit(
     learning_rate: optax.ScalarOrSchedule,
@@ -231,7 +232,7 @@ def apollo_adamw8bit(
   return _apollo(learning_rate, galore, adam, apollo, inner, "apollo_adamw8bit", eight_bit=True)
 
 
-@galore_optimizer(middle=_ADAM_POSITIONAL, adam=ADAMW, groups=_MINI,
+@galore_optimizer(middle=ADAM_POSITIONAL, adam=ADAMW, groups=_MINI,
                   defaults={"rank": 1, "scale": 128.0}, exclude=("refresh",))
 def apollo_mini(
     learning_rate: optax.ScalarOrSchedule,

@@ -27,8 +27,9 @@ from galore_optax import masking
 from galore_optax import matrix_view
 from galore_optax.adam import scale_by_adam_hf
 from galore_optax.adam_8bit import scale_by_adam_8bit
-from galore_optax.alias import ADAM_8BIT, EPS_8BIT, NO_8BIT_REALIGNMENT, _ADAM_POSITIONAL
-from galore_optax.options import ADAMW, AdamOptions, GaLoreOptions, galore_optimizer
+from galore_optax.alias import NO_8BIT_REALIGNMENT
+from galore_optax.options import ADAM_8BIT, ADAM_POSITIONAL, ADAMW, EPS_8BIT
+from galore_optax.options import AdamOptions, GaLoreOptions, galore_optimizer
 from galore_optax.transform import GaLoreState, galore_transform
 
 
@@ -132,7 +133,7 @@ def _split_gradient(w, grad, axes):
   return g, v, dg, dv
 
 
-@galore_optimizer(middle=_ADAM_POSITIONAL, trailing=("inner", "norm_axis"), adam=ADAMW)
+@galore_optimizer(middle=ADAM_POSITIONAL, trailing=("inner", "norm_axis"), adam=ADAMW)
 def gradnorm_lorp(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -321,7 +322,7 @@ def _new_weight_update(grad, w, axes, split, direction_update, magnitude_update,
   return (w_new - w.astype(jnp.float32)).astype(grad.dtype)
 
 
-@galore_optimizer(middle=_ADAM_POSITIONAL, trailing=("norm_axis",), adam=ADAM_8BIT,
+@galore_optimizer(middle=ADAM_POSITIONAL, trailing=("norm_axis",), adam=ADAM_8BIT,
                   defaults=EPS_8BIT, refuses=NO_8BIT_REALIGNMENT)
 def gradnorm_lorp8bit(
     learning_rate: optax.ScalarOrSchedule,

@@ -206,7 +206,12 @@ class AdamOptions:
 
 _LEADING_OPTIONS = ("rank", "update_proj_gap", "scale", "proj_type")
 _TRAILING_OPTIONS = ("mask", "dimension_numbers")
+# AdamOptions field sets of the optimizers: all of them, the 8-bit ones (no mu_dtype), and the
+# ones galore-torch users pass by position after the GaLore options.
 ADAMW = ("b1", "b2", "eps", "weight_decay", "mu_dtype", "weight_decay_mask")
+ADAM_8BIT = ("b1", "b2", "eps", "weight_decay", "weight_decay_mask")
+ADAM_POSITIONAL = ("b1", "b2", "eps", "weight_decay")
+EPS_8BIT = {"eps": 1e-8}  # bitsandbytes' default
 
 
 def _options_doc(positional, refuses, exclude) -> str:
