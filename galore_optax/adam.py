@@ -81,14 +81,18 @@ def scale_by_adam_hf(
     nu = jax.tree.map(
         lambda g, v: b2 * f32(v) + (1.0 - b2) * jnp.square(f32(g)), updates, state.nu
     )
+    # The direction reads the moments as stored (rounded to their dtype, as
+    # galore-torch's in-place moments are), so each old moment has one
+    # reader, the write of the new one, which XLA then does in place; read
+    # by both, every old moment would be copied first.
+    mu = jax.tree.map(lambda new, old: new.astype(old.dtype), mu, state.mu)
+    nu = jax.tree.map(lambda new, old: new.astype(old.dtype), nu, state.nu)
     new_updates = jax.tree.map(
-        lambda g, m, v: (step_scale * (m / (jnp.sqrt(v) + eps))).astype(g.dtype),
+        lambda g, m, v: (step_scale * (f32(m) / (jnp.sqrt(f32(v)) + eps))).astype(g.dtype),
         updates,
         mu,
         nu,
     )
-    mu = jax.tree.map(lambda new, old: new.astype(old.dtype), mu, state.mu)
-    nu = jax.tree.map(lambda new, old: new.astype(old.dtype), nu, state.nu)
     return new_updates, ScaleByAdamHFState(count=count, mu=mu, nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -184,6 +184,10 @@ def scale_by_adam_8bit(
     def leaf(g, mu, nu):
       if g.size == 0:
         return g, mu, nu
+      # Dequantize only once the gradient exists: otherwise a scheduler may
+      # decode every leaf's moments at the start of the step, to float32
+      # copies that then outlive the whole backward pass.
+      g, mu, nu = jax.lax.optimization_barrier((g, mu, nu))
       gf = g.astype(jnp.float32)
       gf = jnp.where(jnp.isfinite(gf), gf, 0.0)
       m = b1_ * _load(mu, g.shape, True) + (1.0 - b1_) * gf

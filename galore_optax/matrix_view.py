@@ -152,3 +152,42 @@ def from_matrix(y: jax.Array, view: MatrixView) -> jax.Array:
     inverse[a] = i
   return jnp.transpose(y.reshape(tuple(sizes[a] for a in view.perm)), inverse)
 
+
+
+def batch_first(x: jax.Array, view: MatrixView) -> tuple[jax.Array, MatrixView]:
+  """The leaf as (B, *rest): its batch axes flattened in front, one slice a matrix.
+
+  Returns the array (a free reshape when the batch axes lead, as for scanned
+  layers) and the view of it, whose single batch axis can be sliced: a
+  slice [i:j] viewed through `with_batch(view, j - i)` is matrices i..j-1.
+  """
+  nb = len(view.batch_axes)
+  rest = tuple(a for a in range(len(view.shape)) if a not in view.batch_axes)
+  num = math.prod(view.batch_shape)
+  y = jnp.transpose(x, view.batch_axes + rest) if view.batch_axes != tuple(range(nb)) else x
+  y = y.reshape((num,) + tuple(view.shape[a] for a in rest))
+  position = {a: 1 + i for i, a in enumerate(rest)}
+  flat = MatrixView(
+      shape=(num,) + tuple(view.shape[a] for a in rest),
+      batch_axes=(0,),
+      output_axes=tuple(position[a] for a in view.output_axes),
+      reduction_axes=tuple(position[a] for a in view.reduction_axes),
+      m=view.m,
+      n=view.n,
+  )
+  return y, flat
+
+
+def with_batch(view: MatrixView, size: int) -> MatrixView:
+  """`view` (a `batch_first` one) for a slice of `size` matrices."""
+  return view._replace(shape=(size,) + view.shape[1:])
+
+
+def select_matrices(flags: jax.Array, new, old):
+  """Per matrix of stacks whose batch axes lead: `new` where `flags` (*batch,), else `old`."""
+
+  def pick(a, b):
+    f = jnp.reshape(flags, jnp.shape(flags) + (1,) * (jnp.ndim(a) - jnp.ndim(flags)))
+    return jnp.where(f, a, b)
+
+  return jax.tree.map(pick, new, old)

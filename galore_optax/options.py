@@ -26,6 +26,10 @@ from galore_optax import schedules
 from galore_optax import validation
 
 
+# 256 MiB: one float32 MLP matrix of LLaMA-7B (172 MiB) per call, or four attention ones.
+DEFAULT_REFRESH_BUDGET = 2**28
+
+
 @dataclasses.dataclass(frozen=True)
 class GaLoreOptions:
   """What is projected, how bases are computed and stored, and when.
@@ -51,6 +55,14 @@ class GaLoreOptions:
       (randomized range finder, one power iteration), 'power' (subspace
       iteration warm-started from the previous projector), or a function with
       the signature of `go.svd_refresh` (e.g. `go.randomized_refresh(16)`).
+    refresh_memory_budget: bytes of float32 gradient matrices one batched
+      decomposition may take; None (the default) is 256 MiB. A static int
+      (with `optax.inject_hyperparams`, name it in `static_args`). A refresh copies each
+      matrix to float32 before decomposing it; the budget bounds how many of
+      those copies (and their decompositions' work space) exist at once.
+      Larger budgets make fewer, larger batched calls, which is faster on a
+      GPU; smaller ones need less memory. A matrix larger than the budget is
+      decomposed alone. The bases do not depend on it.
     projector_dtype: dtype the bases are stored in; default the leaf's.
     projector_bits: None (bases stored as arrays), 8 or 4: bases stored
       group-quantized (Q-GaLore style) and dequantized where used; excludes
@@ -74,6 +86,7 @@ class GaLoreOptions:
   mask: Any = None
   dimension_numbers: Any = None
   refresh: Any = "svd"
+  refresh_memory_budget: Optional[int] = None
   projector_dtype: Any = None
   projector_bits: Optional[int] = None
   regenerate_projector: bool = False
@@ -87,6 +100,9 @@ class GaLoreOptions:
     validation.real(self.scale, "scale")
     projection.check_proj_type(self.proj_type)
     refresh_lib.get_refresh_method(self.refresh)
+    if self.refresh_memory_budget is not None:
+      set_("refresh_memory_budget",
+           validation.static_int(self.refresh_memory_budget, "refresh_memory_budget"))
     validation.float_dtype(self.projector_dtype, "projector_dtype")
     if self.projector_bits is not None:
       validation.choice(self.projector_bits, "projector_bits", pq.SUPPORTED_BITS)
@@ -135,6 +151,10 @@ class GaLoreOptions:
     return jax.tree.structure(tree).unflatten(flags)
 
   # The parts of the update that these options choose.
+
+  @property
+  def refresh_budget_bytes(self) -> int:
+    return DEFAULT_REFRESH_BUDGET if self.refresh_memory_budget is None else self.refresh_memory_budget
 
   @property
   def refresh_fn(self):

@@ -152,6 +152,52 @@ def projected(plans: Sequence[Optional[LeafPlan]]) -> list[LeafPlan]:
   return [p for p in plans if p is not None]
 
 
+class RefreshBatch(NamedTuple):
+  """Projected leaves whose matrices a refresh decomposes together.
+
+  Either whole equal-shaped leaves in one batched call (`size` = all their
+  matrices), or one stacked leaf in calls of `size` matrices each.
+  """
+
+  plans: tuple[LeafPlan, ...]
+  size: int  # matrices per decomposition call
+
+  @property
+  def looped(self) -> bool:
+    return self.size < sum(p.num_matrices for p in self.plans)
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+  return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def refresh_batches(
+    plans: Sequence[LeafPlan], budget_bytes: int, pack: bool = True
+) -> list[RefreshBatch]:
+  """The refresh's calls: at most `budget_bytes` of float32 matrices in each.
+
+  With `pack`, equal-shaped leaves share calls (24 layers' q projections in
+  one batched decomposition when they fit); without, each leaf has its own.
+  A stacked leaf larger than the budget is decomposed in equal calls of as
+  many matrices as fit (at least one, whatever the budget).
+  """
+  batches = []
+  for group in shape_groups(plans) if pack else [[p] for p in plans]:
+    fit = max(1, budget_bytes // (4 * group[0].view.m * group[0].view.n))
+    current: list[LeafPlan] = []
+    for plan in group:
+      if plan.num_matrices > fit:
+        batches.append(RefreshBatch((plan,), _largest_divisor(plan.num_matrices, fit)))
+        continue
+      if sum(p.num_matrices for p in current) + plan.num_matrices > fit:
+        batches.append(RefreshBatch(tuple(current), sum(p.num_matrices for p in current)))
+        current = []
+      current.append(plan)
+    if current:
+      batches.append(RefreshBatch(tuple(current), sum(p.num_matrices for p in current)))
+  return batches
+
+
 def shape_groups(plans: Sequence[LeafPlan]) -> list[list[LeafPlan]]:
   """Plans grouped by `group_key`, in first-seen order.
 

@@ -67,12 +67,28 @@ def low_rank_shape(
   return batch_shape + (rows, cols)
 
 
+def _accumulating(dtype) -> jnp.dtype:
+  """The dtype products of `dtype` operands accumulate in: at least float32."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a @ b, both of one dtype, accumulated in float32 and rounded to it.
+
+  Asking for the float32 result, rather than letting the backend widen the
+  operands, lets XLA:CPU multiply bf16 operands as they are: otherwise it
+  first converts the whole gradient to a float32 copy. The rounded result is
+  the same.
+  """
+  return jnp.matmul(a, b, preferred_element_type=_accumulating(a.dtype)).astype(a.dtype)
+
+
 def project(g: jax.Array, basis: dict[str, jax.Array]) -> jax.Array:
   """R = U_rᵀ G, G Vh_rᵀ, or U_rᵀ G Vh_rᵀ, computed in the gradient's dtype."""
   if OUTPUT_SIDE in basis:
-    g = jnp.matmul(jnp.swapaxes(basis[OUTPUT_SIDE], -1, -2).astype(g.dtype), g)
+    g = _matmul(jnp.swapaxes(basis[OUTPUT_SIDE], -1, -2).astype(g.dtype), g)
   if INPUT_SIDE in basis:
-    g = jnp.matmul(g, jnp.swapaxes(basis[INPUT_SIDE], -1, -2).astype(g.dtype))
+    g = _matmul(g, jnp.swapaxes(basis[INPUT_SIDE], -1, -2).astype(g.dtype))
   return g
 
 
@@ -136,7 +152,9 @@ def _is_transposed_stack(view: matrix_view.MatrixView) -> bool:
 def _dot(a: jax.Array, b: jax.Array, a_axis: int, b_axis: int, nb: int) -> jax.Array:
   """Contracts a's `a_axis` with b's `b_axis`; the leading `nb` axes are batch."""
   batch = tuple(range(nb))
-  return jax.lax.dot_general(a, b, (((a_axis,), (b_axis,)), (batch, batch)))
+  dims = (((a_axis,), (b_axis,)), (batch, batch))
+  out = jax.lax.dot_general(a, b, dims, preferred_element_type=_accumulating(a.dtype))
+  return out.astype(a.dtype)  # as `_matmul`: no widened copy of the operands
 
 
 def project_leaf(
@@ -150,7 +168,7 @@ def project_leaf(
     r = _dot(x, basis[OUTPUT_SIDE].astype(x.dtype), nb + 1, nb, nb)
     r = jnp.swapaxes(jax.lax.optimization_barrier(r), -1, -2)
     if INPUT_SIDE in basis:
-      r = jnp.matmul(r, jnp.swapaxes(basis[INPUT_SIDE], -1, -2).astype(x.dtype))
+      r = _matmul(r, jnp.swapaxes(basis[INPUT_SIDE], -1, -2).astype(x.dtype))
     return r
   # G Vh_rᵀ = (Vh_r x)ᵀ: (*batch, m, r)
   r = _dot(basis[INPUT_SIDE].astype(x.dtype), x, nb + 1, nb, nb)

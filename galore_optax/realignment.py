@@ -20,6 +20,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from galore_optax import matrix_view
 from galore_optax import projection
 
 
@@ -72,14 +73,9 @@ class MomentRealignment(NamedTuple):
       new_m, new_v = _realign_adam(m, v, c, t, self)
       # No moments to move before the first update.
       flags = jnp.broadcast_to(moved[i] & (t > 0), plan.batch_shape)
-      flat[slots.mu[i]] = _select_matrices(flags, new_m, m)
-      flat[slots.nu[i]] = _select_matrices(flags, new_v, v)
+      flat[slots.mu[i]] = matrix_view.select_matrices(flags, new_m, m)
+      flat[slots.nu[i]] = matrix_view.select_matrices(flags, new_v, v)
     return treedef.unflatten(flat)
-
-
-def _select_matrices(flags, new, old):
-  flags = flags.reshape(flags.shape + (1,) * (new.ndim - flags.ndim))
-  return jnp.where(flags, new, old)
 
 
 def _path_entry_name(entry) -> Optional[str]:

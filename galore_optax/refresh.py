@@ -8,7 +8,9 @@ transformation can swap them and batch equal-shaped matrices into one call:
   method(g, rank, sides, previous, key) -> dict[side, array]
 
 `previous` holds the bases from the last refresh (zeros before the first),
-for warm-started methods. `key` is a PRNG key for randomized ones: either one
+for warm-started methods; a method that never reads them says so with an
+attribute `reads_previous = False`, and then receives None (a refresh need not
+decode the stored projectors). `key` is a PRNG key for randomized ones: either one
 key, or one per matrix (shape (B,)), which is what `scale_by_galore` passes,
 so that a matrix's random draws do not depend on which other matrices share
 its batched call.
@@ -62,6 +64,9 @@ def svd_refresh(g, rank, sides, previous=None, key=None):
   del previous, key
   u, _, vh = jnp.linalg.svd(g.astype(jnp.float32), full_matrices=False)
   return _canonical_bases(u[..., :rank], vh[..., :rank, :], sides)
+
+
+svd_refresh.reads_previous = False
 
 
 def _orthonormalize(x: jax.Array) -> jax.Array:
@@ -137,6 +142,7 @@ def randomized_refresh(oversample: int = 8, power_iters: int = 1) -> RefreshFn:
     omega = gaussian(key, g.shape[:-2], (g.shape[-1], k))
     return _rayleigh_ritz(g, _range_finder(g, omega, power_iters), rank, sides)
 
+  refresh.reads_previous = False
   return refresh
 
 
@@ -193,6 +199,7 @@ def random_refresh(g, rank, sides, previous=None, key=None):
 
 # Data-independent methods: their bases can be recomputed from the keys alone.
 random_refresh.regenerate = random_bases
+random_refresh.reads_previous = False
 
 
 def one_matrix_at_a_time_on_cpu(refresh: RefreshFn) -> RefreshFn:
@@ -233,19 +240,21 @@ REFRESH_METHODS: dict[str, RefreshFn] = {
 _REFRESH_SEED = 0x6A10
 
 
-def matrix_keys(leaf_index: int, steps: jax.Array) -> jax.Array:
+def matrix_keys(leaf_index: int, steps: jax.Array, first=0) -> jax.Array:
   """One PRNG key per matrix of a leaf, from the leaf, the refresh step and the slice.
 
   Args:
     leaf_index: the leaf's position among the flattened parameters.
     steps: int32 (B,): the step at which each matrix is refreshed.
+    first: the index in the leaf's stack of the first of these B matrices
+      (an int or a traced scalar), for a refresh that walks a stack in parts.
 
   Returns:
     A key array of shape (B,).
   """
   root = jax.random.fold_in(jax.random.key(_REFRESH_SEED), leaf_index)
   fold = lambda step, i: jax.random.fold_in(jax.random.fold_in(root, step), i)
-  return jax.vmap(fold)(steps, jnp.arange(steps.shape[0]))
+  return jax.vmap(fold)(steps, first + jnp.arange(steps.shape[0]))
 
 
 def get_refresh_method(method) -> RefreshFn:

@@ -25,7 +25,7 @@ from galore_optax import matrix_view
 from galore_optax import outputs
 from galore_optax import plan as plan_lib
 from galore_optax import projection
-from galore_optax import refresh as refresh_lib
+from galore_optax import refresh_step
 from galore_optax.adam import scale_by_adam_hf
 from galore_optax.options import GaLoreOptions, galore_optimizer
 
@@ -162,20 +162,15 @@ def galore_transform(
     out_state = _per_leaf(treedef, state.output_state, plans, output.stateful)
     due = {p.index: schedule.due(sched[p.index], state.count, p) for p in todo}
 
-    # 1. Refresh the projectors that are due (the plain step skips this).
-    def refresh(stored, sched, inner_state):
-      return _refresh_projectors(
-          grads, todo, stored, sched, inner_state, state.count, due, options, plans
-      )
-
-    inner_state = state.inner_state if realign is not None else None
-    if todo:
-      any_due = jnp.any(jnp.stack([jnp.any(due[p.index]) for p in todo]))
-      stored, sched, inner_state = jax.lax.cond(
-          any_due, refresh, lambda *carry: carry, stored, sched, inner_state
-      )
-    if realign is None:
-      inner_state = state.inner_state
+    # 1. Refresh the projectors that are due (each batch of them under its
+    # own lax.cond: the plain step skips them).
+    old = stored
+    stored, sched = refresh_step.refresh_due(grads, todo, stored, sched, state.count, due, options)
+    inner_state = state.inner_state
+    if realign is not None and todo:
+      inner_state = jax.lax.cond(
+          _any_due(due), lambda s: _realign(realign, s, plans, todo, old, stored, due, storage,
+                                            state.count), lambda s: s, inner_state)
 
     # 2. Project: R = PᵀG (and PᵀW for inners that read the parameters).
     bases = {p.index: storage.decode(stored[p.index], p, grads[p.index].dtype) for p in todo}
@@ -249,72 +244,13 @@ def _check_projectors(stored, plans, grads, paths, storage) -> None:
       )
 
 
-def _compute_bases(grads, group, previous, refresh_fn, count) -> dict:
-  """float32 bases for the equal-shaped leaves of `group`, in one call."""
-  first = group[0]
-  m, n = first.view.m, first.view.n
-  stacked = jnp.concatenate([
-      matrix_view.to_matrix(grads[p.index], p.view).reshape(-1, m, n).astype(jnp.float32)
-      for p in group
-  ])
-  prev = {
-      side: jnp.concatenate([
-          previous[p.index][side].reshape((-1,) + previous[p.index][side].shape[-2:])
-          for p in group
-      ])
-      for side in first.sides
-  }
-  keys = jnp.concatenate([
-      refresh_lib.matrix_keys(p.index, jnp.full((p.num_matrices,), count, jnp.int32))
-      for p in group
-  ])
-  refresh = refresh_lib.one_matrix_at_a_time_on_cpu(refresh_fn)
-  bases = refresh(stacked, first.rank, first.sides, prev, keys)
-  out, offset = {}, 0
-  for p in group:
-    out[p.index] = {
-        side: bases[side][offset : offset + p.num_matrices].reshape(p.basis_shapes[side])
-        for side in p.sides
-    }
-    offset += p.num_matrices
-  return out
+def _any_due(due) -> jax.Array:
+  return jnp.any(jnp.stack([jnp.any(d) for d in due.values()]))
 
 
-def _select_matrices(flags, new, old):
-  """Per matrix of a stack: `new` where `flags` (*batch,), else `old`."""
-
-  def pick(a, b):
-    f = jnp.reshape(flags, jnp.shape(flags) + (1,) * (a.ndim - jnp.ndim(flags)))
-    return jnp.where(f, a, b)
-
-  return jax.tree.map(pick, new, old)
-
-
-def _refresh_projectors(grads, todo, stored, sched, inner_state, count, due, options, plans):
-  """New stored bases (and schedules, realigned inner state) for due leaves."""
-  schedule, storage, realign = options.schedule, options.storage, options.realignment
-  refresh_fn = options.refresh_fn
-  previous = {p.index: storage.decode(stored[p.index], p, jnp.float32) for p in todo}
-  stored, sched = list(stored), list(sched)
-  # A batched schedule refreshes every leaf now, equal shapes in one call; a
-  # per-leaf one decides per leaf, under a lax.cond that skips the others.
-  groups = plan_lib.shape_groups(todo) if schedule.batched else [[p] for p in todo]
-  for group in groups:
-    compute = lambda g=group: _compute_bases(grads, g, previous, refresh_fn, count)
-    if schedule.batched:
-      bases = compute()
-    else:
-      i = group[0].index
-      bases = jax.lax.cond(jnp.any(due[i]), compute, lambda i=i: {i: previous[i]})
-    for p in group:
-      i = p.index
-      new = storage.encode(bases[i], p, grads[i].dtype, count)
-      stored[i] = new if schedule.batched else _select_matrices(due[i], new, stored[i])
-      if schedule.stateful:
-        sched[i] = schedule.advance(sched[i], due[i], bases[i], previous[i], count)
-  if realign is not None:
-    # The bases actually used from now on: quantization error included.
-    used = {p.index: storage.decode(stored[p.index], p, jnp.float32) for p in todo}
-    moved = {p.index: jnp.broadcast_to(due[p.index], p.batch_shape) for p in todo}
-    inner_state = realign.apply(inner_state, plans, previous, used, moved, count)
-  return stored, sched, inner_state
+def _realign(realign, inner_state, plans, todo, old, new, due, storage, count):
+  """The inner state mapped from the old bases to the new, as stored (so
+  quantization error is included)."""
+  decode = lambda stored: {p.index: storage.decode(stored[p.index], p, jnp.float32) for p in todo}
+  moved = {p.index: jnp.broadcast_to(due[p.index], p.batch_shape) for p in todo}
+  return realign.apply(inner_state, plans, decode(old), decode(new), moved, count)

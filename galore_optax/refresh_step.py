@@ -1,0 +1,148 @@
+"""The refresh of due projectors, in calls of bounded memory.
+
+A refresh decomposes float32 copies of gradient matrices. Copying every
+equal-shaped gradient of a model at once (all 128 attention matrices of
+LLaMA-7B: 8 GiB) would cost more than the optimizer state saves, so the
+matrices go through the refresh method in `plan.refresh_batches`: whole
+equal-shaped leaves together while they fit in `refresh_memory_budget`
+bytes, and a larger stacked leaf in a loop over equal slices of its stack.
+Each batch has its own `lax.cond`, so a gradient is read only by the batch
+that needs it, and its new bases are written into the stored projectors in
+place. Bases are bit-identical whatever the budget: every matrix keeps its
+own PRNG key, and on CPU every method sees one matrix at a time anyway
+(`refresh.one_matrix_at_a_time_on_cpu`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from galore_optax import matrix_view
+from galore_optax import refresh as refresh_lib
+from galore_optax.plan import LeafPlan, RefreshBatch, refresh_batches
+
+
+def refresh_due(grads, todo, stored, sched, count, due, options):
+  """Stored projectors (and schedules) after refreshing the due matrices.
+
+  Args:
+    grads: the flat list of gradient leaves.
+    todo: the `LeafPlan`s of the projected leaves.
+    stored: the flat list of stored projectors (MaskedNode where none).
+    sched: the flat list of per-leaf schedule states (MaskedNode where none).
+    count: the GaLore step count.
+    due: {leaf index: bool, scalar or (*batch,)}: the matrices due now.
+    options: the `GaLoreOptions`.
+
+  Returns:
+    The new `stored` and `sched` lists.
+  """
+  schedule = options.schedule
+  stored, sched = list(stored), list(sched)
+  # A batched schedule refreshes every leaf at once, so equal shapes can
+  # share calls; a per-leaf one decides leaf by leaf.
+  for batch in refresh_batches(todo, options.refresh_budget_bytes, pack=schedule.batched):
+    idx = [p.index for p in batch.plans]
+
+    def compute(g, s, sc, batch=batch, idx=idx):
+      if batch.looped:
+        new = [_refresh_looped(batch, g[0], s[0], due[idx[0]], count, options)]
+      else:
+        new = _refresh_packed(batch, g, s, [due[i] for i in idx], count, options)
+      if schedule.stateful:
+        storage = options.storage
+        sc = [
+            schedule.advance(
+                sc_j, due[p.index], storage.decode(n, p, jnp.float32),
+                storage.decode(s_j, p, jnp.float32), count)
+            for p, n, s_j, sc_j in zip(batch.plans, new, s, sc)
+        ]
+      return new, sc
+
+    any_due = jnp.any(jnp.stack([jnp.any(due[i]) for i in idx]))
+    new, new_sched = jax.lax.cond(
+        any_due, compute, lambda g, s, sc: (s, sc),
+        [grads[i] for i in idx], [stored[i] for i in idx], [sched[i] for i in idx])
+    for i, s, sc in zip(idx, new, new_sched):
+      stored[i], sched[i] = s, sc
+  return stored, sched
+
+
+def _refresh_packed(batch: RefreshBatch, grads, stored, due, count, options) -> list:
+  """New stored projectors of whole leaves, decomposed in one batched call."""
+  plans = batch.plans
+  first = plans[0]
+  m, n = first.view.m, first.view.n
+  concat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)
+  matrices = concat([
+      matrix_view.to_matrix(g, p.view).reshape(-1, m, n).astype(jnp.float32)
+      for p, g in zip(plans, grads)
+  ])
+  previous = None
+  if _reads_previous(options):
+    old = [options.storage.decode(s, p, jnp.float32) for p, s in zip(plans, stored)]
+    previous = {side: concat([o[side].reshape((-1,) + o[side].shape[-2:]) for o in old])
+                for side in first.sides}
+  keys = concat([
+      refresh_lib.matrix_keys(p.index, jnp.full((p.num_matrices,), count, jnp.int32))
+      for p in plans
+  ])
+  bases = _method(options)(matrices, first.rank, first.sides, previous, keys)
+  out, offset = [], 0
+  for p, g, s, d in zip(plans, grads, stored, due):
+    mine = {side: b[offset : offset + p.num_matrices].reshape(p.basis_shapes[side])
+            for side, b in bases.items()}
+    offset += p.num_matrices
+    out.append(_encode(mine, p, g.dtype, count, d, s, options))
+  return out
+
+
+def _refresh_looped(batch: RefreshBatch, grad, stored, due, count, options):
+  """New stored projectors of one stacked leaf, `batch.size` matrices a call.
+
+  A `fori_loop` over equal slices of the stack: each reads its slice of the
+  gradient and writes its slice of the stored projector in place, so only
+  one slice's float32 copy and decomposition exist at a time.
+  """
+  (plan,) = batch.plans
+  size, total = batch.size, plan.num_matrices
+  flat_grad, flat_view = matrix_view.batch_first(grad, plan.view)
+  part = plan._replace(view=matrix_view.with_batch(flat_view, size))
+  nb = len(plan.batch_shape)
+  flatten = lambda a: a.reshape((total,) + a.shape[nb:])
+  flat_due = jnp.broadcast_to(due, plan.batch_shape).reshape(total)
+  reads_previous = _reads_previous(options)
+  take = lambda a, start: jax.lax.dynamic_slice_in_dim(a, start, size)
+
+  def body(j, flat_stored):
+    start = j * size
+    matrices = matrix_view.to_matrix(take(flat_grad, start), part.view).astype(jnp.float32)
+    old = jax.tree.map(lambda a: take(a, start), flat_stored)
+    previous = options.storage.decode(old, part, jnp.float32) if reads_previous else None
+    keys = refresh_lib.matrix_keys(
+        plan.index, jnp.full((size,), count, jnp.int32), first=start)
+    bases = _method(options)(matrices, plan.rank, plan.sides, previous, keys)
+    new = _encode(bases, part, grad.dtype, count, take(flat_due, start), old, options)
+    return jax.tree.map(
+        lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v, start, 0), flat_stored, new)
+
+  flat_stored = jax.lax.fori_loop(0, total // size, body, jax.tree.map(flatten, stored))
+  return jax.tree.map(lambda a, s: a.reshape(s.shape), flat_stored, stored)
+
+
+def _encode(bases, plan: LeafPlan, leaf_dtype, count, due, old, options):
+  """`bases` in stored form; where the schedule is per matrix, only where due."""
+  new = options.storage.encode(bases, plan, leaf_dtype, count)
+  if options.schedule.batched:  # every matrix is due under the batch's cond
+    return new
+  return matrix_view.select_matrices(due, new, old)
+
+
+def _method(options):
+  return refresh_lib.one_matrix_at_a_time_on_cpu(options.refresh_fn)
+
+
+def _reads_previous(options) -> bool:
+  # A user's function may read the previous bases; the built-in ones say.
+  return getattr(options.refresh_fn, "reads_previous", True)
