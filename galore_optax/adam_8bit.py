@@ -92,6 +92,38 @@ def _store(value: jax.Array, like, signed: bool):
   return quantization.quantize_blockwise(value, code, block_size)
 
 
+# Blocks of 256 updated together in a large leaf: 4 MiB of each float32 temporary.
+_BLOCKS_PER_CHUNK = 4096
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+  return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def _in_chunks(moments, g, mu, nu):
+  """`moments(g, mu, nu)` of a large 8-bit leaf, a chunk of whole blocks at a time.
+
+  Blocks are quantized independently, so the result is the same; but only one
+  chunk's dequantized, updated and requantized float32 values exist at once
+  (whole, they would be four float32 copies of the leaf), and the loop reads
+  the gradient, so no scheduler can dequantize the moments before it exists.
+  """
+  blocks, size = mu.absmax.size, mu.codes.size // mu.absmax.size
+  flat = g.reshape(-1)
+  if flat.size != blocks * size:  # the flat layout pads the last block with zeros
+    flat = jnp.pad(flat, (0, blocks * size - flat.size))
+  chunk = _largest_divisor(blocks, _BLOCKS_PER_CHUNK)
+  chunks = lambda a: a.reshape((blocks // chunk, chunk) + a.shape[1:])
+  in_chunks = lambda q: quantization.QuantizedArray(
+      chunks(q.codes.reshape(blocks, size)), chunks(q.absmax.reshape(blocks, 1)))
+  u, m, v = jax.lax.map(lambda xs: moments(*xs),
+                        (chunks(flat.reshape(blocks, size)), in_chunks(mu), in_chunks(nu)))
+  like = lambda new, old: quantization.QuantizedArray(
+      new.codes.reshape(old.codes.shape), new.absmax.reshape(old.absmax.shape))
+  u = u.reshape(-1)[: g.size].reshape(g.shape)
+  return u, like(m, mu), like(v, nu)
+
+
 def scale_by_adam_8bit(
     b1: float = 0.9,
     b2: float = 0.999,
@@ -181,19 +213,21 @@ def scale_by_adam_8bit(
     step_scale = correction2 / (1.0 - b1_**t) if bias_correction else 1.0
     eps_ = correction2 * jnp.asarray(eps, jnp.float32)
 
-    def leaf(g, mu, nu):
-      if g.size == 0:
-        return g, mu, nu
-      # Dequantize only once the gradient exists: otherwise a scheduler may
-      # decode every leaf's moments at the start of the step, to float32
-      # copies that then outlive the whole backward pass.
-      g, mu, nu = jax.lax.optimization_barrier((g, mu, nu))
+    def moments(g, mu, nu):
+      """One leaf's update and new moments, all in one pass over its elements."""
       gf = g.astype(jnp.float32)
       gf = jnp.where(jnp.isfinite(gf), gf, 0.0)
       m = b1_ * _load(mu, g.shape, True) + (1.0 - b1_) * gf
       v = b2_ * _load(nu, g.shape, False) + (1.0 - b2_) * gf * gf
       u = step_scale * (m / (jnp.sqrt(v) + eps_))
       return u.astype(g.dtype), _store(m, mu, True), _store(v, nu, False)
+
+    def leaf(g, mu, nu):
+      if g.size == 0:
+        return g, mu, nu
+      if isinstance(mu, quantization.QuantizedArray) and mu.absmax.size > _BLOCKS_PER_CHUNK:
+        return _in_chunks(moments, g, mu, nu)
+      return moments(g, mu, nu)
 
     out = jax.tree.map(leaf, updates, state.mu, state.nu)
     pick = lambda i: jax.tree.map(lambda _, o: o[i], updates, out)

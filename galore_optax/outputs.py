@@ -83,14 +83,16 @@ class NormGrowthLimiter(NamedTuple):
     # Negative: no previous norm yet (a norm is never negative).
     return axis_specs.zeros(plan.batch_shape, jnp.float32, layout, spec) - 1.0
 
+  def divisor(self, norm, previous):
+    """What a term of norm `norm` (*batch,) is divided by, and the new state."""
+    ratio = jnp.maximum(norm / (previous + _NORM_EPS), self.gamma) / self.gamma
+    divisor = jnp.where(previous < 0, 1.0, ratio)
+    return divisor, norm / divisor
+
   def __call__(self, plan: LeafPlan, term, previous):
-    view = plan.view
-    roles = view.output_axes + view.reduction_axes
-    norm = _norms(term, roles)
-    prev = jnp.expand_dims(previous, roles)
-    ratio = jnp.maximum(norm / (prev + _NORM_EPS), self.gamma) / self.gamma
-    divisor = jnp.where(prev < 0, 1.0, ratio)
-    return term / divisor, jnp.squeeze(norm / divisor, roles)
+    roles = plan.view.output_axes + plan.view.reduction_axes
+    divisor, stored = self.divisor(jnp.squeeze(_norms(term, roles), roles), previous)
+    return term / jnp.expand_dims(divisor, roles), stored
 
 
 class FiraResidual(NamedTuple):
@@ -107,13 +109,21 @@ class FiraResidual(NamedTuple):
     return self.limiter.init(plan, layout)
 
   def apply(self, plan: LeafPlan, grad, low_rank_grad, inner_update, bases, scale, leaf_state):
+    # With d the limiter's divisor, the update α·P(N) + (G − α·P(R))·φ/d is
+    # P(α·N − (α/d)·φ·R) + G·φ/d, since φ scales the channels the projection
+    # keeps: one full-size product after the norm instead of two.
     view = plan.view
+    roles = view.output_axes + view.reduction_axes
     phi = scaling_factor(plan, low_rank_grad, inner_update, per_channel=True)
-    back = projection.project_back_leaf(low_rank_grad, bases, view).astype(jnp.float32)
-    residual = (grad.astype(jnp.float32) - scale * back) * matrix_view.from_matrix(phi, view)
-    residual, leaf_state = self.limiter(plan, residual, leaf_state)
-    update = scale * projection.project_back_leaf(inner_update, bases, view).astype(jnp.float32)
-    return (update + residual).astype(grad.dtype), leaf_state
+    g = grad.astype(jnp.float32)
+    back = projection.project_back_leaf(low_rank_grad.astype(jnp.float32), bases, view)
+    residual_norm = _norms((g - scale * back) * matrix_view.from_matrix(phi, view), roles)
+    divisor, leaf_state = self.limiter.divisor(jnp.squeeze(residual_norm, roles), leaf_state)
+    d = divisor[..., None, None]  # per matrix, against the (*batch, rows, cols) low-rank stack
+    low = scale * inner_update.astype(jnp.float32) - (scale / d) * phi * low_rank_grad.astype(jnp.float32)
+    update = projection.project_back_leaf(low, bases, view)
+    update = update + g * matrix_view.from_matrix(phi, view) / jnp.expand_dims(divisor, roles)
+    return update.astype(grad.dtype), leaf_state
 
 
 class ApolloScaling(NamedTuple):

@@ -72,15 +72,25 @@ def _accumulating(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a @ b, both of one dtype, accumulated in float32 and rounded to it.
+def _accumulated(product, a: jax.Array) -> jax.Array:
+  """`product(preferred_element_type)` in `a`'s dtype, accumulated in float32.
 
-  Asking for the float32 result, rather than letting the backend widen the
-  operands, lets XLA:CPU multiply bf16 operands as they are: otherwise it
-  first converts the whole gradient to a float32 copy. The rounded result is
-  the same.
+  Off the CPU the product is asked for in float32 and rounded: a GPU
+  multiplies bf16 operands as they are. XLA:CPU cannot run every bf16 × bf16
+  → f32 product (its generic dot kernel has none), so there the product is
+  taken in the operands' dtype, which it computes by widening them: the same
+  rounded result.
   """
-  return jnp.matmul(a, b, preferred_element_type=_accumulating(a.dtype)).astype(a.dtype)
+  wide = lambda: product(_accumulating(a.dtype)).astype(a.dtype)
+  narrow = lambda: product(None)
+  if a.dtype == _accumulating(a.dtype):
+    return narrow()
+  return jax.lax.platform_dependent(cpu=narrow, default=wide)
+
+
+def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a @ b, both of one dtype, accumulated in float32 and rounded to it."""
+  return _accumulated(lambda t: jnp.matmul(a, b, preferred_element_type=t), a)
 
 
 def project(g: jax.Array, basis: dict[str, jax.Array]) -> jax.Array:
@@ -153,8 +163,7 @@ def _dot(a: jax.Array, b: jax.Array, a_axis: int, b_axis: int, nb: int) -> jax.A
   """Contracts a's `a_axis` with b's `b_axis`; the leading `nb` axes are batch."""
   batch = tuple(range(nb))
   dims = (((a_axis,), (b_axis,)), (batch, batch))
-  out = jax.lax.dot_general(a, b, dims, preferred_element_type=_accumulating(a.dtype))
-  return out.astype(a.dtype)  # as `_matmul`: no widened copy of the operands
+  return _accumulated(lambda t: jax.lax.dot_general(a, b, dims, preferred_element_type=t), a)
 
 
 def project_leaf(

@@ -5,7 +5,8 @@ equal-shaped gradient of a model at once (all 128 attention matrices of
 LLaMA-7B: 8 GiB) would cost more than the optimizer state saves, so the
 matrices go through the refresh method in `plan.refresh_batches`: whole
 equal-shaped leaves together while they fit in `refresh_memory_budget`
-bytes, and a larger stacked leaf in a loop over equal slices of its stack.
+bytes, and a larger stacked leaf in a loop over equal slices of its stack
+(on CPU, where LAPACK sees one matrix at a time anyway, one matrix a call).
 Each batch has its own `lax.cond`, so a gradient is read only by the batch
 that needs it, and its new bases are written into the stored projectors in
 place. Bases are bit-identical whatever the budget: every matrix keeps its
@@ -38,11 +39,23 @@ def refresh_due(grads, todo, stored, sched, count, due, options):
   Returns:
     The new `stored` and `sched` lists.
   """
+  # A batched schedule refreshes every leaf at once, so equal shapes can
+  # share calls; a per-leaf one decides leaf by leaf. On CPU every matrix is
+  # decomposed alone (`refresh.one_matrix_at_a_time_on_cpu`), so batching
+  # would only hold more float32 copies at once: one matrix a call there.
+  batched = lambda: refresh_in_batches(
+      refresh_batches(todo, options.refresh_budget_bytes, pack=options.schedule.batched),
+      grads, stored, sched, count, due, options)
+  one_by_one = lambda: refresh_in_batches(
+      refresh_batches(todo, 0, pack=False), grads, stored, sched, count, due, options)
+  return jax.lax.platform_dependent(cpu=one_by_one, default=batched)
+
+
+def refresh_in_batches(batches, grads, stored, sched, count, due, options):
+  """`refresh_due` with the given `plan.RefreshBatch`es (on any platform)."""
   schedule = options.schedule
   stored, sched = list(stored), list(sched)
-  # A batched schedule refreshes every leaf at once, so equal shapes can
-  # share calls; a per-leaf one decides leaf by leaf.
-  for batch in refresh_batches(todo, options.refresh_budget_bytes, pack=schedule.batched):
+  for batch in batches:
     idx = [p.index for p in batch.plans]
 
     def compute(g, s, sc, batch=batch, idx=idx):
@@ -88,7 +101,7 @@ def _refresh_packed(batch: RefreshBatch, grads, stored, due, count, options) -> 
       refresh_lib.matrix_keys(p.index, jnp.full((p.num_matrices,), count, jnp.int32))
       for p in plans
   ])
-  bases = _method(options)(matrices, first.rank, first.sides, previous, keys)
+  bases = _decompose(options, matrices, first, previous, keys)
   out, offset = [], 0
   for p, g, s, d in zip(plans, grads, stored, due):
     mine = {side: b[offset : offset + p.num_matrices].reshape(p.basis_shapes[side])
@@ -122,7 +135,7 @@ def _refresh_looped(batch: RefreshBatch, grad, stored, due, count, options):
     previous = options.storage.decode(old, part, jnp.float32) if reads_previous else None
     keys = refresh_lib.matrix_keys(
         plan.index, jnp.full((size,), count, jnp.int32), first=start)
-    bases = _method(options)(matrices, plan.rank, plan.sides, previous, keys)
+    bases = _decompose(options, matrices, plan, previous, keys)
     new = _encode(bases, part, grad.dtype, count, take(flat_due, start), old, options)
     return jax.tree.map(
         lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v, start, 0), flat_stored, new)
@@ -139,8 +152,11 @@ def _encode(bases, plan: LeafPlan, leaf_dtype, count, due, old, options):
   return matrix_view.select_matrices(due, new, old)
 
 
-def _method(options):
-  return refresh_lib.one_matrix_at_a_time_on_cpu(options.refresh_fn)
+def _decompose(options, matrices, plan: LeafPlan, previous, keys) -> dict:
+  """The refresh method's bases of the sides `plan` keeps (a user's may return more)."""
+  method = refresh_lib.one_matrix_at_a_time_on_cpu(options.refresh_fn)
+  bases = method(matrices, plan.rank, plan.sides, previous, keys)
+  return {side: bases[side] for side in plan.sides}
 
 
 def _reads_previous(options) -> bool:

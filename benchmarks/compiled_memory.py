@@ -1,0 +1,277 @@
+"""What a compiled train step costs: XLA's buffer assignment, nothing allocated.
+
+For each optimizer, on the benchmarks' LLaMA (`llama_jax`, bf16 parameters, attention and MLP
+projected, per-layer or stacked layer leaves):
+
+- state: `go.tree_bytes(jax.eval_shape(tx.init, params))`;
+- update: `jit(update + apply_updates, donate params, grads and state)`, temporaries and peak;
+- step: `jit(loss + grad + update + apply, donate params and state)` on a 4×256 batch with
+  `jax.checkpoint` per layer: temporaries and peak,
+
+where peak = arguments + outputs − aliased + temporaries of `compiled.memory_analysis()`.
+
+XLA:CPU schedules for concurrency by default: independent work (every leaf's update, a
+dequantization that needs only the state) starts as early as it can, so buffers live longer
+than a memory-minimizing order would keep them. GPU compilers order for memory. Each
+measurement therefore runs twice, in a child process per scheduler: XLA:CPU's default, and its
+memory-minimizing list scheduler (`--xla_cpu_enable_concurrency_optimized_scheduler=false`).
+
+  python benchmarks/memory.py --compiled          # all sizes and layouts, into results/memory.md
+  python benchmarks/compiled_memory.py --sizes 60m --layouts stacked --json /tmp/m.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Optional
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SCHEDULERS = {
+    "xla_cpu_default": "",
+    "memory": "--xla_cpu_enable_concurrency_optimized_scheduler=false",
+}
+SIZES = ("60m", "1b", "7b")
+LAYOUTS = ("per_layer", "stacked")
+BATCH = (4, 256)  # rows, tokens per row
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  name: str
+  build: Callable[[str], object]  # size -> optax.GradientTransformation
+  baseline: bool = False  # not projected: compared against, not checked
+  per_layer_only: bool = False  # needs 2-D kernels
+
+
+def rows() -> list[Row]:
+  """The optimizers measured: the library's, optax.adamw and optax.contrib.galore."""
+  import optax  # pylint: disable=import-outside-toplevel
+  import common
+  import memory
+  import galore_optax as go
+
+  mask, lr = memory.MASK, memory.LR
+  rank = lambda size: memory.RANKS[size]
+  apollo_rank = lambda size: memory.APOLLO_RANKS[size]
+  return [
+      Row("optax.adamw", lambda s: optax.adamw(lr), baseline=True),
+      Row("optax.contrib.galore", lambda s: common.contrib_galore(lr, rank(s), memory.TARGETS),
+          baseline=True, per_layer_only=True),
+      Row("adamw_8bit", lambda s: go.adamw_8bit(lr), baseline=True),
+      Row("galore_adamw", lambda s: go.galore_adamw(lr, rank=rank(s), mask=mask)),
+      Row("galore_adamw, reverse_std",
+          lambda s: go.galore_adamw(lr, rank=rank(s), mask=mask, proj_type="reverse_std")),
+      Row("galore_adamw8bit", lambda s: go.galore_adamw8bit(lr, rank=rank(s), mask=mask)),
+      Row("galore_adafactor", lambda s: go.galore_adafactor(lr, rank=rank(s), mask=mask)),
+      Row("gradnorm_lorp", lambda s: go.gradnorm_lorp(lr, rank=rank(s), mask=mask)),
+      Row("fira_adamw", lambda s: go.fira_adamw(lr, rank=rank(s), mask=mask)),
+      Row("apollo_adamw", lambda s: go.apollo_adamw(lr, rank=apollo_rank(s), mask=mask)),
+      Row("apollo_adamw8bit", lambda s: go.apollo_adamw8bit(lr, rank=apollo_rank(s), mask=mask)),
+      Row("apollo_mini", lambda s: go.apollo_mini(lr, mask=mask)),
+  ]
+
+
+def _peak(analysis) -> int:
+  a = analysis
+  return (a.argument_size_in_bytes + a.output_size_in_bytes - a.alias_size_in_bytes
+          + a.temp_size_in_bytes)
+
+
+def measure(tx, params, heads: int, batch=BATCH, step: bool = True) -> dict:
+  """State, update and whole-step bytes of `tx` on abstract bf16 `params` (nothing allocated).
+
+  Args:
+    tx: the optimizer.
+    params: the parameter tree as `jax.ShapeDtypeStruct`s.
+    heads: attention heads of the model.
+    batch: (rows, tokens per row) of the step.
+    step: also compile the whole training step.
+
+  Returns:
+    {"state", "update_temp", "update_peak", "step_temp", "step_peak"} in bytes.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import optax
+  import llama_jax
+  import galore_optax as go
+
+  state = jax.eval_shape(tx.init, params)
+
+  def update(p, g, s):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  a = jax.jit(update, donate_argnums=(0, 1, 2)).lower(params, params, state).compile()
+  out = {"state": go.tree_bytes(state), "params": go.tree_bytes(params),
+         "update_temp": a.memory_analysis().temp_size_in_bytes,
+         "update_peak": _peak(a.memory_analysis())}
+  if step:
+    def train_step(p, s, tokens):
+      loss, g = jax.value_and_grad(llama_jax.loss)(p, tokens, heads)
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s, loss
+
+    tokens = jax.ShapeDtypeStruct((batch[0], batch[1] + 1), jax.numpy.int32)
+    c = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, state, tokens).compile()
+    out.update(step_temp=c.memory_analysis().temp_size_in_bytes,
+               step_peak=_peak(c.memory_analysis()))
+  return out
+
+
+def model(size: str, layout: str):
+  """(abstract bf16 params, heads) of a LLaMA size in a layout."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import common
+  import llama_jax
+
+  hidden, inter, heads, layers = common.LLAMA_SIZES[size]
+  dims = llama_jax.Dims(hidden, inter, heads, layers, vocab=common.VOCAB)
+  return llama_jax.param_shapes(dims, jnp.bfloat16, stacked=layout == "stacked"), heads
+
+
+def worker(sizes, layouts, names, path: str) -> None:
+  """Measures every (size, layout, row) into the JSON file `path`, saved after each."""
+  sys.path.insert(0, _HERE)
+  sys.path.insert(1, os.path.dirname(_HERE))
+  import common  # pylint: disable=import-outside-toplevel
+
+  import warnings  # pylint: disable=import-outside-toplevel
+  # Donating the gradients of `update` is the issue's convention; XLA says it cannot use them.
+  warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+  results = common.read_json(path) or {}
+  for size in sizes:
+    for layout in layouts:
+      params, heads = model(size, layout)
+      for row in rows():
+        key = f"{size}/{layout}/{row.name}"
+        if (names and row.name not in names) or key in results:
+          continue
+        if row.per_layer_only and layout != "per_layer":
+          continue
+        start = time.perf_counter()
+        results[key] = measure(row.build(size), params, heads)
+        results[key]["seconds"] = time.perf_counter() - start
+        common.log(f"{key}: step peak {results[key]['step_peak'] / GIB:.2f} GiB")
+        common.write_json(path, results)
+
+
+def run_schedulers(sizes, layouts, names=(), workdir: Optional[str] = None) -> dict:
+  """{scheduler: results}, each scheduler's measurements in its own child process (both at once)."""
+  workdir = workdir or tempfile.mkdtemp(prefix="compiled_memory_")
+  os.makedirs(workdir, exist_ok=True)
+  children = {}
+  for scheduler, flags in SCHEDULERS.items():
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
+    path = os.path.join(workdir, f"{scheduler}.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--sizes", *sizes, "--layouts", *layouts,
+           "--json", path] + (["--rows", *names] if names else [])
+    children[scheduler] = (subprocess.Popen(cmd, env=env), path)
+  results = {}
+  for scheduler, (child, path) in children.items():
+    if child.wait() != 0:
+      raise RuntimeError(f"the {scheduler} measurement failed (exit {child.returncode})")
+    with open(path) as f:
+      results[scheduler] = json.load(f)
+  return results
+
+
+def target(cell: dict, adamw: dict) -> int:
+  """The peak a projected optimizer may have: AdamW's, less what its state saves."""
+  return adamw["step_peak"] - (adamw["state"] - cell["state"])
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=SIZES)
+  parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
+  parser.add_argument("--rows", nargs="*", default=(), help="row names; default all")
+  parser.add_argument("--json", required=True, help="results file (resumed if present)")
+  args = parser.parse_args(argv)
+  worker(args.sizes, args.layouts, tuple(args.rows), args.json)
+
+
+if __name__ == "__main__":
+  main()
+
+
+def _gib(b) -> str:
+  return "–" if b is None else f"{b / GIB:.2f}"
+
+
+def report(results: dict, sizes, layouts) -> list[str]:
+  """Markdown lines: one table per size and layout, both schedulers side by side."""
+  names = [r.name for r in rows()]
+  baselines = {r.name for r in rows() if r.baseline}
+  lines = []
+  for size in sizes:
+    for layout in layouts:
+      cells = {s: {n: results[s].get(f"{size}/{layout}/{n}") for n in names} for s in results}
+      if not any(v for c in cells.values() for v in c.values()):
+        continue
+      default, memory_ = cells.get("xla_cpu_default", {}), cells.get("memory", {})
+      lines += [f"### LLaMA-{size.upper()}, {layout.replace('_', '-')} leaves", "",
+                "| optimizer | state | update: temp | update: peak | step peak, XLA:CPU default "
+                "| target | met | step peak, memory scheduler | target | met |",
+                "|---|---:|---:|---:|---:|---:|:-:|---:|---:|:-:|"]
+      for name in names:
+        d, m = default.get(name), memory_.get(name)
+        if not d and not m:
+          continue
+        any_cell = d or m
+        verdicts = []
+        for cell, table in ((d, default), (m, memory_)):
+          adamw = table.get("optax.adamw")
+          if not cell or not adamw or name in baselines:
+            verdicts.append((_gib(cell and cell["step_peak"]), "", ""))
+            continue
+          t = target(cell, adamw)
+          verdicts.append((_gib(cell["step_peak"]), _gib(t), "yes" if cell["step_peak"] <= t
+                           else f"no (+{(cell['step_peak'] - t) / GIB:.2f})"))
+        lines.append(
+            f"| {name} | {_gib(any_cell['state'])} | {_gib(any_cell['update_temp'])} | "
+            f"{_gib(any_cell['update_peak'])} | " + " | ".join(" | ".join(v) for v in verdicts)
+            + " |")
+      lines.append("")
+  return lines
+
+
+def plot(results: dict, size: str, path: str) -> None:
+  """Step peaks of one size, per layout and scheduler, against AdamW's target line."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  names = [r.name for r in rows()]
+  panels = [(s, l) for s in results for l in LAYOUTS
+            if results[s].get(f"{size}/{l}/optax.adamw")]
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 0.4 * len(names) + 2),
+                           squeeze=False)
+  for ax, (scheduler, layout) in zip(axes[0], panels):
+    cells = [(n, results[scheduler].get(f"{size}/{layout}/{n}")) for n in names]
+    cells = [(n, c) for n, c in cells if c]
+    adamw = results[scheduler][f"{size}/{layout}/optax.adamw"]
+    y = list(range(len(cells)))[::-1]
+    state = [c["state"] / GIB for _, c in cells]
+    params = [c["params"] / GIB for _, c in cells]
+    rest = [(c["step_peak"] - c["state"] - c["params"]) / GIB for _, c in cells]
+    ax.barh(y, params, label="parameters", color="0.7")
+    ax.barh(y, state, left=params, label="optimizer state")
+    ax.barh(y, rest, left=[p + s for p, s in zip(params, state)],
+            label="the rest of the step (gradients, activations, temporaries)")
+    for yi, (n, c) in zip(y, cells):
+      ax.plot([target(c, adamw) / GIB] * 2, [yi - 0.4, yi + 0.4], color="k", lw=1.5)
+    ax.set_yticks(y, [n for n, _ in cells], fontsize=8)
+    ax.set_xlabel("GiB (black tick: AdamW's peak less the state saved)")
+    ax.set_title(f"LLaMA-{size.upper()}, {layout}, {scheduler}", fontsize=9)
+  axes[0][0].legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
