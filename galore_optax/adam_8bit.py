@@ -105,23 +105,39 @@ def _in_chunks(moments, g, mu, nu):
 
   Blocks are quantized independently, so the result is the same; but only one
   chunk's dequantized, updated and requantized float32 values exist at once
-  (whole, they would be four float32 copies of the leaf), and the loop reads
-  the gradient, so no scheduler can dequantize the moments before it exists.
+  (whole, they would be four float32 copies of the leaf). The loop writes the
+  new codes over the old ones in place, and it reads the gradient, so no
+  scheduler can dequantize the moments before the gradient exists.
   """
   blocks, size = mu.absmax.size, mu.codes.size // mu.absmax.size
   flat = g.reshape(-1)
   if flat.size != blocks * size:  # the flat layout pads the last block with zeros
     flat = jnp.pad(flat, (0, blocks * size - flat.size))
   chunk = _largest_divisor(blocks, _BLOCKS_PER_CHUNK)
-  chunks = lambda a: a.reshape((blocks // chunk, chunk) + a.shape[1:])
-  in_chunks = lambda q: quantization.QuantizedArray(
-      chunks(q.codes.reshape(blocks, size)), chunks(q.absmax.reshape(blocks, 1)))
-  u, m, v = jax.lax.map(lambda xs: moments(*xs),
-                        (chunks(flat.reshape(blocks, size)), in_chunks(mu), in_chunks(nu)))
-  like = lambda new, old: quantization.QuantizedArray(
-      new.codes.reshape(old.codes.shape), new.absmax.reshape(old.absmax.shape))
+  # The loop slices the gradient as raw bits: otherwise XLA converts the whole
+  # gradient to float32 before the loop (and that copy would exist whole).
+  bits_dtype = jnp.dtype(f"uint{8 * g.dtype.itemsize}")
+  bits = jax.lax.bitcast_convert_type(flat.reshape(blocks, size), bits_dtype)
+  from_bits = lambda b: jax.lax.bitcast_convert_type(b, g.dtype)
+  as_blocks = lambda q: (q.codes.reshape(blocks, size), q.absmax.reshape(blocks, 1))
+
+  def body(i, carry):
+    take = lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk)
+    put = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v, i * chunk, 0)
+    m_codes, m_absmax, v_codes, v_absmax, u = carry
+    u_i, m_i, v_i = moments(
+        from_bits(take(bits)),
+        quantization.QuantizedArray(take(m_codes), take(m_absmax)),
+        quantization.QuantizedArray(take(v_codes), take(v_absmax)))
+    return (put(m_codes, m_i.codes), put(m_absmax, m_i.absmax), put(v_codes, v_i.codes),
+            put(v_absmax, v_i.absmax), put(u, u_i))
+
+  carry = (*as_blocks(mu), *as_blocks(nu), jnp.zeros((blocks, size), g.dtype))
+  m_codes, m_absmax, v_codes, v_absmax, u = jax.lax.fori_loop(0, blocks // chunk, body, carry)
+  like = lambda codes, absmax, old: quantization.QuantizedArray(
+      codes.reshape(old.codes.shape), absmax.reshape(old.absmax.shape))
   u = u.reshape(-1)[: g.size].reshape(g.shape)
-  return u, like(m, mu), like(v, nu)
+  return u, like(m_codes, m_absmax, mu), like(v_codes, v_absmax, nu)
 
 
 def scale_by_adam_8bit(

@@ -94,18 +94,19 @@ def _projected_and(options: GaLoreOptions, projected: bool, other: MaskOrFn):
   return mask_fn
 
 
-def zero_nonfinite() -> optax.GradientTransformation:
-  """Sets non-finite gradient elements to zero.
+def zero_nonfinite(galore: GaLoreOptions) -> optax.GradientTransformation:
+  """Sets non-finite elements of the gradients to be projected to zero.
 
   Before a projection: a NaN/Inf element would otherwise spread to a whole
   row of the low-rank gradient and, at a refresh, to the projector, and then
-  poison whole blocks of 8-bit state for the rest of training.
+  poison whole blocks of 8-bit state for the rest of training. The other
+  leaves go to the 8-bit Adam as they are, which zeroes such elements itself
+  (a copy of them here would be one more full-size buffer).
   """
-  return optax.stateless(
+  zero = optax.stateless(
       lambda updates, params: jax.tree.map(
-          lambda g: jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g)), updates
-      )
-  )
+          lambda g: jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g)), updates))
+  return optax.masked(zero, galore.projected_mask)
 
 
 @galore_optimizer(leading=(), options_first=("rank",), adam=("b1", "b2", "eps", "mu_dtype"))
@@ -226,7 +227,7 @@ def galore_adamw8bit(
   """
   inner = scale_by_adam_8bit(adam.b1, adam.b2, adam.eps, block_size, min_8bit_size)
   return optax.chain(
-      zero_nonfinite(),
+      zero_nonfinite(galore),
       galore_transform(galore, inner),
       *learning_rate_and_decay(
           learning_rate,

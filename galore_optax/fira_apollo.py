@@ -144,7 +144,7 @@ def _apollo(learning_rate, galore, adam, apollo: ApolloOptions, inner, owner, ei
   galore = _apollo_options(galore, owner, apollo.proj, per_channel)
   output = outputs.ApolloScaling(
       per_channel=per_channel, scale_front=apollo.scale_front, limit=not apollo.disable_nl)
-  head = [zero_nonfinite()] if eight_bit else []
+  head = [zero_nonfinite(galore)] if eight_bit else []
   return optax.chain(*head, *_chain(galore, inner, output, learning_rate, adam))
 
 
