@@ -1,0 +1,135 @@
+"""The compiled train step costs what the state says (issue 18), and chunking changes nothing.
+
+The relations are read from XLA's buffer assignment (`benchmarks/compiled_memory.py`, nothing
+allocated) on a tiny LLaMA with the paper's vocabulary, per-layer and stacked leaves, every
+optimizer side by side in one process under XLA:CPU's memory-minimizing scheduler (the order
+a GPU compiler chooses; XLA:CPU's default concurrency-first order is in the benchmark's
+report). Ratios and differences to optax.adamw in the same process, never absolute bytes.
+"""
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import background
+
+import galore_optax as go
+from galore_optax import adam_8bit
+from galore_optax import plan as plan_lib
+from galore_optax import refresh_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "compiled_memory.py")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import compiled_memory  # noqa: E402  pylint: disable=wrong-import-position
+
+PROJECTED = ("galore_adamw", "galore_adamw8bit", "fira_adamw", "apollo_adamw", "apollo_mini")
+# Scalars (step counters, per-matrix norms) may add a few KiB of temporaries.
+SCALARS = 2**20
+
+
+def _command(scratch):
+  env = dict(os.environ, XLA_FLAGS=compiled_memory.SCHEDULERS["memory"])
+  return [background.Command(
+      [sys.executable, SCRIPT, "--sizes", "tiny", "--json", os.path.join(scratch, "m.json"),
+       "--rows", "optax.adamw", *PROJECTED], cwd=ROOT, env=env)]
+
+
+background.register("compiled_tiny", _command, 500)
+
+
+@pytest.fixture(scope="module")
+def compiled_tiny():
+  done = background.result("compiled_tiny")
+  assert not done.timed_out and done.returncodes[0] == 0, done.stderrs[0][-3000:]
+  with open(os.path.join(background.scratch("compiled_tiny"), "m.json")) as f:
+    return json.load(f)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", compiled_memory.LAYOUTS)
+@pytest.mark.parametrize("name", PROJECTED)
+def test_the_step_saves_what_the_state_saves(compiled_tiny, name, layout):
+  adamw, cell = compiled_tiny[f"tiny/{layout}/optax.adamw"], compiled_tiny[f"tiny/{layout}/{name}"]
+  assert cell["state"] < adamw["state"]
+  assert cell["step_peak"] <= compiled_memory.target(cell, adamw) + SCALARS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", compiled_memory.LAYOUTS)
+def test_the_update_needs_no_more_than_adamws(compiled_tiny, layout):
+  cells = {n: compiled_tiny[f"tiny/{layout}/{n}"] for n in ("optax.adamw",) + PROJECTED}
+  assert cells["galore_adamw"]["update_temp"] <= cells["optax.adamw"]["update_temp"]
+  # Fira: GaLore's temporaries plus at most one float32 matrix of the largest kernel.
+  hidden, inter = compiled_memory.TINY[:2]
+  stack = compiled_memory.TINY[3] if layout == "stacked" else 1
+  assert (cells["fira_adamw"]["update_temp"]
+          <= cells["galore_adamw"]["update_temp"] + 4 * hidden * inter * stack)
+
+
+def _tree(shapes, seed=0):
+  keys = jax.random.split(jax.random.key(seed), len(shapes))
+  return {k: jax.random.normal(key, s) for (k, s), key in zip(shapes.items(), keys)}
+
+
+SHAPES = {"a": (5, 24, 40), "b0": (24, 40), "b1": (24, 40), "c": (3, 2, 16, 12)}
+
+
+@pytest.mark.parametrize("refresh", ["svd", "randomized", "power", "random"])
+@pytest.mark.parametrize("bits", [None, 4])
+def test_refresh_batches_give_the_same_bases_whatever_the_budget(refresh, bits):
+  grads = _tree(SHAPES)
+  options = go.GaLoreOptions(rank=6, refresh=refresh, projector_bits=bits)
+  leaves = jax.tree.leaves(grads)
+  plans = options.plan(grads)
+  todo = plan_lib.projected(plans)
+  storage = options.storage
+  stored = [storage.init(p, g, None) for p, g in zip(plans, leaves)]
+  if refresh == "power":  # warm-started: start from a first refresh
+    stored = refresh_step.refresh_in_batches(
+        plan_lib.refresh_batches(todo, 2**30), leaves, stored, [optax.MaskedNode()] * 4,
+        jnp.int32(0), {p.index: jnp.bool_(True) for p in todo}, options)[0]
+  due = {p.index: jnp.bool_(True) for p in todo}
+  sched = [optax.MaskedNode()] * len(leaves)
+  results = []
+  for budget, pack in ((2**30, True), (4 * 24 * 40 * 2, True), (0, False)):
+    batches = plan_lib.refresh_batches(todo, budget, pack)
+    new, _ = jax.jit(lambda l, s, b=batches: refresh_step.refresh_in_batches(
+        b, l, s, sched, jnp.int32(3), due, options))(leaves, stored)
+    results.append((batches, new))
+  kinds = [{(len(b.plans), b.looped) for b in batches} for batches, _ in results]
+  # Several leaves in one call; a stack in a loop of calls; one matrix a call.
+  assert (3, False) in kinds[0] and (1, True) in kinds[1] and (2, False) in kinds[1]
+  assert all(n == 1 for n, _ in kinds[2])
+  for _, new in results[1:]:
+    for x, y in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(new)):
+      if refresh in ("svd", "random"):
+        np.testing.assert_array_equal(x, y)
+      else:  # XLA may fuse a sketch's products differently for another batch shape
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_a_large_8bit_leaf_updated_in_chunks_equals_one_pass():
+  # 2 × 4096 blocks of 256: updated in chunks; the same values as the whole-leaf pass.
+  g = {"w": jax.random.normal(jax.random.key(0), (2048, 1024), jnp.bfloat16)}
+  tx = go.scale_by_adam_8bit()
+  state = tx.init(g)
+  assert state.mu["w"].absmax.size > adam_8bit._BLOCKS_PER_CHUNK
+  chunked, s1 = jax.jit(tx.update)(g, state)
+  chunked, s1 = jax.jit(tx.update)(g, s1)
+  blocks = adam_8bit._BLOCKS_PER_CHUNK
+  try:
+    adam_8bit._BLOCKS_PER_CHUNK = 10**9  # one pass over the whole leaf
+    update = jax.jit(go.scale_by_adam_8bit().update)  # a new function: traced anew
+    whole, s2 = update(g, state)
+    whole, s2 = update(g, s2)
+  finally:
+    adam_8bit._BLOCKS_PER_CHUNK = blocks
+  for x, y in zip(jax.tree.leaves((chunked, s1)), jax.tree.leaves((whole, s2))):
+    np.testing.assert_array_equal(x, y)
