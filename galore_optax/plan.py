@@ -172,18 +172,18 @@ def _largest_divisor(n: int, at_most: int) -> int:
 
 
 def refresh_batches(
-    plans: Sequence[LeafPlan], budget_bytes: int, pack: bool = True
+    plans: Sequence[LeafPlan], budget_bytes: int, pack: bool = True, devices: int = 1
 ) -> list[RefreshBatch]:
-  """The refresh's calls: at most `budget_bytes` of float32 matrices in each.
+  """The refresh's calls: at most `budget_bytes` of float32 matrices per device in each.
 
   With `pack`, equal-shaped leaves share calls (24 layers' q projections in
   one batched decomposition when they fit); without, each leaf has its own.
   A stacked leaf larger than the budget is decomposed in equal calls of as
-  many matrices as fit (at least one, whatever the budget).
+  many matrices as fit (at least one per device, whatever the budget).
   """
   batches = []
   for group in shape_groups(plans) if pack else [[p] for p in plans]:
-    fit = max(1, budget_bytes // (4 * group[0].view.m * group[0].view.n))
+    fit = devices * max(1, budget_bytes // (4 * group[0].view.m * group[0].view.n))
     current: list[LeafPlan] = []
     for plan in group:
       if plan.num_matrices > fit:

@@ -42,17 +42,29 @@ def refresh_due(grads, todo, stored, sched, count, due, options):
   # A batched schedule refreshes every leaf at once, so equal shapes can
   # share calls; a per-leaf one decides leaf by leaf. On CPU every matrix is
   # decomposed alone (`refresh.one_matrix_at_a_time_on_cpu`), so batching
-  # would only hold more float32 copies at once: one matrix a call there.
-  batched = lambda: refresh_in_batches(
-      refresh_batches(todo, options.refresh_budget_bytes, pack=options.schedule.batched),
-      grads, stored, sched, count, due, options)
-  one_by_one = lambda: refresh_in_batches(
-      refresh_batches(todo, 0, pack=False), grads, stored, sched, count, due, options)
-  return jax.lax.platform_dependent(cpu=one_by_one, default=batched)
+  # would only hold more float32 copies at once: one matrix a call there. On
+  # a mesh every device decomposes its share of each call's matrices.
+  mesh = _refresh_mesh()
+  devices = 1 if mesh is None else mesh.size
+  run = lambda budget, pack: lambda: refresh_in_batches(
+      refresh_batches(todo, budget, pack=pack, devices=devices),
+      grads, stored, sched, count, due, options, mesh)
+  return jax.lax.platform_dependent(
+      cpu=run(0, False if mesh is None else options.schedule.batched),
+      default=run(options.refresh_budget_bytes, options.schedule.batched))
 
 
-def refresh_in_batches(batches, grads, stored, sched, count, due, options):
-  """`refresh_due` with the given `plan.RefreshBatch`es (on any platform)."""
+def _refresh_mesh():
+  """The mesh of the surrounding computation if it has several devices, else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty or mesh.size == 1 else mesh
+
+
+def refresh_in_batches(batches, grads, stored, sched, count, due, options, mesh=None):
+  """`refresh_due` with the given `plan.RefreshBatch`es (on any platform).
+
+  With a `mesh`, each call's matrices are spread over its devices.
+  """
   schedule = options.schedule
   stored, sched = list(stored), list(sched)
   for batch in batches:
@@ -60,9 +72,9 @@ def refresh_in_batches(batches, grads, stored, sched, count, due, options):
 
     def compute(g, s, sc, batch=batch, idx=idx):
       if batch.looped:
-        new = [_refresh_looped(batch, g[0], s[0], due[idx[0]], count, options)]
+        new = [_refresh_looped(batch, g[0], s[0], due[idx[0]], count, options, mesh)]
       else:
-        new = _refresh_packed(batch, g, s, [due[i] for i in idx], count, options)
+        new = _refresh_packed(batch, g, s, [due[i] for i in idx], count, options, mesh)
       if schedule.stateful:
         storage = options.storage
         sc = [
@@ -82,7 +94,7 @@ def refresh_in_batches(batches, grads, stored, sched, count, due, options):
   return stored, sched
 
 
-def _refresh_packed(batch: RefreshBatch, grads, stored, due, count, options) -> list:
+def _refresh_packed(batch: RefreshBatch, grads, stored, due, count, options, mesh) -> list:
   """New stored projectors of whole leaves, decomposed in one batched call."""
   plans = batch.plans
   first = plans[0]
@@ -101,7 +113,7 @@ def _refresh_packed(batch: RefreshBatch, grads, stored, due, count, options) -> 
       refresh_lib.matrix_keys(p.index, jnp.full((p.num_matrices,), count, jnp.int32))
       for p in plans
   ])
-  bases = _decompose(options, matrices, first, previous, keys)
+  bases = _decompose(options, matrices, first, previous, keys, mesh)
   out, offset = [], 0
   for p, g, s, d in zip(plans, grads, stored, due):
     mine = {side: b[offset : offset + p.num_matrices].reshape(p.basis_shapes[side])
@@ -111,7 +123,7 @@ def _refresh_packed(batch: RefreshBatch, grads, stored, due, count, options) -> 
   return out
 
 
-def _refresh_looped(batch: RefreshBatch, grad, stored, due, count, options):
+def _refresh_looped(batch: RefreshBatch, grad, stored, due, count, options, mesh):
   """New stored projectors of one stacked leaf, `batch.size` matrices a call.
 
   A `fori_loop` over equal slices of the stack: each reads its slice of the
@@ -135,7 +147,7 @@ def _refresh_looped(batch: RefreshBatch, grad, stored, due, count, options):
     previous = options.storage.decode(old, part, jnp.float32) if reads_previous else None
     keys = refresh_lib.matrix_keys(
         plan.index, jnp.full((size,), count, jnp.int32), first=start)
-    bases = _decompose(options, matrices, plan, previous, keys)
+    bases = _decompose(options, matrices, plan, previous, keys, mesh)
     new = _encode(bases, part, grad.dtype, count, take(flat_due, start), old, options)
     return jax.tree.map(
         lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v, start, 0), flat_stored, new)
@@ -152,11 +164,28 @@ def _encode(bases, plan: LeafPlan, leaf_dtype, count, due, old, options):
   return matrix_view.select_matrices(due, new, old)
 
 
-def _decompose(options, matrices, plan: LeafPlan, previous, keys) -> dict:
-  """The refresh method's bases of the sides `plan` keeps (a user's may return more)."""
+def _decompose(options, matrices, plan: LeafPlan, previous, keys, mesh=None) -> dict:
+  """The refresh method's bases of the sides `plan` keeps (a user's may return more).
+
+  With a `mesh`, the (B, m, n) stack is padded with zero matrices to a
+  multiple of its devices and split over all of them (`shard_map`): each
+  device decomposes B / devices matrices, not all B, and no gradient is
+  gathered whole on every device (GaLore 2's distributed refresh).
+  """
   method = refresh_lib.one_matrix_at_a_time_on_cpu(options.refresh_fn)
-  bases = method(matrices, plan.rank, plan.sides, previous, keys)
-  return {side: bases[side] for side in plan.sides}
+  call = lambda g, p, k: {s: b for s, b in method(g, plan.rank, plan.sides, p, k).items()
+                          if s in plan.sides}
+  if mesh is None:
+    return call(matrices, previous, keys)
+  total = matrices.shape[0]
+  pad = -total % mesh.size
+  padded = lambda x: jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)) if pad else x
+  if pad:  # the padding's keys are never used for a kept basis
+    keys = jnp.concatenate([keys] + [keys[:1]] * pad)
+  spread = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
+  bases = jax.shard_map(call, mesh=mesh, in_specs=spread, out_specs=spread, check_vma=False)(
+      padded(matrices), jax.tree.map(padded, previous), keys)
+  return jax.tree.map(lambda b: b[:total], bases)
 
 
 def _reads_previous(options) -> bool:

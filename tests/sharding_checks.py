@@ -348,6 +348,53 @@ def check_parity(results):
     results[f"parity/refresh_collectives/{method}"] = all_gather_sizes(hlo)
 
 
+def svd_batches(hlo: str):
+  """The batch of every LAPACK SVD call in one device's optimized HLO module."""
+  import re  # pylint: disable=import-outside-toplevel
+
+  shapes = re.findall(r"= \(?f32\[([0-9,]+)\][^\n]*lapack_sgesdd", hlo)
+  return [int(s.split(",")[0]) if s.count(",") == 2 else 1 for s in shapes]
+
+
+def check_mesh_refresh(results):
+  """A refresh under an Explicit 8-device mesh: each device decomposes its share.
+
+  LAYERS=8 stacked layers (one call of one matrix per device per kernel kind)
+  and two per-layer copies of a kernel (one call padded to 8): the SVDs each
+  device runs, against the matrices of the tree; and the projectors after two
+  refreshes against the same steps on one device.
+  """
+  mesh = jax.make_mesh((DEVICES,), ("fsdp",), axis_types=(AxisType.Explicit,))
+  host = llama_tiny_params(jax.random.key(0))
+  stacked = {k: jnp.stack([v] * 4, 0) for k, v in host["layers"]["attn"].items()}  # (4·L, H, H)
+  host = {"attn": {"stack": stacked["q_proj"], "a0": host["layers"]["attn"]["k_proj"][0],
+                   "a1": host["layers"]["attn"]["v_proj"][0]},
+          "mlp": host["layers"]["mlp"], "norm": host["norm"]}
+  grads0 = jax.tree.map(lambda x: x * 3.0 + 0.01, host)
+  for method in ("svd", "randomized", "power"):
+    entry = {}
+    try:
+      tx = go.galore_adamw(1e-2, rank=RANK, update_proj_gap=1, mask=MASK, refresh=method)
+      update = lambda g, s, p: tx.update(g, s, p)[1]
+      one = jax.jit(update)(grads0, tx.init(host), host)
+      one = jax.jit(update)(grads0, one, host)
+      with jax.set_mesh(mesh):
+        specs = param_specs(host, ("fsdp",))
+        put = lambda tree: jax.tree.map(lambda x, sp: jax.device_put(x, sp), tree, specs)
+        params, grads = put(host), put(grads0)
+        step = jax.jit(update)
+        state = step(grads, jax.jit(tx.init)(params), params)
+        state = step(grads, state, params)
+        hlo = step.lower(grads, state, params).compile().as_text()
+      entry["svd_batches"] = svd_batches(hlo)
+      entry["projector_max_diff"] = max_float_diff(state[0].projectors, one[0].projectors)
+      entry["matrices"] = int(sum(
+          x.size // (x.shape[-1] * x.shape[-2]) for x in jax.tree.leaves(host) if x.ndim >= 2))
+    except Exception as e:  # pylint: disable=broad-except
+      entry["error"] = f"{type(e).__name__}: {e}"[:2000]
+    results[f"mesh_refresh/{method}"] = entry
+
+
 def all_gather_sizes(hlo: str):
   """Bytes of every all-gather result in an optimized HLO module."""
   import re  # pylint: disable=import-outside-toplevel
@@ -753,4 +800,4 @@ def main(groups):
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:] or ["explicit_init", "parity", "nnx", "orbax", "example"])
+  main(sys.argv[1:] or ["explicit_init", "parity", "mesh_refresh", "nnx", "orbax", "example"])

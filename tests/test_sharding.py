@@ -259,6 +259,7 @@ def test_every_check_reported(checks):
       | {f"orbax/{k}" for k in ORBAX}
       | {f"example/{k}" for k in EXAMPLE}
       | {f"explicit_init/{k}" for k in EXPLICIT_INIT}
+      | {f"mesh_refresh/{k}" for k in REFRESH}
   )
   reported = {k for k in checks if "/" in k and not k.startswith("seconds/")}
   assert reported == expected, (
@@ -319,6 +320,22 @@ def test_matmul_refreshes_gather_less_than_exact_svd(checks):
     # matmul-based refreshes move (m x k) sketches.
     assert other["largest_bytes"] * 4 <= svd["largest_bytes"], (method, other, svd)
     assert other["total_bytes"] * 2 <= svd["total_bytes"], (method, other, svd)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", REFRESH)
+def test_each_device_decomposes_its_share_of_the_matrices(checks, method):
+  e = entry(checks, f"mesh_refresh/{method}")
+  # One matrix per device per call, and far fewer calls than matrices: the
+  # 16 matrices of the tree take 4 calls (one per shape group that fits).
+  assert e["svd_batches"] and all(b == 1 for b in e["svd_batches"]), e
+  assert len(e["svd_batches"]) * 8 >= e["matrices"] > 2 * len(e["svd_batches"]), e
+  # The same bases as on one device (exactly, where the method has no products
+  # that XLA may partition differently).
+  if method == "svd":
+    assert e["projector_max_diff"] == 0.0
+  else:
+    assert e["projector_max_diff"] <= 1e-4
 
 
 @pytest.mark.slow

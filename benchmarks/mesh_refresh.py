@@ -1,0 +1,119 @@
+"""The refresh on a mesh: each device decomposes its share of the matrices.
+
+On 8 virtual CPU devices (`--xla_force_host_platform_device_count=8`), the LLaMA-60M tree of
+`llama_jax` (bf16, attention and MLP projected at rank 128, every matrix split over the devices
+along its largest axis, FSDP style) under an Explicit mesh: the compiled refresh step's
+temporaries per device (`memory_analysis()`), the number of SVDs each device runs (the LAPACK
+calls in its program and their batch), and the median wall time of a refresh step, against the
+same step with the library given by `--library` (e.g. an older checkout) in a second process.
+
+  python benchmarks/mesh_refresh.py                                  # this checkout
+  python benchmarks/mesh_refresh.py --compare /path/to/old/checkout  # and another, side by side
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+DEVICES = 8
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def measure(layout: str, rounds: int) -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  import common
+  import llama_jax
+  import galore_optax as go
+
+  hidden, inter, heads, layers = common.LLAMA_SIZES["60m"]
+  dims = llama_jax.Dims(hidden, inter, heads, layers, vocab=common.VOCAB)
+  shapes = llama_jax.param_shapes(dims, jnp.bfloat16, stacked=layout == "stacked")
+  mesh = jax.make_mesh((DEVICES,), ("fsdp",), axis_types=(AxisType.Explicit,))
+
+  def spec(s):  # the largest axis that the devices divide
+    axes = sorted(range(len(s.shape)), key=lambda a: -s.shape[a])
+    axis = next((a for a in axes if s.shape[a] % DEVICES == 0), None)
+    return P(*[("fsdp" if a == axis else None) for a in range(len(s.shape))])
+
+  tx = go.galore_adamw(1e-3, rank=128, mask=go.path_mask(r"attn|mlp"), update_proj_gap=1)
+  with jax.set_mesh(mesh):
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, spec(s)), shapes)
+    params = jax.jit(lambda k: llama_jax.init_params(shapes, k), out_shardings=shardings)(
+        jax.random.key(0))
+    grads = jax.tree.map(lambda x: x * 0.5 + 0.01, params)
+    state = jax.jit(tx.init)(params)
+    step = jax.jit(tx.update)
+    compiled = step.lower(grads, state, params).compile()
+    text = compiled.as_text()
+    times = []
+    out = step(grads, state, params)
+    jax.block_until_ready(out)
+    for _ in range(rounds):
+      start = time.perf_counter()
+      jax.block_until_ready(step(grads, state, params))
+      times.append(time.perf_counter() - start)
+  svd_batches = [int(re.match(r"f32\[(\d+),", m).group(1)) if re.match(r"f32\[(\d+),\d+,\d+\]", m)
+                 else 1 for m in re.findall(r"= \(?(f32\[[0-9,]+\])[^\n]*lapack_sgesdd", text)]
+  return {"temp_bytes_per_device": compiled.memory_analysis().temp_size_in_bytes,
+          "svd_calls": len(svd_batches), "svds_per_device": sum(svd_batches),
+          "refresh_step_s": statistics.median(times), "rounds": rounds,
+          "projected_matrices": sum(
+              x.size // (x.shape[-1] * x.shape[-2]) for p, x in
+              jax.tree_util.tree_flatten_with_path(shapes)[0]
+              if re.search(r"attn|mlp", jax.tree_util.keystr(p)))}
+
+
+def child(library: str, rounds: int) -> dict:
+  env = dict(os.environ, PYTHONPATH=library,
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}",
+             NPROC=str(2 * DEVICES), OPENBLAS_NUM_THREADS="1")
+  out = subprocess.run([sys.executable, __file__, "--worker", "--rounds", str(rounds)],
+                       env=env, capture_output=True, text=True, check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--worker", action="store_true")
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--compare", help="another checkout's root, measured the same way")
+  parser.add_argument("--out", default=os.path.join(_HERE, "results", "mesh_refresh.md"))
+  args = parser.parse_args()
+  sys.path.insert(0, _HERE)
+  if args.worker:
+    print(json.dumps({layout: measure(layout, args.rounds) for layout in ("per_layer", "stacked")}))
+    return
+  import common  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(_HERE)
+  runs = {"this checkout": child(root, args.rounds)}
+  if args.compare:
+    runs[f"`{args.compare}`"] = child(os.path.abspath(args.compare), args.rounds)
+  lines = ["# The projector refresh on a mesh", "", common.environment(), "",
+           __doc__.split("\n\n")[1].replace("\n", " "), "",
+           "| library | leaves | projected matrices | SVDs per device | LAPACK SVD calls "
+           "| refresh step temporaries per device | refresh step (median) |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+  for name, run in runs.items():
+    for layout, r in run.items():
+      lines.append(f"| {name} | {layout.replace('_', '-')} | {r['projected_matrices']} | "
+                   f"{r['svds_per_device']} | {r['svd_calls']} | "
+                   f"{r['temp_bytes_per_device'] / 2**20:.1f} MiB | "
+                   f"{r['refresh_step_s'] * 1e3:.0f} ms ({r['rounds']} rounds) |")
+  text = "\n".join(lines) + "\n"
+  with open(args.out, "w") as f:
+    f.write(text)
+  print(text)
+
+
+if __name__ == "__main__":
+  main()
