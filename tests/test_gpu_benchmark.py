@@ -114,6 +114,10 @@ def test_smoke_memory_rows(smoke):
     assert len(r["losses"]) == 2
     assert abs(r["losses"][0] - math.log(dims.vocab)) < 0.5
     assert r["compiled"]["temp_size_in_bytes"] > 0
+    # XLA's planned peak holds at least the parameters and the state, next to the real peak.
+    planned = gpu_report.planned_peak(r["compiled"])
+    assert planned >= r["param_bytes"] + r["state_bytes"]
+    assert f"| {gpu_report.size(planned)} |" in markdown
   rows = {r["name"]: r for r in part["rows"]}
   assert rows[smallest]["state_bytes"] <= rows["galore_adamw8bit"]["state_bytes"] < \
       rows[spec.ADAMW]["state_bytes"]
