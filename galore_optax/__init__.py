@@ -23,6 +23,7 @@ from galore_optax.adam import (
     scale_by_bias_correction,
 )
 from galore_optax.adam_8bit import ScaleByAdam8bitState
+from galore_optax.fused import FusedState, fused_init, fused_scan_step
 from galore_optax.gradnorm import GradNormLoRPState
 from galore_optax.masking import path_mask
 from galore_optax.matrix_view import DimensionNumbers
@@ -76,6 +77,7 @@ __all__ = (
     "ApolloOptions",
     "DimensionNumbers",
     "FactoredMoment",
+    "FusedState",
     "GaLoreOptions",
     "GaLoreState",
     "GradNormLoRPState",
@@ -99,6 +101,8 @@ __all__ = (
     "dequantize_projector",
     "dynamic_map",
     "fira_adamw",
+    "fused_init",
+    "fused_scan_step",
     "galore",
     "galore_adafactor",
     "galore_adamw",

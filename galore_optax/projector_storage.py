@@ -117,7 +117,7 @@ class RegeneratedStorage(NamedTuple):
 
   def decode(self, stored: dict, plan: LeafPlan, dtype) -> dict:
     steps = stored["refreshed_at"].reshape(-1)
-    keys = refresh_lib.matrix_keys(plan.index, steps)
+    keys = refresh_lib.matrix_keys(plan.index, steps, num_matrices=plan.num_matrices)
     v = plan.view
     bases = self.regenerate(keys, (steps.shape[0],), v.m, v.n, plan.rank, plan.sides)
     return {

@@ -18,8 +18,10 @@ its batched call.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -240,7 +242,39 @@ REFRESH_METHODS: dict[str, RefreshFn] = {
 _REFRESH_SEED = 0x6A10
 
 
-def matrix_keys(leaf_index: int, steps: jax.Array, first=0) -> jax.Array:
+class KeyContext(NamedTuple):
+  """Where a transformation's leaves sit in a larger tree, for their random keys.
+
+  A fused step (`go.fused_scan_step`) runs the optimizer on one layer's slice
+  of the parameters, or on the parameters outside the layers; the keys of its
+  random refreshes must be those the whole tree would give them.
+
+  Attributes:
+    leaf_indices: per leaf of the tree the transformation sees, its index
+      among the whole tree's flattened leaves.
+    layer: None, or the (traced) layer whose slice the leaves are: a matrix's
+      slice index in the whole stacked leaf is layer × (matrices per layer)
+      + its index in the slice.
+  """
+
+  leaf_indices: tuple[int, ...]
+  layer: Any = None
+
+
+_KEY_CONTEXT: contextvars.ContextVar = contextvars.ContextVar("galore_keys", default=None)
+
+
+@contextlib.contextmanager
+def keys_of_whole_tree(context: KeyContext):
+  """Within it, `matrix_keys` gives the keys of `context`'s whole tree."""
+  token = _KEY_CONTEXT.set(context)
+  try:
+    yield
+  finally:
+    _KEY_CONTEXT.reset(token)
+
+
+def matrix_keys(leaf_index: int, steps: jax.Array, first=0, num_matrices=None) -> jax.Array:
   """One PRNG key per matrix of a leaf, from the leaf, the refresh step and the slice.
 
   Args:
@@ -248,10 +282,17 @@ def matrix_keys(leaf_index: int, steps: jax.Array, first=0) -> jax.Array:
     steps: int32 (B,): the step at which each matrix is refreshed.
     first: the index in the leaf's stack of the first of these B matrices
       (an int or a traced scalar), for a refresh that walks a stack in parts.
+    num_matrices: the leaf's number of matrices (default B); with a
+      `KeyContext` layer, a slice index is offset by layer × num_matrices.
 
   Returns:
     A key array of shape (B,).
   """
+  context = _KEY_CONTEXT.get()
+  if context is not None:
+    leaf_index = context.leaf_indices[leaf_index]
+    if context.layer is not None:
+      first = context.layer * (steps.shape[0] if num_matrices is None else num_matrices) + first
   root = jax.random.fold_in(jax.random.key(_REFRESH_SEED), leaf_index)
   fold = lambda step, i: jax.random.fold_in(jax.random.fold_in(root, step), i)
   return jax.vmap(fold)(steps, first + jnp.arange(steps.shape[0]))

@@ -110,7 +110,8 @@ def _refresh_packed(batch: RefreshBatch, grads, stored, due, count, options, mes
     previous = {side: concat([o[side].reshape((-1,) + o[side].shape[-2:]) for o in old])
                 for side in first.sides}
   keys = concat([
-      refresh_lib.matrix_keys(p.index, jnp.full((p.num_matrices,), count, jnp.int32))
+      refresh_lib.matrix_keys(p.index, jnp.full((p.num_matrices,), count, jnp.int32),
+                              num_matrices=p.num_matrices)
       for p in plans
   ])
   bases = _decompose(options, matrices, first, previous, keys, mesh)
@@ -146,7 +147,8 @@ def _refresh_looped(batch: RefreshBatch, grad, stored, due, count, options, mesh
     old = jax.tree.map(lambda a: take(a, start), flat_stored)
     previous = options.storage.decode(old, part, jnp.float32) if reads_previous else None
     keys = refresh_lib.matrix_keys(
-        plan.index, jnp.full((size,), count, jnp.int32), first=start)
+        plan.index, jnp.full((size,), count, jnp.int32), first=start,
+        num_matrices=plan.num_matrices)
     bases = _decompose(options, matrices, plan, previous, keys, mesh)
     new = _encode(bases, part, grad.dtype, count, take(flat_due, start), old, options)
     return jax.tree.map(

@@ -1,0 +1,151 @@
+"""go.fused_scan_step: the update inside the backward scan takes the steps the usual one takes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import galore_optax as go
+
+L, H, V = 3, 16, 12
+MASK = go.path_mask(r"w|v")
+OPTIMIZERS = {  # rank 4, refreshes at steps 0 and 2 of the 3
+    "optax.adamw": lambda: optax.adamw(1e-2, weight_decay=0.1),
+    "adamw_8bit": lambda: go.adamw_8bit(1e-2, block_size=32, min_8bit_size=64),
+    "galore_adamw": lambda: go.galore_adamw(1e-2, rank=4, update_proj_gap=2, mask=MASK,
+                                            weight_decay=0.1),
+    "galore_adamw8bit": lambda: go.galore_adamw8bit(1e-2, rank=4, update_proj_gap=2, mask=MASK),
+    "fira_adamw": lambda: go.fira_adamw(1e-2, rank=4, update_proj_gap=2, mask=MASK),
+    "apollo_adamw": lambda: go.apollo_adamw(1e-2, rank=4, update_proj_gap=2, mask=MASK),
+    "apollo_mini": lambda: go.apollo_mini(1e-2, update_proj_gap=2, mask=MASK),
+    "gradnorm_lorp": lambda: go.gradnorm_lorp(1e-2, rank=4, update_proj_gap=2, mask=MASK),
+}
+ELEMENTWISE = ("optax.adamw", "adamw_8bit")
+
+
+def model(dtype=jnp.float32):
+  k = jax.random.split(jax.random.key(0), 5)
+  params = {
+      "embed": 0.3 * jax.random.normal(k[0], (V, H)),
+      "layers": {"w": 0.3 * jax.random.normal(k[1], (L, H, 2 * H)),
+                 "v": 0.3 * jax.random.normal(k[2], (L, 2 * H, H)), "n": jnp.ones((L, H))},
+      "out": 0.3 * jax.random.normal(k[3], (H, V)),
+  }
+  params = jax.tree.map(lambda x: x.astype(dtype), params)
+  batch = jax.random.randint(k[4], (4, 6), 0, V)
+  return params, batch
+
+
+def embed(rest, tokens):
+  return rest["embed"][tokens]
+
+
+def layer(p, h):
+  return h + jnp.tanh((h * p["n"]) @ p["w"]) @ p["v"]
+
+
+def head(rest, h, tokens):
+  logits = (h @ rest["out"]).astype(jnp.float32)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean()
+
+
+def loss(params, tokens):
+  h = jax.lax.scan(lambda h, p: (layer(p, h), None), embed(params, tokens), params["layers"])[0]
+  return head(params, h, tokens)
+
+
+def unfused(tx, clip=None):
+  if clip is not None:
+    tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+
+  def step(params, state, tokens):
+    value, grads = jax.value_and_grad(loss)(params, tokens)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, value
+
+  return tx, jax.jit(step)
+
+
+def run_both(name, dtype, steps=3, clip=None):
+  params, tokens = model(dtype)
+  tx = OPTIMIZERS[name]()
+  ref_tx, ref_step = unfused(tx, clip)
+  fused = jax.jit(go.fused_scan_step(embed, layer, head, tx, clip_norm=clip), donate_argnums=(0, 1))
+  p1, s1 = params, ref_tx.init(params)
+  p2, s2 = jax.tree.map(jnp.copy, params), go.fused_init(tx, params)
+  losses = []
+  for _ in range(steps):
+    p1, s1, l1 = ref_step(p1, s1, tokens)
+    p2, s2, l2 = fused(p2, s2, tokens)
+    losses.append((float(l1), float(l2)))
+  return p1, p2, losses, params
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_steps_equal_the_usual_steps(name, dtype):
+  p1, p2, losses, p0 = run_both(name, dtype)
+  moved = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+              for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p0)))
+  assert moved > 1e-3  # the steps did something
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    if name in ELEMENTWISE or dtype == jnp.bfloat16 and name == "optax.adamw":
+      np.testing.assert_array_equal(a, b)
+    elif dtype == jnp.float32:  # relative to the leaf's largest weight
+      assert np.max(np.abs(a - b)) <= 1e-6 * np.max(np.abs(a)), name
+    else:  # bf16: a differently fused product may round one way or the other
+      assert np.max(np.abs(a - b)) <= 2 ** -7 * max(1.0, np.max(np.abs(a))), name
+  for l1, l2 in losses:
+    assert abs(l1 - l2) <= 1e-5 * abs(l1) + (1e-2 if dtype == jnp.bfloat16 else 0)
+
+
+@pytest.mark.parametrize("name", ["optax.adamw", "galore_adamw"])
+def test_clip_norm_is_clip_by_global_norm(name):
+  p1, p2, _, _ = run_both(name, jnp.float32, clip=0.05)  # far below the gradients' norm
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=2e-7)
+
+
+@pytest.mark.parametrize("tx", [
+    optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)),
+    optax.apply_if_finite(optax.adam(1e-3), 3),
+    optax.MultiSteps(optax.adam(1e-3), 2),
+    optax.lamb(1e-3),
+], ids=["clip_by_global_norm", "apply_if_finite", "MultiSteps", "lamb"])
+def test_transforms_that_reduce_across_layers_are_refused(tx):
+  params, _ = model()
+  with pytest.raises(ValueError, match="clip_norm"):
+    go.fused_init(tx, params)
+
+
+def test_bad_arguments_name_the_fix():
+  params, tokens = model()
+  tx = optax.adamw(1e-2)
+  with pytest.raises(ValueError, match="layers="):
+    go.fused_init(tx, params, layers="blocks")
+  with pytest.raises(ValueError, match="clip_norm"):
+    go.fused_scan_step(embed, layer, head, tx, clip_norm=-1.0)
+  ragged = dict(params, layers={"w": jnp.ones((3, 4, 4)), "n": jnp.ones((2, 4))})
+  with pytest.raises(ValueError, match="leading layer axis"):
+    go.fused_init(tx, ragged)
+  step = go.fused_scan_step(embed, layer, head, tx)
+  with pytest.raises(TypeError, match="fused_init"):
+    step(params, tx.init(params), tokens)
+
+
+def test_fused_state_round_trips_through_orbax(tmp_path):
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  params, tokens = model()
+  tx = OPTIMIZERS["galore_adamw8bit"]()
+  step = jax.jit(go.fused_scan_step(embed, layer, head, tx))
+  params, state, _ = step(params, go.fused_init(tx, params), tokens)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / "s", {"params": params, "state": state})
+  with ocp.StandardCheckpointer() as ckpt:
+    restored = ckpt.restore(tmp_path / "s", jax.eval_shape(lambda: {"params": params, "state": state}))
+  a = step(params, state, tokens)
+  b = step(restored["params"], restored["state"], tokens)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
