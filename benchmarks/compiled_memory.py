@@ -131,6 +131,21 @@ TINY = (256, 688, 4, 4)
 TINY_RANK = 64
 
 
+def measure_fused(tx, params, heads: int, batch=BATCH) -> dict:
+  """The step of `measure` with the update fused into the backward scan (stacked params)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import llama_jax
+  import galore_optax as go
+
+  step = go.fused_scan_step(*llama_jax.fused_parts(heads), tx)
+  state = jax.eval_shape(lambda p: go.fused_init(tx, p), params)
+  tokens = jax.ShapeDtypeStruct((batch[0], batch[1] + 1), jax.numpy.int32)
+  c = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, tokens).compile()
+  return {"state": go.tree_bytes(state), "params": go.tree_bytes(params),
+          "step_temp": c.memory_analysis().temp_size_in_bytes,
+          "step_peak": _peak(c.memory_analysis())}
+
+
 def model(size: str, layout: str):
   """(abstract bf16 params, heads) of a LLaMA size ("tiny" or a paper size) in a layout."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -163,6 +178,15 @@ def worker(sizes, layouts, names, path: str) -> None:
           continue
         start = time.perf_counter()
         results[key] = measure(row.build(size), params, heads)
+        results[key]["seconds"] = time.perf_counter() - start
+        common.log(f"{key}: step peak {results[key]['step_peak'] / GIB:.2f} GiB")
+        common.write_json(path, results)
+      for row in rows() if layout == "stacked" else ():
+        key = f"{size}/{layout}/{row.name}/fused"
+        if (names and row.name not in names) or key in results:
+          continue
+        start = time.perf_counter()
+        results[key] = measure_fused(row.build(size), params, heads)
         results[key]["seconds"] = time.perf_counter() - start
         common.log(f"{key}: step peak {results[key]['step_peak'] / GIB:.2f} GiB")
         common.write_json(path, results)

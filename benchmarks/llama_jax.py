@@ -133,14 +133,17 @@ def _layer(p, x, cos, sin, heads):
   return x + (jax.nn.silu(y @ m["gate_proj"]) * (y @ m["up_proj"])) @ m["down_proj"]
 
 
-def forward(params: dict, tokens: jax.Array, heads: int, rope_theta: float = 10000.0):
-  """Logits (batch, seq, vocab) in float32 for int tokens (batch, seq)."""
-  hidden = params["embed"].shape[-1]
+def _rotary(seq: int, hidden: int, heads: int, rope_theta: float = 10000.0):
   inv_freq = 1.0 / rope_theta ** (jnp.arange(0, hidden // heads, 2, dtype=jnp.float32)
                                   / (hidden // heads))
-  angles = jnp.arange(tokens.shape[1], dtype=jnp.float32)[:, None] * inv_freq
+  angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * inv_freq
   angles = jnp.concatenate([angles, angles], axis=-1)
-  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def forward(params: dict, tokens: jax.Array, heads: int, rope_theta: float = 10000.0):
+  """Logits (batch, seq, vocab) in float32 for int tokens (batch, seq)."""
+  cos, sin = _rotary(tokens.shape[1], params["embed"].shape[-1], heads, rope_theta)
   layer = jax.checkpoint(lambda p, x: _layer(p, x, cos, sin, heads))
   x = params["embed"][tokens]
   layers = params["layers"]
@@ -151,6 +154,23 @@ def forward(params: dict, tokens: jax.Array, heads: int, rope_theta: float = 100
     x = jax.lax.scan(lambda x, p: (layer(p, x), None), x, layers)[0]
   x = _rms_norm(x, params["norm"])
   return (x @ params["lm_head"]).astype(jnp.float32)
+
+
+def fused_parts(heads: int):
+  """(embed_fn, layer_fn, head_fn) of `loss` for `go.fused_scan_step` (stacked layers)."""
+
+  def embed_fn(rest, batch):
+    return rest["embed"][batch[:, :-1]]
+
+  def layer_fn(p, x):
+    cos, sin = _rotary(x.shape[1], x.shape[2], heads)
+    return _layer(p, x, cos, sin, heads)
+
+  def head_fn(rest, x, batch):
+    logits = (_rms_norm(x, rest["norm"]) @ rest["lm_head"]).astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+
+  return embed_fn, layer_fn, head_fn
 
 
 def loss(params: dict, batch: jax.Array, heads: int) -> jax.Array:

@@ -136,7 +136,8 @@ def fused_init(tx: optax.GradientTransformation, params, layers: str = "layers")
   """
   stack, rest = _split(params, layers)
   _num_layers(stack)
-  check_per_slice(tx)
+  with jax.ensure_compile_time_eval():  # on concrete arrays, also under jit or eval_shape
+    check_per_slice(tx)
   return FusedState(layers=jax.vmap(tx.init)(stack), rest=tx.init(rest))
 
 
