@@ -61,6 +61,15 @@ def write_json(path: str, value) -> None:
   os.replace(tmp, path)
 
 
+def write_report(path: str, lines) -> str:
+  """Writes markdown `lines` to `path` (and prints them); returns the text."""
+  text = "\n".join(lines) + "\n"
+  with open(path, "w") as f:
+    f.write(text)
+  print(text)
+  return text
+
+
 def read_json(path: str):
   """The JSON value in `path`, or None when it does not exist (yet) or is not JSON."""
   try:

@@ -170,23 +170,16 @@ def worker(sizes, layouts, names, path: str) -> None:
   for size in sizes:
     for layout in layouts:
       params, heads = model(size, layout)
-      for row in rows():
-        key = f"{size}/{layout}/{row.name}"
-        if (names and row.name not in names) or key in results:
-          continue
-        if row.per_layer_only and layout != "per_layer":
-          continue
-        start = time.perf_counter()
-        results[key] = measure(row.build(size), params, heads)
-        results[key]["seconds"] = time.perf_counter() - start
-        common.log(f"{key}: step peak {results[key]['step_peak'] / GIB:.2f} GiB")
-        common.write_json(path, results)
-      for row in rows() if layout == "stacked" else ():
-        key = f"{size}/{layout}/{row.name}/fused"
+      # The usual step of every row, then (stacked leaves) the fused one.
+      todo = [(f"{size}/{layout}/{r.name}", r, measure) for r in rows()
+              if not (r.per_layer_only and layout != "per_layer")]
+      if layout == "stacked":
+        todo += [(f"{size}/{layout}/{r.name}/fused", r, measure_fused) for r in rows()]
+      for key, row, how in todo:
         if (names and row.name not in names) or key in results:
           continue
         start = time.perf_counter()
-        results[key] = measure_fused(row.build(size), params, heads)
+        results[key] = how(row.build(size), params, heads)
         results[key]["seconds"] = time.perf_counter() - start
         common.log(f"{key}: step peak {results[key]['step_peak'] / GIB:.2f} GiB")
         common.write_json(path, results)

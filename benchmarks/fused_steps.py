@@ -87,10 +87,7 @@ def main():
     lines.append(f"| {name} | {u[0] * 1e3:,.0f} ms ({u[1] * 1e3:,.0f}–{u[2] * 1e3:,.0f}) | "
                  f"{f[0] * 1e3:,.0f} ms ({f[1] * 1e3:,.0f}–{f[2] * 1e3:,.0f}) | "
                  f"{f[0] / u[0]:.2f}× |")
-  text = "\n".join(lines) + "\n"
-  with open(args.out, "w") as out:
-    out.write(text)
-  print(text)
+  common.write_report(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -135,10 +135,7 @@ def main():
                    f"{r['svds_per_device']} | {r['svd_calls']} | "
                    f"{r['temp_bytes_per_device'] / 2**20:.1f} MiB | "
                    f"{r['refresh_step_s'] * 1e3:.0f} ms ({r['rounds']} rounds) |")
-  text = "\n".join(lines) + "\n"
-  with open(args.out, "w") as f:
-    f.write(text)
-  print(text)
+  common.write_report(args.out, lines)
 
 
 if __name__ == "__main__":

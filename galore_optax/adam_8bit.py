@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from galore_optax import axis_specs
+from galore_optax import tree_utils
 from galore_optax import quantization
 from galore_optax import validation
 from galore_optax.adam import check_real
@@ -96,10 +97,6 @@ def _store(value: jax.Array, like, signed: bool):
 _BLOCKS_PER_CHUNK = 4096
 
 
-def _largest_divisor(n: int, at_most: int) -> int:
-  return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
-
-
 def _in_chunks(moments, g, mu, nu):
   """`moments(g, mu, nu)` of a large 8-bit leaf, a chunk of whole blocks at a time.
 
@@ -113,7 +110,7 @@ def _in_chunks(moments, g, mu, nu):
   flat = g.reshape(-1)
   if flat.size != blocks * size:  # the flat layout pads the last block with zeros
     flat = jnp.pad(flat, (0, blocks * size - flat.size))
-  chunk = _largest_divisor(blocks, _BLOCKS_PER_CHUNK)
+  chunk = tree_utils.even_chunk(blocks, _BLOCKS_PER_CHUNK)
   # The loop slices the gradient as raw bits: otherwise XLA converts the whole
   # gradient to float32 before the loop (and that copy would exist whole).
   bits_dtype = jnp.dtype(f"uint{8 * g.dtype.itemsize}")

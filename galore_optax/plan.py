@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from galore_optax import axis_specs
+from galore_optax import tree_utils
 from galore_optax import masking
 from galore_optax import matrix_view
 from galore_optax import projection
@@ -167,10 +168,6 @@ class RefreshBatch(NamedTuple):
     return self.size < sum(p.num_matrices for p in self.plans)
 
 
-def _largest_divisor(n: int, at_most: int) -> int:
-  return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
-
-
 def refresh_batches(
     plans: Sequence[LeafPlan], budget_bytes: int, pack: bool = True, devices: int = 1
 ) -> list[RefreshBatch]:
@@ -187,7 +184,7 @@ def refresh_batches(
     current: list[LeafPlan] = []
     for plan in group:
       if plan.num_matrices > fit:
-        batches.append(RefreshBatch((plan,), _largest_divisor(plan.num_matrices, fit)))
+        batches.append(RefreshBatch((plan,), tree_utils.even_chunk(plan.num_matrices, fit)))
         continue
       if sum(p.num_matrices for p in current) + plan.num_matrices > fit:
         batches.append(RefreshBatch(tuple(current), sum(p.num_matrices for p in current)))

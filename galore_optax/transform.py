@@ -21,7 +21,6 @@ import optax
 
 from galore_optax import axis_specs
 from galore_optax import masking
-from galore_optax import matrix_view
 from galore_optax import outputs
 from galore_optax import plan as plan_lib
 from galore_optax import projection

@@ -1,4 +1,4 @@
-"""Pytree helpers: sizes of array trees."""
+"""Pytree helpers: sizes of array trees, and even chunks of them."""
 
 from __future__ import annotations
 
@@ -34,3 +34,8 @@ def tree_bytes(tree: Any) -> int:
     if shape is not None and dtype is not None:
       total += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
   return total
+
+
+def even_chunk(count: int, at_most: int) -> int:
+  """The largest chunk size, at most `at_most` (at least 1), that splits `count` items evenly."""
+  return max(d for d in range(1, max(1, min(count, at_most)) + 1) if count % d == 0)
