@@ -81,11 +81,14 @@ def _tree(shapes, seed=0):
 SHAPES = {"a": (5, 24, 40), "b0": (24, 40), "b1": (24, 40), "c": (3, 2, 16, 12)}
 
 
-@pytest.mark.parametrize("refresh, bits", [
-    ("svd", None), ("svd", 4), ("randomized", None), ("power", 4), ("random", None)])
-def test_refresh_batches_give_the_same_bases_whatever_the_budget(refresh, bits):
+@pytest.mark.parametrize("refresh, storage", [
+    ("svd", None), ("svd", 4), ("randomized", 8), ("power", 4), ("random", None),
+    ("random", "regenerated")])
+def test_refresh_batches_give_the_same_bases_whatever_the_budget(refresh, storage):
   grads = _tree(SHAPES)
-  options = go.GaLoreOptions(rank=6, refresh=refresh, projector_bits=bits)
+  options = go.GaLoreOptions(
+      rank=6, refresh=refresh, projector_bits=storage if storage != "regenerated" else None,
+      regenerate_projector=storage == "regenerated")
   leaves = jax.tree.leaves(grads)
   plans = options.plan(grads)
   todo = plan_lib.projected(plans)
