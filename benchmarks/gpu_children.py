@@ -269,14 +269,15 @@ def _projected_count(shapes) -> int:
 
 
 def _skip_refresh(state):
-  """The state with every scalar integer (the step counters) set to 1.
+  """The state with every step counter (an int32 scalar, or one per layer in a fused
+  state) set to 1.
 
   The next update is then a plain step: it takes the branch of `lax.cond` that keeps
   the projectors instead of computing them (an exact-SVD refresh of a 7B model takes
   minutes).
   """
   def bump(x):
-    if isinstance(x, jax.Array) and x.ndim == 0 and jnp.issubdtype(x.dtype, jnp.integer):
+    if isinstance(x, jax.Array) and x.ndim <= 1 and x.dtype == jnp.int32:
       return jnp.ones_like(x)
     return x
   return jax.tree.map(bump, state)
@@ -287,15 +288,20 @@ def worker_memory(task: dict, result: dict, save: Callable[[], None]) -> None:
   dims, rank, heads = _dims(task, "dims"), task["rank"], task["dims"]["heads"]
   rows, seq = task["batch"]
   tx = build(task["row"], rank)
-  shapes = llama_jax.param_shapes(dims)
+  fused = OPTIMIZERS[task["row"]].fused
+  shapes = llama_jax.param_shapes(dims, stacked=fused)
 
   def train_step(params, state, batch):
     loss, grads = jax.value_and_grad(llama_jax.loss)(params, batch, heads)
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state, loss
 
+  init = tx.init
+  if fused:  # the update inside the backward scan of the stacked layers
+    train_step = go.fused_scan_step(*llama_jax.fused_parts(heads), tx)
+    init = lambda p: go.fused_init(tx, p)
   batch = np.random.default_rng(0).integers(0, dims.vocab, (rows, seq + 1), dtype=np.int32)
-  state_shapes = jax.eval_shape(tx.init, shapes)
+  state_shapes = jax.eval_shape(init, shapes)
   start = time.perf_counter()
   compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(
       shapes, state_shapes, batch).compile()
@@ -304,7 +310,7 @@ def worker_memory(task: dict, result: dict, save: Callable[[], None]) -> None:
   # Everything the measurement runs is compiled now, while other children measure.
   init_params = jax.jit(functools.partial(llama_jax.init_params, shapes)).lower(
       jax.random.key(0)).compile()
-  init_state = jax.jit(lambda p: _skip_refresh(tx.init(p))).lower(shapes).compile()
+  init_state = jax.jit(lambda p: _skip_refresh(init(p))).lower(shapes).compile()
   analysis = compiled.memory_analysis()
   if analysis is not None:
     result["compiled"] = {k: int(getattr(analysis, k)) for k in (

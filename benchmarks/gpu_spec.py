@@ -46,12 +46,13 @@ class Optimizer:
   memory: bool = False  # a row of part 3
   library: bool = True  # a galore_optax optimizer
   refresh: Optional[str] = None  # its REFRESH_METHODS entry, if it projects
+  fused: bool = False  # part 3 runs it inside the backward scan (go.fused_scan_step)
 
   @property
   def smallest_candidate(self) -> bool:
     """Library optimizers at their default refresh (the others differ only in time):
-    the exact SVD, or APOLLO's random projection."""
-    return self.library and self.refresh in (None, EXACT, RANDOM)
+    the exact SVD, or APOLLO's random projection; fused rows are the same optimizers."""
+    return self.library and not self.fused and self.refresh in (None, EXACT, RANDOM)
 
 
 def _lr(galore: bool) -> float:
@@ -105,6 +106,14 @@ OPTIMIZERS = {
                                   refresh=EXACT),
     "galore_adamw, svd": Optimizer(lambda r, m: go.galore_adamw(_lr(True), rank=r, mask=m),
                                    step=True, memory=True, refresh=EXACT),
+    # The library's answer to "7B on one GPU": the update inside the backward scan.
+    "galore_adamw8bit, fused": Optimizer(
+        lambda r, m: go.galore_adamw8bit(_lr(True), rank=r, mask=m), memory=True, refresh=EXACT,
+        fused=True),
+    "apollo_mini, fused": Optimizer(lambda r, m: go.apollo_mini(_lr(True), mask=m), memory=True,
+                                    refresh=RANDOM, fused=True),
+    "optax.adamw, fused": Optimizer(lambda r, m: optax.adamw(_lr(False)), memory=True,
+                                    library=False, fused=True),
 }
 ADAMW, CONTRIB = "optax.adamw", "optax.contrib.galore"
 
@@ -151,7 +160,7 @@ SMOKE = Sizes(
     # peer (an exact-SVD refresh) and a fast refresh in part 2, and the baseline, the target
     # row and the smallest state in part 3.
     step_rows=("optax.adamw", "optax.contrib.galore", "galore_adamw, randomized"),
-    memory_rows=("optax.adamw", "galore_adamw8bit"),
+    memory_rows=("optax.adamw", "galore_adamw8bit", "galore_adamw8bit, fused"),
 )
 
 # Figures from the issue, measured on an H100 by an earlier session (jax 0.11, optax 0.2.8,
