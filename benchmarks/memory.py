@@ -303,8 +303,11 @@ def compiled_report(results: dict, sizes) -> str:
       "its own process, every optimizer side by side in it: XLA:CPU's default schedules for "
       "concurrency (independent work starts as early as it can, so buffers live longer); "
       "`--xla_cpu_enable_concurrency_optimized_scheduler=false` orders for memory, as GPU "
-      "compilers do. `optax.contrib.galore` projects 2-D kernels only, so it has no stacked "
-      "row. In GiB.", ""]
+      "compilers do. \"met\" allows 1 MiB for scalars (step counters, per-matrix norms). "
+      "Rows marked **fused** run the update inside the backward scan of the stacked layers "
+      "(`go.fused_scan_step`, docs/fused.md) and are held to the same target, the usual "
+      "optax.adamw step's. `optax.contrib.galore` projects 2-D kernels only, so it has no "
+      "stacked row. In GiB.", ""]
   lines += compiled_memory.report(results, sizes, compiled_memory.LAYOUTS)
   return "\n".join(lines) + "\n"
 

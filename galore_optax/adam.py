@@ -26,6 +26,13 @@ class ScaleByAdamHFState(NamedTuple):
   nu: optax.Updates
 
 
+def _wide_range(dtype) -> bool:
+  """Whether `dtype` has float32's exponent range (float32, bfloat16; not float16)."""
+  if not jnp.issubdtype(dtype, jnp.floating):
+    return True
+  return jnp.finfo(dtype).maxexp >= jnp.finfo(jnp.float32).maxexp
+
+
 def scale_by_adam_hf(
     b1: float = 0.9,
     b2: float = 0.999,
@@ -81,19 +88,21 @@ def scale_by_adam_hf(
     nu = jax.tree.map(
         lambda g, v: b2 * f32(v) + (1.0 - b2) * jnp.square(f32(g)), updates, state.nu
     )
+    stored_mu = jax.tree.map(lambda new, old: new.astype(old.dtype), mu, state.mu)
+    stored_nu = jax.tree.map(lambda new, old: new.astype(old.dtype), nu, state.nu)
     # The direction reads the moments as stored (rounded to their dtype, as
     # galore-torch's in-place moments are), so each old moment has one
     # reader, the write of the new one, which XLA then does in place; read
-    # by both, every old moment would be copied first.
-    mu = jax.tree.map(lambda new, old: new.astype(old.dtype), mu, state.mu)
-    nu = jax.tree.map(lambda new, old: new.astype(old.dtype), nu, state.nu)
+    # by both, every old moment would be copied first. Not float16 moments:
+    # their range underflows the second moment of a small gradient (1e-4²).
+    read = lambda new, kept: kept if _wide_range(kept.dtype) else new
     new_updates = jax.tree.map(
         lambda g, m, v: (step_scale * (f32(m) / (jnp.sqrt(f32(v)) + eps))).astype(g.dtype),
         updates,
-        mu,
-        nu,
+        jax.tree.map(read, mu, stored_mu),
+        jax.tree.map(read, nu, stored_nu),
     )
-    return new_updates, ScaleByAdamHFState(count=count, mu=mu, nu=nu)
+    return new_updates, ScaleByAdamHFState(count=count, mu=stored_mu, nu=stored_nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

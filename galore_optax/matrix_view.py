@@ -178,6 +178,19 @@ def batch_first(x: jax.Array, view: MatrixView) -> tuple[jax.Array, MatrixView]:
   return y, flat
 
 
+def from_batch_first(y: jax.Array, view: MatrixView) -> jax.Array:
+  """A (B, *rest) array of `batch_first(x, view)` back in the leaf's layout."""
+  nb = len(view.batch_axes)
+  order = view.batch_axes + tuple(a for a in range(len(view.shape)) if a not in view.batch_axes)
+  y = y.reshape(tuple(view.shape[a] for a in order))
+  if view.batch_axes == tuple(range(nb)):
+    return y
+  inverse = [0] * len(order)
+  for i, a in enumerate(order):
+    inverse[a] = i
+  return jnp.transpose(y, inverse)
+
+
 def with_batch(view: MatrixView, size: int) -> MatrixView:
   """`view` (a `batch_first` one) for a slice of `size` matrices."""
   return view._replace(shape=(size,) + view.shape[1:])

@@ -19,16 +19,62 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from galore_optax import axis_specs
 from galore_optax import matrix_view
 from galore_optax import projection
+from galore_optax import tree_utils
 from galore_optax.plan import LeafPlan
 from galore_optax.projection import INPUT_SIDE, OUTPUT_SIDE
 
 # Both references: 1e-8 in the denominators of the factors and the limiter.
 _NORM_EPS = 1e-8
+# A stack of matrices is applied a slice at a time whose float32 matrices fit this.
+SLICE_BYTES = 256 * 2**20
+
+
+def apply_by_slices(output, plan: LeafPlan, grad, low_rank_grad, inner_update, bases, scale,
+                    leaf_state):
+  """`output.apply` on a stack of matrices, a slice of the stack at a time.
+
+  Every output works matrix by matrix, so a stacked leaf (scanned layers)
+  is done in a `fori_loop` over slices of its stack, each slice's update
+  written over that slice of the gradient: only one slice's full-size
+  temporaries (float32 copies, products) exist at a time, however many
+  layers the stack holds and however the scheduler orders the leaves. A
+  leaf whose float32 stack fits `SLICE_BYTES`, or whose stack axis is
+  sharded, is done in one call.
+  """
+  total = plan.num_matrices
+  per_matrix = plan.view.m * plan.view.n * 4
+  size = tree_utils.even_chunk(total, max(1, SLICE_BYTES // per_matrix))
+  layout = axis_specs.layout_of(grad)
+  # A stack split over devices stays whole: slicing it would gather it.
+  if size == total or (layout and any(layout.entries[a] for a in plan.view.batch_axes)):
+    return output.apply(plan, grad, low_rank_grad, inner_update, bases, scale, leaf_state)
+  flat_grad, flat_view = matrix_view.batch_first(grad, plan.view)
+  part = plan._replace(view=matrix_view.with_batch(flat_view, size))
+  nb = len(plan.batch_shape)
+  flatten = lambda a: a.reshape((total,) + a.shape[nb:])
+  low, inner, flat_bases = flatten(low_rank_grad), flatten(inner_update), jax.tree.map(flatten, bases)
+
+  def body(j, carry):
+    updates, state = carry
+    start = j * size
+    take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, size)
+    put = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v.astype(a.dtype), start, 0)
+    # The gradient's slice is read before its update overwrites it.
+    update, new_state = output.apply(part, take(updates), take(low), take(inner),
+                                     jax.tree.map(take, flat_bases), scale,
+                                     jax.tree.map(take, state))
+    return put(updates, update), jax.tree.map(put, state, new_state)
+
+  updates, state = jax.lax.fori_loop(
+      0, total // size, body, (flat_grad, jax.tree.map(flatten, leaf_state)))
+  return (matrix_view.from_batch_first(updates, plan.view),
+          jax.tree.map(lambda a, s: a.reshape(jnp.shape(s)), state, leaf_state))
 
 
 class ProjectBack(NamedTuple):

@@ -193,8 +193,8 @@ def galore_transform(
     # 4. Back to full shape: α · project_back(N), or the output's variant.
     for p in todo:
       i = p.index
-      out[i], out_state[i] = output.apply(
-          p, grads[i], low_rank[i], out[i], bases[i], options.scale, out_state[i]
+      out[i], out_state[i] = outputs.apply_by_slices(
+          output, p, grads[i], low_rank[i], out[i], bases[i], options.scale, out_state[i]
       )
     return treedef.unflatten(out), GaLoreState(
         count=optax.safe_increment(state.count),

@@ -163,9 +163,11 @@ def test_any_leaf_trains_correctly_or_raises_clearly(shape, dtype, rank):
   assert new["x"].shape == shape and new["x"].dtype == params["x"].dtype
   assert bool(jnp.all(jnp.isfinite(new["w"].astype(jnp.float32))))
   if jnp.issubdtype(dtype, jnp.floating) and np.prod(shape) > 0:
-    # A positive gradient moves every entry down (Adam's first step: -lr·sign(g)).
+    # A positive gradient moves every entry down (Adam's first step: -lr·sign(g)),
+    # though in bf16 a step below half the weight's ulp rounds away.
+    assert bool(jnp.all(updates["x"] < 0)), updates["x"]
     moved = (params["x"] - new["x"]).astype(jnp.float32)
-    assert bool(jnp.all(moved > 0)), moved
+    assert bool(jnp.all(moved >= 0)) and bool(jnp.any(moved > 0)), moved
     projected = len(shape) >= 2
     assert isinstance(state[0].projectors["x"], optax.MaskedNode) != projected
 

@@ -21,6 +21,7 @@ import background
 
 import galore_optax as go
 from galore_optax import adam_8bit
+from galore_optax import outputs
 from galore_optax import plan as plan_lib
 from galore_optax import refresh_step
 
@@ -30,8 +31,6 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import compiled_memory  # noqa: E402  pylint: disable=wrong-import-position
 
 PROJECTED = ("galore_adamw", "galore_adamw8bit", "fira_adamw", "apollo_adamw", "apollo_mini")
-# Scalars (step counters, per-matrix norms) may add a few KiB of temporaries.
-SCALARS = 2**20
 
 
 def _command(scratch):
@@ -58,7 +57,7 @@ def compiled_tiny():
 def test_the_step_saves_what_the_state_saves(compiled_tiny, name, layout):
   adamw, cell = compiled_tiny[f"tiny/{layout}/optax.adamw"], compiled_tiny[f"tiny/{layout}/{name}"]
   assert cell["state"] < adamw["state"]
-  assert cell["step_peak"] <= compiled_memory.target(cell, adamw) + SCALARS
+  assert compiled_memory.overage(cell, adamw) <= compiled_memory.SCALARS
 
 
 @pytest.mark.slow
@@ -78,6 +77,7 @@ def _tree(shapes, seed=0):
   return {k: jax.random.normal(key, s) for (k, s), key in zip(shapes.items(), keys)}
 
 
+_DIMS = {"w": go.DimensionNumbers(), "v": go.DimensionNumbers(reduction_axes=0, output_axes=2)}
 SHAPES = {"a": (5, 24, 40), "b0": (24, 40), "b1": (24, 40), "c": (3, 2, 16, 12)}
 
 
@@ -136,3 +136,30 @@ def test_a_large_8bit_leaf_updated_in_chunks_equals_one_pass():
     adam_8bit._BLOCKS_PER_CHUNK = blocks
   for x, y in zip(jax.tree.leaves((chunked, s1)), jax.tree.leaves((whole, s2))):
     np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: go.galore_adamw(1e-2, rank=4, update_proj_gap=2, dimension_numbers=_DIMS),
+    lambda: go.fira_adamw(1e-2, rank=4, update_proj_gap=2, dimension_numbers=_DIMS),
+    lambda: go.apollo_adamw(1e-2, rank=4, update_proj_gap=2, dimension_numbers=_DIMS),
+], ids=["galore", "fira", "apollo"])
+def test_a_stack_applied_a_slice_at_a_time_equals_the_whole_stack(make, monkeypatch):
+  # (6, 32, 48): batch axis leading (scanned layers); (16, 5, 12): batch axis in the middle.
+  params = {"w": jnp.ones((6, 32, 48)), "v": jnp.ones((16, 5, 12), jnp.bfloat16)}
+
+  def train(slice_bytes):
+    monkeypatch.setattr(outputs, "SLICE_BYTES", slice_bytes)
+    tx = make()  # a new update function: traced anew
+    update, state, p = jax.jit(tx.update), tx.init(params), params
+    loops = str(jax.make_jaxpr(tx.update)(params, state, params)).count("scan[")
+    for t in range(3):  # a refresh, a plain step, a refresh
+      g = jax.tree.map(lambda x: jax.random.normal(jax.random.key(t), x.shape, x.dtype), p)
+      u, state = update(g, state, p)
+      p = optax.apply_updates(p, u)
+    return p, loops
+
+  (whole, whole_loops), (sliced, sliced_loops) = train(2**30), train(1)
+  assert sliced_loops == whole_loops + 2  # each stack in a loop of one matrix a call
+  # Reductions may be ordered differently for a slice: a float32 rounding, one bf16 ulp.
+  np.testing.assert_allclose(sliced["w"], whole["w"], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(np.float32(sliced["v"]), np.float32(whole["v"]), rtol=0, atol=2**-7)
