@@ -149,3 +149,12 @@ def test_fused_state_round_trips_through_orbax(tmp_path):
   b = step(restored["params"], restored["state"], tokens)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("tx", [go.apollo_adamw(1e-2, rank=4), go.apollo_mini(1e-2)],
+                         ids=["apollo_adamw", "apollo_mini"])
+def test_random_refreshes_pass_the_probe_when_every_matrix_is_projected(tx):
+  # Unmasked, the probe's own leaves get random bases: each slice must draw the whole tree's.
+  params = {"layers": {"w": jnp.ones((2, 16, 32))}, "out": jnp.ones((16, 8))}
+  state = go.fused_init(tx, params)
+  assert state.layers[0].count.shape == (2,)
