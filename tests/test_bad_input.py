@@ -9,6 +9,7 @@
   optimizer: the documented policy holds and no weight is ever collapsed.
 """
 
+import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -195,30 +196,30 @@ OPTIMIZERS = {
 ZEROING = {"galore_adamw8bit", "gradnorm_lorp8bit", "apollo_adamw8bit", "adamw_8bit"}
 
 
-@pytest.mark.parametrize("bad", [NAN, INF])
-@pytest.mark.parametrize("step", [0, 1], ids=["refresh step", "plain step"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_nonfinite_gradient_never_collapses_a_weight(name, step, bad):
-  params = {"w": 1.0 + 0.1 * jax.random.normal(jax.random.key(0), (32, 16)), "b": jnp.ones(16)}
+def test_nonfinite_gradient_never_collapses_a_weight(name):
   tx = OPTIMIZERS[name]()
-  state = tx.init(params)
-  update = jax.jit(tx.update)
-  for t in range(step + 1):
-    grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(10 + t), x.shape), params)
-    if t == step:
-      grads["w"] = grads["w"].at[3, 5].set(bad)
-    updates, state = update(grads, state, params)
-    new = optax.apply_updates(params, updates)
-    if t < step:
-      params = new
-  norm = lambda x: float(jnp.linalg.norm(x))
-  finite = bool(jnp.all(jnp.isfinite(new["w"])))
-  if name in ZEROING:
-    assert finite, "an 8-bit optimizer let a non-finite element into the weights"
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state)
-               if jnp.issubdtype(x.dtype, jnp.floating))
-  if finite:
-    # Never a finite but destroyed weight: the step is an ordinary step.
-    assert abs(norm(new["w"]) - norm(params["w"])) <= 0.05 * norm(params["w"])
-  else:
-    assert name not in ZEROING
+  update = jax.jit(tx.update)  # one compilation for the four cases
+  for step, bad in itertools.product((0, 1), (NAN, INF)):
+    case = f"{name}, {'refresh' if step == 0 else 'plain'} step, gradient {bad}"
+    params = {"w": 1.0 + 0.1 * jax.random.normal(jax.random.key(0), (32, 16)), "b": jnp.ones(16)}
+    state = tx.init(params)
+    for t in range(step + 1):
+      grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(10 + t), x.shape), params)
+      if t == step:
+        grads["w"] = grads["w"].at[3, 5].set(bad)
+      updates, state = update(grads, state, params)
+      new = optax.apply_updates(params, updates)
+      if t < step:
+        params = new
+    norm = lambda x: float(jnp.linalg.norm(x))
+    finite = bool(jnp.all(jnp.isfinite(new["w"])))
+    if name in ZEROING:
+      assert finite, f"{case}: an 8-bit optimizer let a non-finite element into the weights"
+      assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state)
+                 if jnp.issubdtype(x.dtype, jnp.floating)), case
+    if finite:
+      # Never a finite but destroyed weight: the step is an ordinary step.
+      assert abs(norm(new["w"]) - norm(params["w"])) <= 0.05 * norm(params["w"]), case
+    else:
+      assert name not in ZEROING, case

@@ -72,6 +72,21 @@ def test_the_update_needs_no_more_than_adamws(compiled_tiny, layout):
           <= cells["galore_adamw"]["update_temp"] + 4 * hidden * inter * stack)
 
 
+@pytest.mark.slow
+def test_the_fused_step_needs_less_than_the_usual_one(compiled_tiny):
+  cell = lambda name, fused="": compiled_tiny[f"tiny/stacked/{name}{fused}"]
+  hidden, inter, _, layers = compiled_memory.TINY
+  stacked_grad = 2 * layers * (4 * hidden * hidden + 3 * hidden * inter)  # bf16 kernels
+  usual, fused = cell("optax.adamw")["step_peak"], cell("optax.adamw", "/fused")["step_peak"]
+  # The layers' whole gradient never exists; the rest of it and the activations do.
+  assert fused <= usual - 0.9 * stacked_grad
+  galore = cell("galore_adamw", "/fused")["step_peak"]
+  assert cell("galore_adamw8bit", "/fused")["step_peak"] < galore
+  assert cell("apollo_mini", "/fused")["step_peak"] < galore
+  for name in PROJECTED:  # and each fused step saves what its state saves
+    assert compiled_memory.overage(cell(name, "/fused"), cell("optax.adamw")) <= compiled_memory.SCALARS, name
+
+
 def _tree(shapes, seed=0):
   keys = jax.random.split(jax.random.key(seed), len(shapes))
   return {k: jax.random.normal(key, s) for (k, s), key in zip(shapes.items(), keys)}

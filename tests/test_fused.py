@@ -1,5 +1,7 @@
 """go.fused_scan_step: the update inside the backward scan takes the steps the usual one takes."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,9 +69,15 @@ def unfused(tx, clip=None):
   return tx, jax.jit(step)
 
 
+@functools.cache
+def built(name):
+  """One optimizer per name for the module: fused_init probes each once."""
+  return OPTIMIZERS[name]()
+
+
 def run_both(name, dtype, steps=3, clip=None):
   params, tokens = model(dtype)
-  tx = OPTIMIZERS[name]()
+  tx = built(name)
   ref_tx, ref_step = unfused(tx, clip)
   fused = jax.jit(go.fused_scan_step(embed, layer, head, tx, clip_norm=clip), donate_argnums=(0, 1))
   p1, s1 = params, ref_tx.init(params)
