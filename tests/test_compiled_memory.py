@@ -96,9 +96,9 @@ _DIMS = {"w": go.DimensionNumbers(), "v": go.DimensionNumbers(reduction_axes=0, 
 SHAPES = {"a": (5, 24, 40), "b0": (24, 40), "b1": (24, 40), "c": (3, 2, 16, 12)}
 
 
+# Every method and every projector storage (float, 8-bit, 4-bit, regenerated), each once.
 @pytest.mark.parametrize("refresh, storage", [
-    ("svd", None), ("svd", 4), ("randomized", 8), ("power", 4), ("random", None),
-    ("random", "regenerated")])
+    ("svd", None), ("randomized", 8), ("power", 4), ("random", "regenerated")])
 def test_refresh_batches_give_the_same_bases_whatever_the_budget(refresh, storage):
   grads = _tree(SHAPES)
   options = go.GaLoreOptions(

@@ -181,9 +181,13 @@ def test_small_config_is_dominated_by_projected_kernels_and_trains():
 # ----------------------------------------------------------------------------- optimizers
 
 
-TRAIN_CASES = [(name, False, "svd") for name in optimizers.REGISTRY]
+# One builder of each kind (every library optimizer also goes through tests/test_contract.py
+# and, built by the example, through test_checkpoint_round_trip_of_every_optimizer).
+TRAIN_CASES = [(name, False, "svd") for name in (
+    "adamw", "galore_adamw", "galore_adamw8bit", "apollo_mini", "gradnorm_lorp",
+    "optax_contrib_galore")]
 TRAIN_CASES.append(("galore_adamw", True, "svd"))  # stacked (layers, in, out) kernels
-TRAIN_CASES += [("galore_adamw", True, r) for r in ("randomized", "power")]
+TRAIN_CASES.append(("galore_adamw", True, "randomized"))
 
 
 _TRACES = []
