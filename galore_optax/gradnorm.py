@@ -114,23 +114,51 @@ def _safe_divide(x, norm):
   return jnp.where(zero, 0.0, x / jnp.where(zero, 1.0, norm))
 
 
-def _split_gradient(w, grad, axes):
-  """Magnitude g, direction V, and the weight-norm gradients ∂g, ∂V of one leaf.
+class _Split(NamedTuple):
+  """One leaf's magnitude split, float32, reduced over the norm axes.
 
-  All float32. Where a row is exactly zero (g = 0) it has no direction; it
-  takes the unit steepest-descent direction V = −∇W/‖∇W‖ instead of V = W.
-  There the chain rule's factor g/‖V‖ is 0, so ∂V = 0 and ∂g = −‖∇W‖: the row
-  grows out of zero along −∇W (zero-initialized layers still train).
+  Only these small per-row values are kept between the split and the new
+  weights: V, V̂ and ∂V are recomputed from W and ∇W where they are used, so
+  no full-size float32 copy of the weights lives through the GaLore update.
   """
-  norm = lambda x: jnp.sqrt(jnp.sum(jnp.square(x), axis=axes, keepdims=True))
-  g = norm(w)
-  live = g > 0
-  steepest = _safe_divide(-grad, norm(grad))
-  v_hat = jnp.where(live, _safe_divide(w, g), steepest)
-  dg = jnp.sum(grad * v_hat, axis=axes, keepdims=True)
-  dv = jnp.where(live, grad - v_hat * dg, 0.0)
-  v = jnp.where(live, w, v_hat)
-  return g, v, dg, dv
+
+  magnitude: jax.Array  # g = ‖W‖
+  grad_norm: jax.Array  # ‖∇W‖
+  magnitude_grad: Any  # ∂g = Σ ∇W ⊙ V̂
+
+
+def _row_norms(x, axes):
+  return jnp.sqrt(jnp.sum(jnp.square(x), axis=axes, keepdims=True))
+
+
+def _direction(w, grad, split: _Split):
+  """V: W itself where g > 0; where a row is exactly zero it has no direction
+  and takes the unit steepest-descent direction −∇W/‖∇W‖ instead."""
+  return jnp.where(split.magnitude > 0, w, _safe_divide(-grad, split.grad_norm))
+
+
+def _unit_direction(w, grad, split: _Split):
+  """V̂ = V/‖V‖ (W/g where g > 0)."""
+  return jnp.where(split.magnitude > 0, _safe_divide(w, split.magnitude),
+                   _safe_divide(-grad, split.grad_norm))
+
+
+def _split_gradient(w, grad, axes) -> _Split:
+  """Magnitude g and its gradient ∂g of one leaf (W and ∇W float32).
+
+  At a zero row the chain rule's factor g/‖V‖ is 0, so ∂V = 0 and
+  ∂g = −‖∇W‖: the row grows out of zero along −∇W (zero-initialized layers
+  still train).
+  """
+  split = _Split(_row_norms(w, axes), _row_norms(grad, axes), None)
+  dg = jnp.sum(grad * _unit_direction(w, grad, split), axis=axes, keepdims=True)
+  return split._replace(magnitude_grad=dg)
+
+
+def _direction_grad(w, grad, split: _Split):
+  """∂V = ∇W − V̂ ∂g, and 0 on zero rows."""
+  return jnp.where(split.magnitude > 0,
+                   grad - _unit_direction(w, grad, split) * split.magnitude_grad, 0.0)
 
 
 @galore_optimizer(middle=ADAM_POSITIONAL, trailing=("inner", "norm_axis"), adam=ADAMW)
@@ -262,12 +290,14 @@ def _weight_normalized(
       grads = [jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g)) for g in grads]
     axes = norm_axes(updates)
     # 1. W = g ⊙ V/‖V‖ at V = W: magnitude and direction gradients.
-    split = [None if a is None else _split_gradient(
-        w.astype(jnp.float32), g.astype(jnp.float32), a)
-        for g, w, a in zip(grads, weights, axes)]
-    directions = [g if s is None else s[3].astype(g.dtype) for g, s in zip(grads, split)]
-    direction_params = [w if s is None else s[1].astype(w.dtype) for w, s in zip(weights, split)]
-    magnitude_grads = [optax.MaskedNode() if s is None else s[2] for s in split]
+    f32 = lambda x: x.astype(jnp.float32)
+    split = [None if a is None else _split_gradient(f32(w), f32(g), a)
+             for g, w, a in zip(grads, weights, axes)]
+    directions = [g if s is None else _direction_grad(f32(w), f32(g), s).astype(g.dtype)
+                  for g, w, s in zip(grads, weights, split)]
+    direction_params = [w if s is None else _direction(f32(w), f32(g), s).astype(w.dtype)
+                        for g, w, s in zip(grads, weights, split)]
+    magnitude_grads = [optax.MaskedNode() if s is None else s.magnitude_grad for s in split]
     # 2. GaLore on the direction, the inner optimizer on the magnitude.
     galore_out, galore_state = galore.update(
         treedef.unflatten(directions), state.galore_state, treedef.unflatten(direction_params)
@@ -312,8 +342,8 @@ def _new_weight_update(grad, w, axes, split, direction_update, magnitude_update,
     if decay is not None:
       u = u - decay * (w.astype(jnp.float32) + u)
     return u.astype(grad.dtype)
-  g, v = split[0], split[1]
-  v_new = v - lr * direction_update.astype(jnp.float32)
+  g = split.magnitude
+  v_new = _direction(w.astype(jnp.float32), grad.astype(jnp.float32), split) - lr * direction_update.astype(jnp.float32)
   g_new = g - lr * magnitude_update
   if decay is not None:
     g_new = (1.0 - decay) * g_new
