@@ -79,12 +79,6 @@ def rows() -> list[Row]:
   ]
 
 
-def _peak(analysis) -> int:
-  a = analysis
-  return (a.argument_size_in_bytes + a.output_size_in_bytes - a.alias_size_in_bytes
-          + a.temp_size_in_bytes)
-
-
 def measure(tx, params, heads: int, batch=BATCH, step: bool = True) -> dict:
   """State, update and whole-step bytes of `tx` on abstract bf16 `params` (nothing allocated).
 
@@ -112,7 +106,7 @@ def measure(tx, params, heads: int, batch=BATCH, step: bool = True) -> dict:
   a = jax.jit(update, donate_argnums=(0, 1, 2)).lower(params, params, state).compile()
   out = {"state": go.tree_bytes(state), "params": go.tree_bytes(params),
          "update_temp": a.memory_analysis().temp_size_in_bytes,
-         "update_peak": _peak(a.memory_analysis())}
+         "update_peak": go.planned_peak_bytes(a)}
   if step:
     def train_step(p, s, tokens):
       loss, g = jax.value_and_grad(llama_jax.loss)(p, tokens, heads)
@@ -122,7 +116,7 @@ def measure(tx, params, heads: int, batch=BATCH, step: bool = True) -> dict:
     tokens = jax.ShapeDtypeStruct((batch[0], batch[1] + 1), jax.numpy.int32)
     c = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, state, tokens).compile()
     out.update(step_temp=c.memory_analysis().temp_size_in_bytes,
-               step_peak=_peak(c.memory_analysis()))
+               step_peak=go.planned_peak_bytes(c))
   return out
 
 
@@ -143,7 +137,7 @@ def measure_fused(tx, params, heads: int, batch=BATCH) -> dict:
   c = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, tokens).compile()
   return {"state": go.tree_bytes(state), "params": go.tree_bytes(params),
           "step_temp": c.memory_analysis().temp_size_in_bytes,
-          "step_peak": _peak(c.memory_analysis())}
+          "step_peak": go.planned_peak_bytes(c)}
 
 
 def model(size: str, layout: str):

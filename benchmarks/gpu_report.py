@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import galore_optax as go
 from gpu_spec import (ADAMW, ANCHORS, CONTRIB, EXACT, GAP, GIB, OPTIMIZERS, PAPER_LR, PARTS,
                       TARGET_AMORTIZED, TARGET_ENERGY, TARGET_PEAK_GIB, TARGET_PLAIN,
                       TARGET_PPL_GAP, TARGET_SPEEDUP, Sizes)
@@ -217,7 +218,7 @@ def render_memory(part: dict, sizes: Sizes, probe: dict) -> list:
     peak = r.get("peak_bytes")
     rest = peak - r["param_bytes"] - r["state_bytes"] if peak and "param_bytes" in r else None
     temp = r.get("compiled", {}).get("temp_size_in_bytes")
-    planned = planned_peak(r.get("compiled", {}))
+    planned = go.planned_peak_bytes(r.get("compiled", {}))
     if r.get("status") != "ok":
       lines.append(f"| {r['name']} | {r.get('status')}: {r.get('error')} | | | | | | | |")
       continue
@@ -228,16 +229,6 @@ def render_memory(part: dict, sizes: Sizes, probe: dict) -> list:
         + (f"{peak / base:.2f}× | " if peak and base else "– | ") + f"{r['compile_s']:.1f} s |")
   lines += _not_measured(part, "memory")
   return lines + [""]
-
-
-def planned_peak(compiled: dict):
-  """XLA's estimate of the step's peak: arguments + outputs − aliased + temporaries
-  (what benchmarks/compiled_memory.py reports on CPU), or None."""
-  keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-          "temp_size_in_bytes")
-  if not all(k in compiled for k in keys):
-    return None
-  return (compiled[keys[0]] + compiled[keys[1]] - compiled[keys[2]] + compiled[keys[3]])
 
 
 def render_quality(part: dict, sizes: Sizes) -> list:

@@ -6,7 +6,8 @@
         --data /usr/share/doc/python3.11/html/_sources --steps 2000 --tune-steps 500 \\
         --batch-size 32 --seq-len 256 --seeds 0,1,2 --json runs/60m.json
 
-For each optimizer of ``--optimizers``:
+For each optimizer of ``--optimizers`` (``NAME:fused``: NAME with scanned layers and its update
+inside the backward scan, ``--fused`` of ``examples.main``):
 
 1. Tuning. Its peak learning rate is chosen from a grid: its default (``OptimizerSpec.default_lr``,
    the paper's recipe) times each ``--lr-grid`` factor. Each value trains ``--tune-steps`` steps
@@ -54,7 +55,10 @@ RESULTS_DIR = os.path.join(report.REPO_ROOT, "benchmarks", "results")
 RESULTS_NAME = "llama"
 
 DEFAULT_CONFIG = "small"
-DEFAULT_OPTIMIZERS = ("adamw", "galore_adamw", "galore_adamw8bit")
+DEFAULT_OPTIMIZERS = ("adamw", "galore_adamw", "galore_adamw8bit", "galore_adamw:fused")
+# "NAME:fused": NAME with scanned layers and its update inside the backward scan
+# (TrainConfig.fused; go.fused_scan_step).
+FUSED_SUFFIX = ":fused"
 DEFAULT_SEEDS = (0,)
 # Long enough to get past the loss plateau of the first ~60 steps (the unigram statistics),
 # where every learning rate looks alike.
@@ -94,6 +98,7 @@ class Outcome:
   summaries: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
   histories: List[List[Dict[str, Any]]] = dataclasses.field(default_factory=list)
   step_times: List[float] = dataclasses.field(default_factory=list)
+  step_peak: Optional[int] = None  # XLA's planned peak of one compiled train step, bytes
   wall_s: float = 0.0
   error: Optional[str] = None
   result: Any = None  # the last seed's TrainResult while the timing phase needs its model
@@ -124,14 +129,16 @@ def parse_optimizers(text: Optional[str]) -> List[Entry]:
   if not names:
     raise ExampleError("--optimizers is empty (give names separated by commas)")
   entries = []
-  for name in names:
+  for label in names:
+    name = label[: -len(FUSED_SUFFIX)] if label.endswith(FUSED_SUFFIX) else label
     if ":" in name or "=" in name:
-      raise ExampleError(f"--optimizers takes names only, got {name!r}; pin a learning rate "
-                         "with --lr NAME=VALUE")
+      raise ExampleError(f"--optimizers takes names (NAME or NAME{FUSED_SUFFIX}), got "
+                         f"{label!r}; pin a learning rate with --lr NAME=VALUE")
     optimizers_lib.get_spec(name)  # unknown: error naming the known ones
-    if any(e.label == name for e in entries):
-      raise ExampleError(f"{name} is listed twice in --optimizers")
-    entries.append(Entry(name, name))
+    if any(e.label == label for e in entries):
+      raise ExampleError(f"{label} is listed twice in --optimizers")
+    overrides = (("scan_layers", True), ("fused", True)) if name != label else ()
+    entries.append(Entry(label, name, overrides))
   return entries
 
 
@@ -351,11 +358,18 @@ class _Progress:
 
 
 def _time_side_by_side(outcomes, dataset, base, rounds, steps, log) -> None:
-  """Median step times, the trained models interleaved round by round on the same batches."""
+  """Median step times, the trained models interleaved round by round on the same batches;
+  and each step's planned peak memory."""
   timed = [o for o in outcomes if o.error is None and o.result is not None]
+  sampler = input_pipeline.BatchSampler(dataset.train, base.batch_size, base.seed)
+  for o in timed:
+    try:
+      o.step_peak = train_lib.compiled_step_peak(o.result.model, o.result.optimizer,
+                                                 sampler(base.steps))
+    except Exception as e:  # pylint: disable=broad-except
+      log(f"{o.name}: no compiled memory figure ({_first_line(e)})")
   if not (timed and rounds > 0 and steps > 0):
     return
-  sampler = input_pipeline.BatchSampler(dataset.train, base.batch_size, base.seed)
   log(f"timing {len(timed)} optimizers side by side: {rounds} rounds x {steps} steps")
   for r in range(rounds):
     batches = [sampler(base.steps + r * steps + k) for k in range(steps)]
@@ -413,6 +427,7 @@ def summarize(outcome: Outcome, baseline: Optional[Outcome]) -> Dict[str, Any]:
       "wall_s": outcome.wall_s,
       "state_bytes": outcome.summaries[0]["opt_state_bytes"] if outcome.summaries else None,
       "step_time_s": outcome.step_time,
+      "step_peak_bytes": outcome.step_peak,
       "skipped_steps": [s.get("skipped_steps", 0) for s in outcome.summaries],
   }
   if baseline is not None and outcome.summaries and outcome.error is None:
@@ -431,7 +446,7 @@ def outcome_to_dict(outcome: Outcome) -> Dict[str, Any]:
           "overrides": [list(kv) for kv in outcome.entry.overrides],
           "tuning": dataclasses.asdict(t) if t else None, "summaries": outcome.summaries,
           "histories": outcome.histories, "step_times": outcome.step_times,
-          "wall_s": outcome.wall_s, "error": outcome.error}
+          "step_peak": outcome.step_peak, "wall_s": outcome.wall_s, "error": outcome.error}
 
 
 def outcome_from_dict(record: Dict[str, Any]) -> Outcome:
@@ -439,7 +454,8 @@ def outcome_from_dict(record: Dict[str, Any]) -> Outcome:
                 tuple(tuple(kv) for kv in record["overrides"]))
   t = record["tuning"]
   return Outcome(entry, tuning_lib.Tuning(**t) if t else None, record["summaries"],
-                 record["histories"], record["step_times"], record["wall_s"], record["error"])
+                 record["histories"], record["step_times"], record.get("step_peak"),
+                 record["wall_s"], record["error"])
 
 
 # ------------------------------------------------------------------------------ report
@@ -462,7 +478,7 @@ def results_table(outcomes: Sequence[Outcome], baseline: Optional[Outcome]) -> s
   base = f"`{baseline.name}`" if baseline else "baseline"
   header = ["optimizer", "peak lr: chosen (grid)", "final eval loss", "perplexity",
             f"ppl gap vs {base}", "optimizer state", f"state vs {base}",
-            f"step time vs {base}"]
+            "step peak (XLA plan)", f"step time vs {base}"]
   rows = [_cells(header), "|" + "|".join("---" for _ in header) + "|"]
   for o in outcomes:
     t = o.tuning
@@ -474,7 +490,7 @@ def results_table(outcomes: Sequence[Outcome], baseline: Optional[Outcome]) -> s
       lr_cell = (f"{_lr(t.chosen_lr)} ({', '.join(_lr(x) for x in t.grid)})"
                  + (" edge" if t.at_edge else ""))
     if o.error is not None or not o.summaries:
-      rows.append(_cells([f"`{o.name}`", lr_cell, f"failed: {o.error}"] + [""] * 5))
+      rows.append(_cells([f"`{o.name}`", lr_cell, f"failed: {o.error}"] + [""] * 6))
       continue
     mean, std = report.mean_std(o.losses)
     ppl_mean, ppl_std = report.mean_std([s["final_eval_perplexity"] for s in o.summaries])
@@ -490,9 +506,10 @@ def results_table(outcomes: Sequence[Outcome], baseline: Optional[Outcome]) -> s
       state = f"{s0['opt_state_bytes'] / baseline.summaries[0]['opt_state_bytes'] * 100:.0f}%"
       if o.step_time and baseline.step_time:
         step = f"{o.step_time / baseline.step_time:.2f}×"
+    peak = "—" if o.step_peak is None else _mib(o.step_peak)
     rows.append(_cells([f"`{o.name}`", lr_cell, report.plus_minus(mean, std),
                         report.plus_minus(ppl_mean, ppl_std, ".2f"), gap,
-                        _mib(s0["opt_state_bytes"]), state, step]))
+                        _mib(s0["opt_state_bytes"]), state, peak, step]))
   return "\n".join(rows)
 
 
@@ -577,7 +594,13 @@ def render_markdown(outcomes, baseline, *, command: str, plot_name: str, base, s
       "(paired by seed), mean ± standard deviation; *tie* means the mean gap is within one "
       "standard deviation. *edge* marks a learning rate at the end of its grid (the best one "
       "may lie beyond). Optimizer state: bytes of all arrays in the optimizer state "
-      f"(`galore_optax.tree_bytes`). Step time: median of {timing[0]} × {timing[1]} compiled "
+      "(`galore_optax.tree_bytes`). Step peak: what XLA's buffer assignment plans for one "
+      "compiled train step (parameters, state, batch, activations, gradients and every "
+      "temporary; `galore_optax.planned_peak_bytes`). "
+      f"`{FUSED_SUFFIX}` rows train the same optimizer with scanned layers and the update "
+      "inside the backward scan (`go.fused_scan_step`), from the same initial weights; their "
+      "skip of non-finite steps costs one more backward pass. "
+      f"Step time: median of {timing[0]} × {timing[1]} compiled "
       "steps per optimizer, timed side by side after training.", "",
   ]
   if len(seeds) == 1:
@@ -615,7 +638,9 @@ def _parser() -> argparse.ArgumentParser:
   main_lib.add_common_args(p)
   p.set_defaults(config=DEFAULT_CONFIG, **DEFAULTS)
   p.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
-                 help=f"comma-separated names from: {', '.join(optimizers_lib.REGISTRY)}")
+                 help=f"comma-separated names from: {', '.join(optimizers_lib.REGISTRY)}; "
+                      f"NAME{FUSED_SUFFIX} trains NAME with scanned layers and its update "
+                      "inside the backward scan")
   p.add_argument("--lr", action="append", default=None, metavar="NAME=VALUE",
                  help="pin an optimizer's peak learning rate (no tuning); repeatable")
   p.add_argument("--lr-grid", default=",".join(f"{f:.3g}" for f in tuning_lib.DEFAULT_FACTORS),

@@ -106,6 +106,9 @@ class TrainConfig:
   tie_embeddings: bool = False
   dtype: str = "float32"
   param_dtype: str = "float32"
+  # Apply the update inside the backward scan of the stacked layers (go.fused_scan_step):
+  # the layers' whole gradient never exists. Needs scan_layers.
+  fused: bool = False
 
   # Optimizer (see examples/optimizers.py for the per-optimizer defaults).
   optimizer: str = "galore_adamw"

@@ -71,6 +71,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--eval-batches", type=int, default=d.eval_batches)
   p.add_argument("--log-every", type=int, default=d.log_every)
   p.add_argument("--scan-layers", action="store_true", help="stack layers: (L, in, out) kernels")
+  p.add_argument("--fused", action="store_true",
+                 help="update each layer inside the backward scan (go.fused_scan_step; "
+                      "needs --scan-layers): the layers' whole gradient never exists")
   p.add_argument("--remat", default=d.remat,
                  help="none, full, or a jax.checkpoint_policies name (e.g. dots_saveable)")
   p.add_argument("--tie-embeddings", action="store_true")
@@ -94,7 +97,8 @@ def config_from_args(args: argparse.Namespace, **extra) -> configs_lib.TrainConf
       grad_clip=args.grad_clip, warmup_fraction=args.warmup_fraction,
       min_lr_ratio=args.min_lr_ratio, max_consecutive_nonfinite=args.max_consecutive_nonfinite,
       eval_every=args.eval_every, eval_batches=args.eval_batches, log_every=args.log_every,
-      scan_layers=args.scan_layers, remat=args.remat, tie_embeddings=args.tie_embeddings,
+      scan_layers=args.scan_layers, fused=args.fused, remat=args.remat,
+      tie_embeddings=args.tie_embeddings,
       dtype=dtype, param_dtype=param_dtype, progress=not args.no_progress, **extra)
 
 

@@ -6,9 +6,10 @@ Every projection is an ``nnx.Linear`` without bias whose kernel is a 2-D (in, ou
 ``attn|mlp`` on parameter paths selects exactly the matrices that GaLore projects, like the
 ``target_modules`` of the paper's training script.
 
-With ``scan_layers=True`` the decoder layers are created under ``nnx.vmap`` and applied with
-``nnx.scan``: every layer parameter gains a leading layer axis, so the projected kernels are
-(num_layers, in, out) and the optimizer keeps one projector per slice.
+With ``scan_layers=True`` the decoder layers are stacked (the unrolled model's initial
+weights, so both layouts start alike) and applied with ``nnx.scan``: every layer parameter
+gains a leading layer axis, so the projected kernels are (num_layers, in, out) and the
+optimizer keeps one projector per slice.
 """
 
 import functools
@@ -144,14 +145,14 @@ class Llama(nnx.Module):
     self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                            param_dtype=param_dtype,
                            embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
+    layers = [DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
     if cfg.scan_layers:
-      @nnx.split_rngs(splits=cfg.num_layers)
-      @nnx.vmap(in_axes=(0,), out_axes=0)
-      def make_stack(layer_rngs: nnx.Rngs) -> DecoderLayer:
-        return DecoderLayer(cfg, rngs=layer_rngs)
-      self.layers = make_stack(rngs)
+      # The unrolled layers' weights, stacked: both layouts start from the same weights.
+      graph = nnx.split(layers[0])[0]
+      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.split(l)[1] for l in layers])
+      self.layers = nnx.merge(graph, stacked)
     else:
-      self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+      self.layers = nnx.List(layers)
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype,
                         param_dtype=param_dtype)
     self.lm_head = None if cfg.tie_embeddings else _linear(
@@ -180,10 +181,45 @@ class Llama(nnx.Module):
       for layer in self.layers:
         x = block(layer, x)
 
-    x = self.norm(x)
-    if self.lm_head is None:
-      return self.embed.attend(x)
-    return self.lm_head(x)
+    return output_logits(self.norm, self.lm_head, self.embed, x)
+
+
+def output_logits(norm: RMSNorm, lm_head, embed: nnx.Embed, x: jax.Array) -> jax.Array:
+  """The final norm and the LM head (the embeddings' transpose when ``lm_head`` is None)."""
+  x = norm(x)
+  return embed.attend(x) if lm_head is None else lm_head(x)
+
+
+def fused_parts(model: Llama):
+  """The model in three functions of pure parameter dicts, for ``go.fused_scan_step``.
+
+  The parameters are ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``: the stacked decoder
+  layers under ``"layers"`` (needs ``scan_layers``), the rest beside them. Each part merges
+  the module's own graph with the arrays it is given, so it computes what ``model`` does.
+
+  Returns:
+    ``(embed_fn(rest, tokens) -> h, layer_fn(layer, h) -> h, logits_fn(rest, h) -> logits)``.
+  """
+  cfg = model.config
+  if not cfg.scan_layers:
+    raise ExampleError("a fused step runs the update inside the scan over stacked layers: "
+                       "it needs --scan-layers")
+  graphs = {name: nnx.split(getattr(model, name))[0]
+            for name in ("embed", "layers", "norm", "lm_head") if getattr(model, name) is not None}
+  part = lambda name, arrays: nnx.merge(graphs[name], nnx.State(arrays))
+
+  def embed_fn(rest, tokens):
+    return part("embed", rest["embed"])(tokens)
+
+  def layer_fn(layer, h):
+    cos, sin = rope_tables(h.shape[1], cfg.head_dim, cfg.rope_theta)
+    return part("layers", layer)(h, cos, sin)
+
+  def logits_fn(rest, h):
+    lm_head = part("lm_head", rest["lm_head"]) if "lm_head" in graphs else None
+    return output_logits(part("norm", rest["norm"]), lm_head, part("embed", rest["embed"]), h)
+
+  return embed_fn, layer_fn, logits_fn
 
 
 def param_count(model: nnx.Module) -> int:

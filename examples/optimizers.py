@@ -309,7 +309,8 @@ def _restructure_like(reference, tree):
 
 
 def nonfinite_counts(opt_state) -> Optional[Tuple[Any, Any]]:
-  """(consecutive, total) skipped steps of an ``apply_if_finite`` state; None without one."""
-  if isinstance(opt_state, optax.ApplyIfFiniteState):
+  """(consecutive, total) skipped steps of an ``apply_if_finite`` state or of a fused step's
+  (``go.FusedState``; zeros unless it skips); None without one."""
+  if isinstance(opt_state, (optax.ApplyIfFiniteState, go.FusedState)):
     return opt_state.notfinite_count, opt_state.total_notfinite
   return None

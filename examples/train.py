@@ -57,7 +57,11 @@ class TrainResult:
 
 def loss_fn(model: models.Llama, batch: jax.Array) -> jax.Array:
   """Mean next-token cross entropy; batch rows hold seq_len + 1 tokens."""
-  logits = model(batch[:, :-1])
+  return next_token_loss(model(batch[:, :-1]), batch)
+
+
+def next_token_loss(logits: jax.Array, batch: jax.Array) -> jax.Array:
+  """Mean cross entropy of ``logits`` (for ``batch[:, :-1]``) against ``batch[:, 1:]``."""
   losses = optax.softmax_cross_entropy_with_integer_labels(
       logits.astype(jnp.float32), batch[:, 1:])
   return losses.mean()
@@ -101,9 +105,97 @@ def eval_step(model: models.Llama, metrics: nnx.MultiMetric, batch: jax.Array) -
   metrics.update(loss=loss_fn(model, batch))
 
 
-def make_train_metrics() -> nnx.MultiMetric:
+def make_train_metrics(grad_norm: bool = True) -> nnx.MultiMetric:
+  """Averages of the loss and, where the step has the whole gradient, of its norm."""
+  if not grad_norm:
+    return nnx.MultiMetric(loss=nnx.metrics.Average("loss"))
   return nnx.MultiMetric(loss=nnx.metrics.Average("loss"),
                          grad_norm=nnx.metrics.Average("grad_norm"))
+
+
+# ------------------------------------------------------------------------------ fused step
+
+
+class FusedOptimizer(nnx.Pytree):
+  """``nnx.Optimizer``'s counterpart for ``config.fused``: the update inside the backward scan.
+
+  ``go.fused_scan_step`` updates each stacked layer as soon as its gradient exists, so this
+  optimizer takes the batch, not gradients: ``loss = optimizer.update(model, batch,
+  learning_rate=...)``. ``step`` counts updates as nnx.Optimizer's does and ``opt_state`` is
+  the ``go.FusedState``, kept one ``nnx.OptState`` per array (``leaves``) so that nnx.jit,
+  donation and checkpoints handle it as they handle nnx.Optimizer's state. Gradient clipping
+  and skipping non-finite steps are the fused step's own ``clip_norm`` and ``skip_nonfinite``
+  (one more backward pass sums the squared gradients first).
+  """
+
+  def __init__(self, model: models.Llama, tx: optax.GradientTransformationExtraArgs, *,
+               clip_norm: Optional[float], skip_nonfinite: bool):
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    try:  # the probe needs the learning rate that every update receives
+      state = go.fused_init(tx, params, learning_rate=np.float32(1e-3))
+    except ValueError as e:
+      raise ExampleError(f"--fused: {e}") from None
+    leaves, self.treedef = jax.tree.flatten(state)
+    self.step = nnx.OptState(jnp.array(0, dtype=jnp.uint32))
+    self.leaves = nnx.List([nnx.OptState(x) for x in leaves])
+    self.step_fn = _fused_step(model, tx, clip_norm, skip_nonfinite)
+
+  @property
+  def opt_state(self) -> go.FusedState:
+    return jax.tree.unflatten(self.treedef, [v[...] for v in self.leaves])
+
+  def update(self, model: models.Llama, batch: jax.Array, **kwargs) -> jax.Array:
+    """Trains ``model`` on ``batch`` (rows of seq_len + 1 tokens); returns the loss before."""
+    model_state = nnx.state(model, nnx.Param)
+    params, state, loss = self.step_fn(nnx.to_pure_dict(model_state), self.opt_state, batch,
+                                       **kwargs)
+    nnx.replace_by_pure_dict(model_state, params)
+    nnx.update(model, model_state)
+    for variable, value in zip(self.leaves, jax.tree.leaves(state)):
+      variable[...] = value
+    self.step[...] += 1
+    return loss
+
+
+_FUSED_STEPS: Dict[Any, Callable] = {}
+
+
+def _fused_step(model, tx, clip_norm, skip_nonfinite) -> Callable:
+  """One step function per model shape and optimizer, so nnx.jit compiles it once."""
+  key = (model.config, tx, clip_norm, skip_nonfinite)
+  if key not in _FUSED_STEPS:
+    embed_fn, layer_fn, logits_fn = models.fused_parts(model)
+    _FUSED_STEPS[key] = go.fused_scan_step(
+        lambda rest, batch: embed_fn(rest, batch[:, :-1]), layer_fn,
+        lambda rest, h, batch: next_token_loss(logits_fn(rest, h), batch), tx,
+        clip_norm=clip_norm, skip_nonfinite=skip_nonfinite)
+  return _FUSED_STEPS[key]
+
+
+@functools.partial(nnx.jit, donate_argnums=(0, 1))
+def fused_train_step(model: models.Llama, optimizer: FusedOptimizer, metrics: nnx.MultiMetric,
+                     batch: jax.Array, learning_rate: jax.Array) -> jax.Array:
+  """``train_step`` for a ``FusedOptimizer`` (no gradient norm: the whole gradient never
+  exists)."""
+  skipped_before = optimizer.opt_state.total_notfinite
+  loss = optimizer.update(model, batch, learning_rate=learning_rate)
+  finite = jnp.isfinite(loss) & (optimizer.opt_state.total_notfinite == skipped_before)
+  metrics.update(loss=jnp.where(finite, loss, 0.0), mask=finite)
+  return loss
+
+
+def step_function(optimizer):
+  """The jitted train step for ``optimizer`` (an nnx.Optimizer or a FusedOptimizer)."""
+  return fused_train_step if isinstance(optimizer, FusedOptimizer) else train_step
+
+
+def compiled_step_peak(model, optimizer, batch: np.ndarray) -> Optional[int]:
+  """XLA's planned peak of one train step (``go.planned_peak_bytes``): parameters, state,
+  activations, gradients and every temporary, as compiled. Nothing runs."""
+  metrics = make_train_metrics(grad_norm=not isinstance(optimizer, FusedOptimizer))
+  lowered = step_function(optimizer).lower(model, optimizer, metrics, jnp.asarray(batch),
+                                           np.float32(0.0))
+  return go.planned_peak_bytes(lowered.compile())
 
 
 def settle_state_containers(optimizer: nnx.Optimizer) -> None:
@@ -401,6 +493,11 @@ def validate_config(config: configs_lib.TrainConfig) -> configs_lib.LlamaConfig:
     raise ExampleError(f"stop-after must be positive, got {config.stop_after}")
   if config.eval_split not in ("validation", "tuning"):
     raise ExampleError(f"eval split must be 'validation' or 'tuning', got {config.eval_split!r}")
+  if config.fused and not config.scan_layers:
+    raise ExampleError("--fused updates each layer inside the backward scan of stacked layers: "
+                       "add --scan-layers")
+  if config.fused and config.mesh is not None:
+    raise ExampleError("--fused is not implemented on a --mesh yet; train without one of them")
   if config.mesh is not None:
     sizes = parse_mesh(config.mesh)
     if config.batch_size % (sizes["data"] * sizes["fsdp"]):
@@ -496,17 +593,24 @@ def _train_and_evaluate(config, workdir, dataset, log, on_step, t_start, model_c
 
   # ---------------------------------------------------------------- model and optimizer
   model = models.Llama(model_cfg, rngs=nnx.Rngs(params=config.seed))
-  tx, schedule, peak_lr = optimizers_lib.build_optimizer(
-      config.optimizer, optimizer_config(config))
-  step_fn = train_step
-  if mesh is not None:
-    shard_model(model, mesh, dict(mesh.shape), model_cfg.scan_layers)
-    # galore_optax's optimizers derive their state's shardings themselves; the wrapper
-    # does the same for the others (optax.contrib.galore) and is a no-op on the rest.
-    tx = go.sharding_aware(tx)
-    step_fn = sharded_train_step
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  settle_state_containers(optimizer)
+  opt_cfg = optimizer_config(config)
+  if config.fused:  # the fused step clips and skips itself; tx holds neither
+    tx, schedule, peak_lr = optimizers_lib.build_optimizer(config.optimizer, dataclasses.replace(
+        opt_cfg, grad_clip=None, max_consecutive_nonfinite=0))
+    optimizer = FusedOptimizer(model, tx, clip_norm=opt_cfg.grad_clip,
+                               skip_nonfinite=opt_cfg.max_consecutive_nonfinite > 0)
+    step_fn = fused_train_step
+  else:
+    tx, schedule, peak_lr = optimizers_lib.build_optimizer(config.optimizer, opt_cfg)
+    step_fn = train_step
+    if mesh is not None:
+      shard_model(model, mesh, dict(mesh.shape), model_cfg.scan_layers)
+      # galore_optax's optimizers derive their state's shardings themselves; the wrapper
+      # does the same for the others (optax.contrib.galore) and is a no-op on the rest.
+      tx = go.sharding_aware(tx)
+      step_fn = sharded_train_step
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    settle_state_containers(optimizer)
   opt_state_bytes = go.tree_bytes(optimizer.opt_state)
   per_device = None
   if mesh is not None:
@@ -554,7 +658,9 @@ def _train_and_evaluate(config, workdir, dataset, log, on_step, t_start, model_c
                                             if start_step else []))
 
     log(f"model {config.model}: {params_count / 1e6:.2f}M parameters "
-        f"({'scanned' if model_cfg.scan_layers else 'unrolled'} layers, remat {model_cfg.remat}, "
+        f"({'scanned' if model_cfg.scan_layers else 'unrolled'} layers"
+        f"{', update fused into the backward scan' if config.fused else ''}, "
+        f"remat {model_cfg.remat}, "
         f"{model_cfg.param_dtype} params / {model_cfg.dtype} compute); optimizer "
         f"{config.optimizer} (peak lr {peak_lr:g}), state {opt_state_bytes / 2**20:.2f} MiB")
     log(f"data {dataset.describe()}; evaluating on the {config.eval_split} split")
@@ -575,6 +681,7 @@ def _train_and_evaluate(config, workdir, dataset, log, on_step, t_start, model_c
   summary = {
       "config": config.model,
       "optimizer": config.optimizer,
+      "fused": config.fused,
       "steps": loop.final_step,
       "batch_size": config.batch_size,
       "seq_len": seq_len,
@@ -664,7 +771,7 @@ class _Loop:
     if config.stop_after is not None:
       end_step = min(end_step, start_step + config.stop_after)
     tokens_per_step = config.batch_size * (self.sampler.rows.shape[1] - 1)
-    metrics = make_train_metrics()
+    metrics = make_train_metrics(grad_norm=not self.config.fused)
     progress = None
     log = self.log
     try:
@@ -702,7 +809,7 @@ class _Loop:
           values = {k: v if math.isfinite(v) else None for k, v in values.items()}
           n = done - last_logged
           self._record({"step": done, "split": "train", "loss": values["loss"],
-                        "grad_norm": values["grad_norm"],
+                        "grad_norm": values.get("grad_norm"),
                         "lr": float(learning_rate), "tokens": done * tokens_per_step,
                         "skipped_steps": self.skipped_total,
                         "step_time_s": window_time / n,
@@ -725,17 +832,18 @@ class _Loop:
 
 def time_train_steps(model: models.Llama, optimizer: nnx.Optimizer,
                      batches: List[np.ndarray], learning_rate: float) -> List[float]:
-  """Seconds of one (already compiled) ``train_step`` per batch, each waited for.
+  """Seconds of one (already compiled) train step per batch, each waited for.
 
   examples.compare calls this for its optimizers in turn, so that they are timed side by
   side under the same machine load rather than in separate runs minutes apart.
   """
-  metrics = make_train_metrics()
+  metrics = make_train_metrics(grad_norm=not isinstance(optimizer, FusedOptimizer))
+  step = step_function(optimizer)
   times = []
   for batch in batches:
     batch = jnp.asarray(batch)
     t0 = time.perf_counter()
-    float(train_step(model, optimizer, metrics, batch, np.float32(learning_rate)))
+    float(step(model, optimizer, metrics, batch, np.float32(learning_rate)))
     times.append(time.perf_counter() - t0)
   return times
 

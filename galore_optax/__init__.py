@@ -48,6 +48,7 @@ from galore_optax.refresh import (
     randomized_refresh,
     svd_refresh,
 )
+from galore_optax.memory_analysis import planned_peak_bytes
 from galore_optax.schedules import LazyRefresh, LazyRefreshState
 from galore_optax.sharding import opt_state_shardings, public as _public, sharding_aware
 from galore_optax.transform import GaLoreState
@@ -111,6 +112,7 @@ __all__ = (
     "gradnorm_lorp8bit",
     "opt_state_shardings",
     "path_mask",
+    "planned_peak_bytes",
     "power_refresh",
     "quantize_blockwise",
     "quantize_projector",

@@ -16,8 +16,10 @@ but that slice (every optimizer of this package; optax's elementwise
 transforms). One that reduces across leaves or layers (`clip_by_global_norm`,
 `apply_if_finite`, LAMB's trust ratio of a stacked leaf, `MultiSteps`) is
 refused: `fused_init` runs it once on a small probe both ways and compares.
-Global-norm clipping is offered as `clip_norm=`: a first reverse scan sums the
-squared gradients, a second applies the updates to the clipped gradients.
+Global-norm clipping is offered as `clip_norm=`, and skipping a step whose
+gradient holds a NaN or an infinity (what `optax.apply_if_finite` does) as
+`skip_nonfinite=True`: a first reverse scan sums the squared gradients, a
+second applies the updates to the clipped gradients, or none of them.
 """
 
 from __future__ import annotations
@@ -41,10 +43,15 @@ class FusedState(NamedTuple):
       layer's slice, vmapped over the stack (so every leaf, step counts
       included, has a leading layer axis).
     rest: the optimizer state of the other parameters (`tx.init(rest)`).
+    notfinite_count: steps skipped in a row for a non-finite gradient (int32;
+      counted with ``skip_nonfinite=True``, as `optax.ApplyIfFiniteState`).
+    total_notfinite: steps skipped in all (int32).
   """
 
   layers: Any
   rest: Any
+  notfinite_count: Any
+  total_notfinite: Any
 
 
 def _split(params, layers: str):
@@ -77,11 +84,12 @@ _COUPLED = (
 _PER_SLICE: "weakref.WeakSet" = weakref.WeakSet()
 
 
-def check_per_slice(tx: optax.GradientTransformation) -> None:
+def check_per_slice(tx: optax.GradientTransformation, **extra_args) -> None:
   """Raises if `tx`'s update of one slice depends on other leaves or slices.
 
   Runs `tx` on a probe of two stacked leaves of two layers, once on the whole
   tree and once slice by slice (with per-slice state), and compares.
+  `extra_args` go to every `tx.update` (e.g. ``learning_rate``).
   """
   try:
     if tx.update in _PER_SLICE:
@@ -105,10 +113,11 @@ def check_per_slice(tx: optax.GradientTransformation) -> None:
   def slice_update(g, state, params, i):
     # Random refreshes draw what the whole tree would for slice i, as in a fused step.
     with refresh_lib.keys_of_whole_tree(refresh_lib.KeyContext((0, 1), i)):
-      return tx.update(g, state, params)
+      return tx.update(g, state, params, **extra_args)
 
   # Compiled: two traces of the update run faster than its ops one by one.
-  whole_update, slice_update = jax.jit(tx.update), jax.jit(slice_update)
+  whole_update = jax.jit(lambda g, s, p: tx.update(g, s, p, **extra_args))
+  slice_update = jax.jit(slice_update)
   try:
     whole_state = tx.init(probe)
     slice_state = jax.vmap(tx.init)(probe)
@@ -136,7 +145,8 @@ def check_per_slice(tx: optax.GradientTransformation) -> None:
     pass
 
 
-def fused_init(tx: optax.GradientTransformation, params, layers: str = "layers") -> FusedState:
+def fused_init(tx: optax.GradientTransformation, params, layers: str = "layers",
+               **extra_args) -> FusedState:
   """The optimizer state of a fused step: per-layer state for the stacked layers.
 
   Args:
@@ -145,6 +155,9 @@ def fused_init(tx: optax.GradientTransformation, params, layers: str = "layers")
     params: a dict holding the stacked layer tree under `layers` (every leaf
       with a leading layer axis) and the other parameters.
     layers: the key of the stacked layers in `params`.
+    **extra_args: keyword arguments that ``tx.update`` needs (an
+      `optax.GradientTransformationExtraArgs`, e.g. ``learning_rate=1e-3``),
+      example values for the probe; the step takes the real ones.
 
   Returns:
     A `FusedState`.
@@ -159,8 +172,10 @@ def fused_init(tx: optax.GradientTransformation, params, layers: str = "layers")
   stack, rest = _split(params, layers)
   _num_layers(stack)
   with jax.ensure_compile_time_eval():  # on concrete arrays, also under jit or eval_shape
-    check_per_slice(tx)
-  return FusedState(layers=jax.vmap(tx.init)(stack), rest=tx.init(rest))
+    check_per_slice(tx, **extra_args)
+  return FusedState(layers=jax.vmap(tx.init)(stack), rest=tx.init(rest),
+                    notfinite_count=jnp.zeros([], jnp.int32),
+                    total_notfinite=jnp.zeros([], jnp.int32))  # two buffers: each is donated
 
 
 def _whole_tree_indices(params, layers: str):
@@ -186,6 +201,7 @@ def fused_scan_step(
     tx: optax.GradientTransformation,
     layers: str = "layers",
     clip_norm: Optional[float] = None,
+    skip_nonfinite: bool = False,
 ) -> Callable:
   """A training step whose optimizer update runs inside the backward scan.
 
@@ -197,12 +213,22 @@ def fused_scan_step(
     tx: the optimizer (see `fused_init`).
     layers: the key of the stacked layers in the parameters.
     clip_norm: None, or clip the whole gradient to this global norm (in
-      float32) before the updates, as `optax.clip_by_global_norm`; costs one
-      more backward pass.
+      float32) before the updates, as `optax.clip_by_global_norm`.
+    skip_nonfinite: if True, a step whose gradient holds a NaN or an infinity
+      changes neither the parameters nor the optimizer state, and is counted
+      in the state (`FusedState.notfinite_count`, `total_notfinite`), as
+      `optax.apply_if_finite` does for the usual step.
+
+    With `clip_norm` or `skip_nonfinite`, a first backward pass sums the
+    squared gradients (the global norm needs every layer's gradient before the
+    first update); it costs one more backward pass and no gradient memory.
 
   Returns:
-    ``step(params, opt_state, batch) -> (params, opt_state, loss)``, with the
-    state from `fused_init`; jit it and donate params and state.
+    ``step(params, opt_state, batch, **extra_args) -> (params, opt_state,
+    loss)``, with the state from `fused_init`; ``extra_args`` go to every
+    ``tx.update`` (e.g. ``learning_rate=`` for an
+    `optax.GradientTransformationExtraArgs`). Jit it and donate params and
+    state.
 
   Example:
     >>> import jax, jax.numpy as jnp, galore_optax as go
@@ -216,8 +242,11 @@ def fused_scan_step(
   """
   if clip_norm is not None and not (np.isscalar(clip_norm) and clip_norm > 0):
     raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm!r}.")
+  if not isinstance(skip_nonfinite, (bool, np.bool_)):
+    raise ValueError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}.")
+  needs_norm = clip_norm is not None or bool(skip_nonfinite)
 
-  def step(params, opt_state: FusedState, batch):
+  def step(params, opt_state: FusedState, batch, **extra_args):
     if not isinstance(opt_state, FusedState):
       raise TypeError("the optimizer state of a fused step comes from go.fused_init(tx, params).")
     stack, rest = _split(params, layers)
@@ -238,8 +267,8 @@ def fused_scan_step(
       g_p, g_in = layer_vjp(g_h)
       return p_i, g_p, g_in
 
-    scale = 1.0
-    if clip_norm is not None:
+    scale, apply = 1.0, jnp.asarray(True)
+    if needs_norm:
       def norm_body(carry, i):
         g_h, total = carry
         _, g_p, g_in = layer_grads(i, g_h, stack)
@@ -249,7 +278,10 @@ def fused_scan_step(
           norm_body, (g_h, jnp.zeros([], jnp.float32)), jnp.arange(count), reverse=True)
       g_rest = jax.tree.map(jnp.add, g_rest_head, embed_vjp(g_h0)[0])
       norm = jnp.sqrt(layer_sq + _sum_squares(g_rest))
-      scale = jnp.where(norm < clip_norm, 1.0, clip_norm / norm)
+      if clip_norm is not None:
+        scale = jnp.where(norm < clip_norm, 1.0, clip_norm / norm)
+      if skip_nonfinite:
+        apply = jnp.isfinite(norm)
 
     def update_body(carry, i):
       g_h, stack, layer_state = carry
@@ -261,24 +293,37 @@ def fused_scan_step(
         s_i = jax.tree.map(lambda x: x[i], layer_state)
         # Random refreshes draw what they would for layer i of the whole tree.
         with refresh_lib.keys_of_whole_tree(refresh_lib.KeyContext(layer_leaves, i)):
-          u, s_i = tx.update(g_p, s_i, p_i)
+          u, s_i = tx.update(g_p, s_i, p_i, **extra_args)
         p_i = optax.apply_updates(p_i, u)
         put = lambda full, part: jax.tree.map(lambda x, v: x.at[i].set(v), full, part)
         return g_in, put(stack, p_i), put(layer_state, s_i)
 
-      # XLA:CPU copies the whole carry each iteration unless the per-layer
-      # work sits in a conditional (always taken).
-      return jax.lax.cond(i >= 0, work, lambda ops: ops, (g_h, stack, layer_state)), None
+      # The per-layer work sits in a conditional: a skipped step leaves
+      # everything as it was, and without one (its predicate not a constant)
+      # XLA:CPU copies the whole carry each iteration.
+      return jax.lax.cond(jnp.logical_and(i >= 0, apply), work, lambda ops: ops,
+                          (g_h, stack, layer_state)), None
 
     (g_h0, stack, layer_state), _ = jax.lax.scan(
         update_body, (g_h, stack, opt_state.layers), jnp.arange(count), reverse=True)
-    g_rest = jax.tree.map(jnp.add, g_rest_head, embed_vjp(g_h0)[0])
-    if clip_norm is not None:
+
+    def update_rest(operands):
+      g_h0, rest, rest_state = operands
+      g_rest = jax.tree.map(jnp.add, g_rest_head, embed_vjp(g_h0)[0])
       g_rest = jax.tree.map(lambda g: (g * scale).astype(g.dtype), g_rest)
-    with refresh_lib.keys_of_whole_tree(refresh_lib.KeyContext(rest_leaves)):
-      u, rest_state = tx.update(g_rest, opt_state.rest, rest)
-    new_params = dict(optax.apply_updates(rest, u))
+      with refresh_lib.keys_of_whole_tree(refresh_lib.KeyContext(rest_leaves)):
+        u, rest_state = tx.update(g_rest, rest_state, rest, **extra_args)
+      return optax.apply_updates(rest, u), rest_state
+
+    rest, rest_state = jax.lax.cond(apply, update_rest, lambda ops: ops[1:],
+                                    (g_h0, rest, opt_state.rest))
+    skipped = jnp.logical_not(apply).astype(jnp.int32)
+    new_state = FusedState(
+        layers=layer_state, rest=rest_state,
+        notfinite_count=(opt_state.notfinite_count + 1) * skipped,
+        total_notfinite=opt_state.total_notfinite + skipped)
+    new_params = dict(rest)
     new_params[layers] = stack
-    return ({k: new_params[k] for k in params}, FusedState(layer_state, rest_state), loss)
+    return {k: new_params[k] for k in params}, new_state, loss
 
   return step

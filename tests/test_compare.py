@@ -246,3 +246,18 @@ def test_compare_end_to_end(monkeypatch, tmp_path, capsys):
     assert splits(f"galore_adamw/tune_lr{lr:g}") == {"tuning"}
   assert splits("galore_adamw/seed0") == splits("adamw/seed1") == {"eval"}
   assert not os.path.exists(out / "runs" / "adamw" / "seed0" / "checkpoints")
+
+
+def test_fused_rows_are_the_optimizer_with_scanned_layers_and_a_fused_step():
+  entries = compare.parse_optimizers("adamw,galore_adamw:fused")
+  assert [e.label for e in entries] == ["adamw", "galore_adamw:fused"]
+  fused = entries[1]
+  assert fused.optimizer == "galore_adamw"
+  config = compare.run_config(configs.get_config(model="tiny"), fused, learning_rate=1e-2,
+                              steps=4, seed=0, split="validation")
+  assert config.fused and config.scan_layers and config.optimizer == "galore_adamw"
+  assert not compare.run_config(configs.get_config(model="tiny"), entries[0],
+                                learning_rate=1e-3, steps=4, seed=0, split="validation").fused
+  for bad in ("galore_adamw:fast", "galore_adamw=1e-3"):
+    with pytest.raises(ExampleError, match="NAME:fused"):
+      compare.parse_optimizers(bad)

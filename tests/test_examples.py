@@ -130,7 +130,8 @@ def test_projected_kernels_are_2d_and_selected_by_path():
 
 def test_scanned_layers_equal_unrolled_layers():
   unrolled = _model()
-  scanned = _model(scan_layers=True, remat="full")
+  scanned = models.Llama(dataclasses.replace(NANO, vocab_size=VOCAB, scan_layers=True,
+                                             remat="full"), rngs=nnx.Rngs(7))  # other weights
   kernel = scanned.layers.attn.q_proj.kernel
   assert kernel.shape == (NANO.num_layers, NANO.hidden_size, NANO.hidden_size)
   tokens = jax.random.randint(jax.random.key(2), (2, 10), 0, VOCAB)
@@ -496,6 +497,106 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run(nano, small_dataset, tmp
     train.train_and_evaluate(_config(nano, optimizer="adamw", max_consecutive_nonfinite=0,
                                      save_checkpoints=False),
                              str(tmp_path / "b"), dataset=dataset, log=quiet)
+
+
+# ----------------------------------------------------------------------------- fused step
+
+
+@pytest.fixture
+def nano2(monkeypatch):
+  """The two-layer NANO config as 'nano2' (GaLore rank 4): a stack to scan over."""
+  monkeypatch.setitem(configs.MODEL_CONFIGS, "nano2", NANO)
+  monkeypatch.setitem(configs.DEFAULT_RANKS, "nano2", 4)
+  return "nano2"
+
+
+def test_scanned_model_starts_from_the_unrolled_models_weights():
+  unrolled, scanned = _model(), _model(scan_layers=True)
+  a = nnx.to_pure_dict(nnx.state(unrolled, nnx.Param))
+  b = nnx.to_pure_dict(nnx.state(scanned, nnx.Param))
+  for i in range(NANO.num_layers):
+    for x, y in zip(jax.tree.leaves(a["layers"][i]),
+                    jax.tree.leaves(jax.tree.map(lambda t: t[i], b["layers"]))):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  np.testing.assert_array_equal(np.asarray(a["embed"]["embedding"]),
+                                np.asarray(b["embed"]["embedding"]))
+
+
+def test_fused_run_takes_the_steps_of_the_usual_run(nano2, small_dataset, tmp_path):
+  # Refreshes at steps 0, 2 and 4; the default skip of non-finite steps (one more backward).
+  # tests/test_fused.py compares the fused step with the usual one for every optimizer.
+  name = "galore_adamw"
+  config = _config(nano2, optimizer=name, scan_layers=True, save_checkpoints=False)
+  usual = train.train_and_evaluate(config, str(tmp_path / "usual"), dataset=small_dataset,
+                                   log=quiet)
+  fused = train.train_and_evaluate(dataclasses.replace(config, fused=True),
+                                   str(tmp_path / "fused"), dataset=small_dataset, log=quiet)
+  assert isinstance(fused.optimizer, train.FusedOptimizer) and fused.summary["fused"]
+  a = nnx.state(usual.model, nnx.Param)
+  b = nnx.state(fused.model, nnx.Param)
+  moved = 0.0
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    x, y = np.asarray(x), np.asarray(y)
+    assert np.max(np.abs(x - y)) <= 1e-5 * max(1.0, np.max(np.abs(x))), name
+  losses = [_train_losses(str(tmp_path / d)) for d in ("usual", "fused")]
+  assert losses[0].keys() == losses[1].keys() == set(range(1, 6))
+  for step, loss in losses[0].items():
+    assert abs(loss - losses[1][step]) <= 1e-5 * abs(loss)
+  assert losses[0][5] < losses[0][1] - 0.1  # it trains
+  records = [r for r in fused.history if r["split"] == "train"]
+  assert all(r["grad_norm"] is None for r in records)  # the whole gradient never exists
+  # What the fused step saves shows in XLA's plan of the step (the same model and state).
+  batch = small_dataset.train[:2]
+  assert (train.compiled_step_peak(fused.model, fused.optimizer, batch)
+          < train.compiled_step_peak(usual.model, usual.optimizer, batch))
+
+
+def test_fused_resume_continues_bit_for_bit(nano2, small_dataset, tmp_path):
+  config = _config(nano2, scan_layers=True, fused=True, grad_clip=0.5)
+  whole = train.train_and_evaluate(config, str(tmp_path / "whole"), dataset=small_dataset,
+                                   log=quiet)
+  part = str(tmp_path / "part")
+  train.train_and_evaluate(dataclasses.replace(config, stop_after=3), part,
+                           dataset=small_dataset, log=quiet)
+  resumed = train.train_and_evaluate(dataclasses.replace(config, resume=True), part,
+                                     dataset=small_dataset, log=quiet)
+  assert resumed.summary["steps"] == 5
+  a, b = _flat_state(whole), _flat_state(resumed)
+  assert len(a) == len(b) and len(a) > 10
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  assert _train_losses(part) == _train_losses(str(tmp_path / "whole"))
+  with pytest.raises(ExampleError, match="fused True"):  # the state has another layout
+    train.train_and_evaluate(dataclasses.replace(config, resume=True, fused=False, steps=6),
+                             part, dataset=small_dataset, log=quiet)
+
+
+def test_fused_run_skips_nonfinite_steps(nano2, small_dataset, tmp_path):
+  dataset = _poisoned_dataset(small_dataset, [3])
+  config = _config(nano2, steps=8, scan_layers=True, fused=True, save_checkpoints=False)
+  sampler = input_pipeline.BatchSampler(dataset.train, config.batch_size, config.seed)
+  expected = sum(3 in sampler.indices(s) for s in range(config.steps))
+  assert expected >= 1
+  lines = []
+  result = train.train_and_evaluate(config, str(tmp_path / "run"), dataset=dataset,
+                                    log=lines.append)
+  assert result.summary["skipped_steps"] == expected
+  assert sum("non-finite gradients, update skipped" in l for l in lines) == expected
+  assert all(np.isfinite(x).all() for x in _flat_state(result))
+  assert np.isfinite(result.summary["final_eval_loss"])
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (dict(fused=True), "add --scan-layers"),
+    (dict(fused=True, scan_layers=True, mesh="1,1,1"), "not implemented on a --mesh"),
+    (dict(fused=True, scan_layers=True, optimizer="galore_adafactor"),
+     "--fused: this optimizer's update of one layer depends on other layers"),
+])
+def test_fused_refusals_name_the_fix(nano2, small_dataset, tmp_path, overrides, fragment):
+  with pytest.raises(ExampleError, match=fragment):
+    train.train_and_evaluate(_config(nano2, **overrides), str(tmp_path / "run"),
+                             dataset=small_dataset, log=quiet)
+  assert not (tmp_path / "run").exists()
 
 
 # ----------------------------------------------------------------------------- data

@@ -166,3 +166,59 @@ def test_random_refreshes_pass_the_probe_when_every_matrix_is_projected(tx):
   params = {"layers": {"w": jnp.ones((2, 16, 32))}, "out": jnp.ones((16, 8))}
   state = go.fused_init(tx, params)
   assert state.layers[0].count.shape == (2,)
+
+
+def test_extra_args_reach_every_update():
+  # The learning rate as an update argument, as examples/optimizers.py passes it.
+  def update(g, s, p=None, *, learning_rate):
+    return optax.adamw(learning_rate, weight_decay=0.1).update(g, s, p)
+  tx = optax.GradientTransformationExtraArgs(optax.adamw(1.0).init, update)
+  params, tokens = model()
+  ref = jax.jit(go.fused_scan_step(embed, layer, head, built("optax.adamw")))
+  fused = jax.jit(go.fused_scan_step(embed, layer, head, tx))
+  a = ref(params, go.fused_init(built("optax.adamw"), params), tokens)
+  b = fused(params, go.fused_init(tx, params, learning_rate=0.5), tokens, learning_rate=1e-2)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def poisoned_embed(rest, batch):
+  # d/d embed[0, 0] of 0 · √(0 · embed[0, 0] + poison) is NaN when poison is 0; the
+  # loss stays finite, so only the gradient shows it (and only the embeddings').
+  tokens, poison = batch
+  guard = 0.0 * jnp.sqrt(0.0 * rest["embed"][0, 0] + poison)
+  return rest["embed"][tokens] + guard
+
+
+def poisoned_head(rest, h, batch):
+  return head(rest, h, batch[0])
+
+
+@pytest.mark.parametrize("name", ["optax.adamw", "galore_adamw8bit"])
+def test_skip_nonfinite_leaves_everything_as_it_was(name):
+  params, tokens = model()
+  tx = built(name)
+  step = jax.jit(go.fused_scan_step(poisoned_embed, layer, poisoned_head, tx,
+                                    skip_nonfinite=True))
+  plain = jax.jit(go.fused_scan_step(embed, layer, head, tx))
+  state = go.fused_init(tx, params)
+  # A finite step is the step without skip_nonfinite.
+  p1, s1, loss1 = step(params, state, (tokens, 1.0))
+  p2, s2, loss2 = plain(params, state, tokens)
+  for x, y in zip(jax.tree.leaves((p1, s1.layers, s1.rest)), jax.tree.leaves((p2, s2.layers, s2.rest))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert float(loss1) == float(loss2) and int(s1.total_notfinite) == 0
+  # Two poisoned steps change nothing, and are counted; a finite one resets the run.
+  p, s = p1, s1
+  for skipped in (1, 2):
+    p, s, loss = step(p, s, (tokens, 0.0))
+    assert np.isfinite(float(loss))
+    assert (int(s.notfinite_count), int(s.total_notfinite)) == (skipped, skipped)
+    for x, y in zip(jax.tree.leaves((p, s.layers, s.rest)), jax.tree.leaves((p1, s1.layers, s1.rest))):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  p, s, _ = step(p, s, (tokens, 1.0))
+  assert (int(s.notfinite_count), int(s.total_notfinite)) == (0, 2)
+  assert all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves(p))
+  assert float(jnp.max(jnp.abs(p["layers"]["w"] - p1["layers"]["w"]))) > 1e-4
+  with pytest.raises(ValueError, match="skip_nonfinite"):
+    go.fused_scan_step(embed, layer, head, tx, skip_nonfinite="yes")
