@@ -34,8 +34,14 @@ def planned_peak_bytes(compiled: Any) -> Optional[int]:
     analysis = compiled.memory_analysis()
   if analysis is None:
     return None
-  get = analysis.get if isinstance(analysis, Mapping) else lambda k: getattr(analysis, k, None)
-  values = [get(k) for k in _FIELDS]
+  if isinstance(analysis, Mapping):
+    values = [analysis.get(k) for k in _FIELDS]
+  elif all(hasattr(analysis, k) for k in _FIELDS):
+    values = [getattr(analysis, k) for k in _FIELDS]
+  else:
+    raise TypeError(
+        f"planned_peak_bytes takes a compiled program, not a {type(compiled).__name__}: "
+        "pass jax.jit(f).lower(...).compile() (or its memory_analysis()).")
   if any(v is None for v in values):
     return None
   arguments, outputs, aliased, temporaries = (int(v) for v in values)

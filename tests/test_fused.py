@@ -222,3 +222,15 @@ def test_skip_nonfinite_leaves_everything_as_it_was(name):
   assert float(jnp.max(jnp.abs(p["layers"]["w"] - p1["layers"]["w"]))) > 1e-4
   with pytest.raises(ValueError, match="skip_nonfinite"):
     go.fused_scan_step(embed, layer, head, tx, skip_nonfinite="yes")
+
+
+def test_planned_peak_bytes_reads_the_compiled_plan():
+  x = jax.ShapeDtypeStruct((1024,), jnp.float32)
+  lowered = jax.jit(lambda x: x * 2, donate_argnums=0).lower(x)
+  compiled = lowered.compile()
+  assert go.planned_peak_bytes(compiled) == 4096  # the output written over the donated input
+  kept = jax.jit(lambda x: x * 2).lower(x).compile()
+  assert go.planned_peak_bytes(kept.memory_analysis()) == 8192
+  assert go.planned_peak_bytes({"argument_size_in_bytes": 1}) is None  # fields missing
+  with pytest.raises(TypeError, match=r"lower\(...\).compile\(\)"):
+    go.planned_peak_bytes(lowered)
