@@ -189,10 +189,15 @@ def step_function(optimizer):
   return fused_train_step if isinstance(optimizer, FusedOptimizer) else train_step
 
 
+def metrics_for(optimizer) -> nnx.MultiMetric:
+  """The train metrics that ``step_function(optimizer)`` updates."""
+  return make_train_metrics(grad_norm=not isinstance(optimizer, FusedOptimizer))
+
+
 def compiled_step_peak(model, optimizer, batch: np.ndarray) -> Optional[int]:
   """XLA's planned peak of one train step (``go.planned_peak_bytes``): parameters, state,
   activations, gradients and every temporary, as compiled. Nothing runs."""
-  metrics = make_train_metrics(grad_norm=not isinstance(optimizer, FusedOptimizer))
+  metrics = metrics_for(optimizer)
   lowered = step_function(optimizer).lower(model, optimizer, metrics, jnp.asarray(batch),
                                            np.float32(0.0))
   return go.planned_peak_bytes(lowered.compile())
@@ -771,7 +776,7 @@ class _Loop:
     if config.stop_after is not None:
       end_step = min(end_step, start_step + config.stop_after)
     tokens_per_step = config.batch_size * (self.sampler.rows.shape[1] - 1)
-    metrics = make_train_metrics(grad_norm=not self.config.fused)
+    metrics = metrics_for(self.optimizer)
     progress = None
     log = self.log
     try:
@@ -837,7 +842,7 @@ def time_train_steps(model: models.Llama, optimizer: nnx.Optimizer,
   examples.compare calls this for its optimizers in turn, so that they are timed side by
   side under the same machine load rather than in separate runs minutes apart.
   """
-  metrics = make_train_metrics(grad_norm=not isinstance(optimizer, FusedOptimizer))
+  metrics = metrics_for(optimizer)
   step = step_function(optimizer)
   times = []
   for batch in batches:
