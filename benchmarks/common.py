@@ -16,7 +16,6 @@ import re
 import jax
 import optax
 
-from galore_optax import masking
 
 # hidden, intermediate, heads, layers (Zhao et al. 2024, Table 2); vocab 32000.
 LLAMA_SIZES = {
@@ -220,7 +219,7 @@ def contrib_galore(learning_rate: float, rank: int, targets: str) -> optax.Gradi
 
   def dimension_numbers(params):
     def pick(path, leaf):
-      if leaf.ndim == 2 and pattern.search(masking.path_to_str(path)):
+      if leaf.ndim == 2 and pattern.search(jax.tree_util.keystr(path, simple=True, separator="/")):
         return optax.contrib.GaLoreDimensionNumbers(reduction_axis=0, output_axis=1)
       return None
 

@@ -189,10 +189,11 @@ def real_gradients(steps, gap, batch_size, seq_len, layers, max_docs, accumulate
       total = g
       for k in range(1, accumulate):
         total = jax.tree.map(jnp.add, total, grad_fn(params, jnp.asarray(extra(s * accumulate + k)))[1])
-      flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(total))[0]
+      total = nnx.to_pure_dict(total)
       snapshots[s] = {
-          masking.path_to_str(path): jnp.swapaxes(leaf, 0, 1) / accumulate  # (in, out) -> (out, in)
-          for path, leaf in flat if leaf.ndim == 2 and pattern.search(masking.path_to_str(path))
+          path: jnp.swapaxes(leaf, 0, 1) / accumulate  # (in, out) -> (out, in)
+          for path, leaf in zip(masking.leaf_paths(total), jax.tree.leaves(total))
+          if leaf.ndim == 2 and pattern.search(path)
       }
     params, opt_state = apply(params, opt_state, g)
   what = (f"60M-shaped LLaMA of the example (hidden 512, intermediate 1376, {layers} layers, vocab "

@@ -1,16 +1,16 @@
 """Ready-made GaLore optimizers: chains of the transformations in this package.
 
-Every alias takes the GaLore options (`go.GaLoreOptions`: rank,
-update_proj_gap, scale, proj_type, mask, dimension_numbers, refresh,
-projector_dtype, projector_bits, lazy_refresh, realign_moments), added to
-its signature by `options.galore_optimizer`: the first six in the positions
-galore-torch users know, the rest as keywords.
+Each alias writes out its arguments in optax.adamw's order and meanings
+(`mask` is the weight-decay mask), with GaLore's rank, update_proj_gap,
+scale and proj_type first, where galore-torch users pass them, and the
+projection selector `projected` and the other GaLore options as keywords.
+Their full descriptions are in `galore_optax.options.GaLoreOptions`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -23,14 +23,13 @@ from galore_optax.adafactor import scale_by_adafactor_hf
 from galore_optax.adafactor import tree_rms
 from galore_optax.adam import scale_by_adam_hf
 from galore_optax.adam_8bit import scale_by_adam_8bit
-from galore_optax.options import ADAM_8BIT, ADAM_POSITIONAL, ADAMW, EPS_8BIT
-from galore_optax.options import AdamOptions, GaLoreOptions, galore_optimizer
+from galore_optax.masking import MaskOrFn
+from galore_optax.options import AdamOptions, GaLoreOptions
+from galore_optax.refresh import RefreshFn
+from galore_optax.schedules import LazyRefresh
+from galore_optax.realignment import MomentRealignment
 from galore_optax.transform import galore_transform
 from galore_optax.weight_decay import decay_weights_after_update
-
-MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
-
-NO_8BIT_REALIGNMENT = {"realign_moments": "8-bit moments are codes with block scales and cannot be rotated."}
 
 
 def _is_static_zero(x) -> bool:
@@ -73,9 +72,8 @@ def learning_rate_and_decay(
 
 def decay_after(learning_rate, adam: AdamOptions) -> list[optax.GradientTransformation]:
   """The learning rate, then galore-torch's decay of the updated weights."""
-  mask = adam.weight_decay_mask
   return learning_rate_and_decay(
-      learning_rate, adam.weight_decay, after=True if mask is None else mask)
+      learning_rate, adam.weight_decay, after=True if adam.mask is None else adam.mask)
 
 
 def _projected_and(options: GaLoreOptions, projected: bool, other: MaskOrFn):
@@ -83,10 +81,7 @@ def _projected_and(options: GaLoreOptions, projected: bool, other: MaskOrFn):
 
   def mask_fn(tree):
     flags = jax.tree.leaves(options.projected_mask(tree))
-    try:
-      extra = [True] * len(flags) if other is None else masking.resolve_mask(other, tree)
-    except (ValueError, TypeError) as e:
-      raise type(e)(f"weight_decay_mask: {e}") from None
+    extra = [True] * len(flags) if other is None else masking.resolve_mask(other, tree, "mask")
     return jax.tree.structure(tree).unflatten(
         [f == projected and e for f, e in zip(flags, extra)]
     )
@@ -109,17 +104,54 @@ def zero_nonfinite(galore: GaLoreOptions) -> optax.GradientTransformation:
   return optax.masked(zero, galore.projected_mask)
 
 
-@galore_optimizer(leading=(), options_first=("rank",), adam=("b1", "b2", "eps", "mu_dtype"))
-def galore(*, galore: GaLoreOptions, adam: AdamOptions) -> optax.GradientTransformation:
+def galore(
+    rank: int = 128,
+    *,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    mu_dtype: Optional[jax.typing.DTypeLike] = None,
+    projected: MaskOrFn = None,
+    dimension_numbers: Any = None,
+    refresh: Union[str, RefreshFn] = "svd",
+    refresh_memory_budget: Optional[int] = None,
+    projector_dtype: Optional[jax.typing.DTypeLike] = None,
+    projector_bits: Optional[int] = None,
+    regenerate_projector: bool = False,
+    lazy_refresh: Union[None, bool, LazyRefresh] = None,
+    realign_moments: Union[None, bool, MomentRealignment] = None,
+) -> optax.GradientTransformation:
   """GaLore with a low-rank Adam inside and no learning rate.
 
   Chain it with a learning rate (and anything else) like any optax
-  transformation. The Adam is galore-torch's (`scale_by_adam_hf`).
+  transformation. The Adam is galore-torch's (`scale_by_adam_hf`). There is
+  no weight decay here, so `projected` is the only selector.
 
   Args:
-    {galore_options}
-      `realign_moments=True` realigns with this Adam's b1 and b2.
-    {adam_options}
+    rank: rank of the projection (a static int), clamped to each matrix.
+    update_proj_gap: steps between projector refreshes (T).
+    scale: α, the multiplier of the projected-back update.
+    proj_type: 'std', 'reverse_std', 'left', 'right' or 'full'.
+    b1: first-moment decay.
+    b2: second-moment decay.
+    eps: added to √v before the bias correction (galore-torch's placement;
+      optax.adam's default is 1e-8).
+    mu_dtype: optional dtype of the first moment.
+    projected: which leaves are projected (pytree of bools or callable);
+      default every floating leaf with at least two axes.
+    dimension_numbers: a `go.DimensionNumbers`, a pytree of them or a
+      callable; default Flax's (in, out) layout.
+    refresh: 'svd', 'randomized', 'power', 'random' or a refresh function.
+    refresh_memory_budget: bytes one batched decomposition may take.
+    projector_dtype: dtype the bases are stored in; default the leaf's.
+    projector_bits: None, 8 or 4: group-quantized bases.
+    regenerate_projector: with refresh='random', store no bases.
+    lazy_refresh: None, True or a `go.LazyRefresh`.
+    realign_moments: None, True (this Adam's b1 and b2) or a
+      `go.MomentRealignment`.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -129,26 +161,74 @@ def galore(*, galore: GaLoreOptions, adam: AdamOptions) -> optax.GradientTransfo
     >>> tx = optax.chain(go.galore(rank=8), optax.scale_by_learning_rate(1e-3))
     >>> state = tx.init({"w": jnp.zeros((32, 16))})
   """
-  galore = galore.with_realignment_decays(adam.b1, adam.b2)
-  return galore_transform(galore, scale_by_adam_hf(adam.b1, adam.b2, adam.eps, adam.mu_dtype))
+  adam = AdamOptions.from_arguments(locals())
+  galore_options = GaLoreOptions.from_arguments(locals()).with_realignment_decays(b1, b2)
+  return galore_transform(galore_options, scale_by_adam_hf(b1, b2, eps, mu_dtype))
 
 
-@galore_optimizer(middle=ADAM_POSITIONAL, adam=ADAMW)
 def galore_adamw(
-    learning_rate: optax.ScalarOrSchedule, *, galore: GaLoreOptions, adam: AdamOptions,
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: MaskOrFn = None,
+    *,
+    projected: MaskOrFn = None,
+    dimension_numbers: Any = None,
+    mu_dtype: Optional[jax.typing.DTypeLike] = None,
+    refresh: Union[str, RefreshFn] = "svd",
+    refresh_memory_budget: Optional[int] = None,
+    projector_dtype: Optional[jax.typing.DTypeLike] = None,
+    projector_bits: Optional[int] = None,
+    regenerate_projector: bool = False,
+    lazy_refresh: Union[None, bool, LazyRefresh] = None,
+    realign_moments: Union[None, bool, MomentRealignment] = None,
 ) -> optax.GradientTransformation:
   """galore-torch's `GaLoreAdamW`, step for step.
 
-  Projected leaves (`mask`) get low-rank Adam moments and the projected-back
-  update times `scale`; the others plain Adam. Weight decay p ← p − lr·wd·p is
-  applied to the updated weights and is not scaled by `scale`, as in the
-  reference.
+  Projected leaves (`projected`) get low-rank Adam moments and the
+  projected-back update times `scale`; the others plain Adam. Weight decay
+  p ← p − lr·wd·p is applied to the updated weights and is not scaled by
+  `scale`, as in the reference. Defaults differ from `optax.adamw`'s where
+  galore-torch's do: eps 1e-6 (added to √v before the bias correction) and
+  no weight decay.
 
   Args:
     learning_rate: a float or an optax schedule.
-    {galore_options}
-      `realign_moments=True` realigns with this optimizer's b1 and b2.
-    {adam_options}
+    rank: rank of the projection (a static int), clamped to each matrix.
+    update_proj_gap: steps between projector refreshes (T): each matrix is
+      refreshed at 0-based steps 0, T, 2T, … from the current gradient.
+    scale: α, the multiplier of the projected-back update (the paper: 0.25).
+    proj_type: 'std' (compress the smaller side, as galore-torch),
+      'reverse_std', 'left' (output side), 'right' (input side) or 'full'.
+    b1: first-moment decay.
+    b2: second-moment decay.
+    eps: added to √v before the bias correction.
+    weight_decay: decoupled weight decay, a number or an optax schedule.
+    mask: the weight-decay mask, as in `optax.adamw`: a pytree of bools or a
+      callable(params) returning one; default every leaf is decayed.
+    projected: which leaves are projected (pytree of bools or a callable,
+      e.g. `go.path_mask(r"attn|mlp")`); default every floating leaf with
+      at least two axes.
+    dimension_numbers: a `go.DimensionNumbers`, a pytree of them or a
+      callable; default Flax's (in, out) layout, other axes batch axes.
+    mu_dtype: optional dtype of the first moment.
+    refresh: how bases are computed: 'svd' (exact), 'randomized', 'power',
+      'random' or a refresh function such as `go.randomized_refresh(16)`.
+    refresh_memory_budget: bytes of float32 matrices one batched
+      decomposition may take; None is 256 MiB.
+    projector_dtype: dtype the bases are stored in; default the leaf's.
+    projector_bits: None, 8 or 4: bases stored group-quantized (Q-GaLore).
+    regenerate_projector: with refresh='random', store no bases and draw
+      them again each step.
+    lazy_refresh: None, True or a `go.LazyRefresh`: Q-GaLore's adaptive gap.
+    realign_moments: None, True (with this optimizer's b1 and b2) or a
+      `go.MomentRealignment`: LDAdam's realignment at each refresh.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -159,28 +239,44 @@ def galore_adamw(
   Example:
     >>> import jax, jax.numpy as jnp, optax, galore_optax as go
     >>> params = {"w": jnp.ones((32, 16)), "b": jnp.zeros(16)}
-    >>> tx = go.galore_adamw(1e-3, rank=4, weight_decay=0.01)
+    >>> decay_matrices = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+    >>> tx = go.galore_adamw(1e-3, rank=4, weight_decay=0.01, mask=decay_matrices)
     >>> state = tx.init(params)
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> updates, state = tx.update(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
   """
-  galore = galore.with_realignment_decays(adam.b1, adam.b2)
+  validation.learning_rate(learning_rate)
+  adam = AdamOptions.from_arguments(locals())
+  galore_options = GaLoreOptions.from_arguments(locals()).with_realignment_decays(b1, b2)
   return optax.chain(
-      galore_transform(galore, scale_by_adam_hf(adam.b1, adam.b2, adam.eps, adam.mu_dtype)),
+      galore_transform(galore_options, scale_by_adam_hf(b1, b2, eps, mu_dtype)),
       *decay_after(learning_rate, adam),
   )
 
 
-@galore_optimizer(middle=ADAM_POSITIONAL, adam=ADAM_8BIT, defaults=EPS_8BIT,
-                  refuses=NO_8BIT_REALIGNMENT)
 def galore_adamw8bit(
     learning_rate: optax.ScalarOrSchedule,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: MaskOrFn = None,
     *,
-    galore: GaLoreOptions,
-    adam: AdamOptions,
+    projected: MaskOrFn = None,
+    dimension_numbers: Any = None,
     block_size: int = 256,
     min_8bit_size: int = 4096,
+    refresh: Union[str, RefreshFn] = "svd",
+    refresh_memory_budget: Optional[int] = None,
+    projector_dtype: Optional[jax.typing.DTypeLike] = None,
+    projector_bits: Optional[int] = None,
+    regenerate_projector: bool = False,
+    lazy_refresh: Union[None, bool, LazyRefresh] = None,
 ) -> optax.GradientTransformation:
   """galore-torch's `GaLoreAdamW8bit`: GaLore around bitsandbytes' 8-bit Adam.
 
@@ -191,7 +287,9 @@ def galore_adamw8bit(
   leaf: projected leaves decay their *updated* weights, p ← p − lr·wd·p after
   the step, never scaled by α (galore-torch's code), while the other leaves
   go through plain `bitsandbytes` AdamW8bit, which decays the old weights,
-  p·(1 − lr·wd), before the step.
+  p·(1 − lr·wd), before the step. eps defaults to bitsandbytes' 1e-8 and is
+  added inside, m/(√v + √(1−β2^t)·eps). 8-bit moments cannot be rotated, so
+  there is no `realign_moments`.
 
   Non-finite gradient elements are set to zero before the projection, so one
   NaN/Inf element neither turns a row of the low-rank gradient (or, at a
@@ -201,11 +299,28 @@ def galore_adamw8bit(
 
   Args:
     learning_rate: a float or an optax schedule.
-    {galore_options}
-    {adam_options}
+    rank: rank of the projection (a static int), clamped to each matrix.
+    update_proj_gap: steps between projector refreshes (T).
+    scale: α, the multiplier of the projected-back update.
+    proj_type: 'std', 'reverse_std', 'left', 'right' or 'full'.
+    b1: first-moment decay.
+    b2: second-moment decay.
+    eps: added to √v inside the bias correction (bitsandbytes' placement).
+    weight_decay: decoupled weight decay, a number or an optax schedule.
+    mask: the weight-decay mask, as in `optax.adamw`; default all leaves.
+    projected: which leaves are projected; default every floating leaf with
+      at least two axes.
+    dimension_numbers: a `go.DimensionNumbers`, a pytree of them or a
+      callable; default Flax's (in, out) layout.
     block_size: elements per quantization block (bitsandbytes: 256; the
-      GaLore paper's runs: 2048).
-    min_8bit_size: moments with fewer elements stay float32.
+      GaLore paper's runs: 2048). A static int.
+    min_8bit_size: moments with fewer elements stay float32. A static int.
+    refresh: 'svd', 'randomized', 'power', 'random' or a refresh function.
+    refresh_memory_budget: bytes one batched decomposition may take.
+    projector_dtype: dtype the bases are stored in; default the leaf's.
+    projector_bits: None, 8 or 4: group-quantized bases.
+    regenerate_projector: with refresh='random', store no bases.
+    lazy_refresh: None, True or a `go.LazyRefresh`.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -225,29 +340,28 @@ def galore_adamw8bit(
     >>> updates, state = tx.update(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
   """
-  inner = scale_by_adam_8bit(adam.b1, adam.b2, adam.eps, block_size, min_8bit_size)
+  validation.learning_rate(learning_rate)
+  adam = AdamOptions.from_arguments(locals())
+  galore_options = GaLoreOptions.from_arguments(locals())
+  inner = scale_by_adam_8bit(b1, b2, eps, block_size, min_8bit_size)
   return optax.chain(
-      zero_nonfinite(galore),
-      galore_transform(galore, inner),
+      zero_nonfinite(galore_options),
+      galore_transform(galore_options, inner),
       *learning_rate_and_decay(
           learning_rate,
-          adam.weight_decay,
-          before=_projected_and(galore, False, adam.weight_decay_mask),
-          after=_projected_and(galore, True, adam.weight_decay_mask),
+          weight_decay,
+          before=_projected_and(galore_options, False, adam.mask),
+          after=_projected_and(galore_options, True, adam.mask),
       ),
   )
 
 
-_ADAFACTOR_ARGS = ("eps", "clip_threshold", "decay_rate", "beta1", "weight_decay",
-                   "scale_parameter", "relative_step", "warmup_init")
-
-
-@galore_optimizer(middle=_ADAFACTOR_ARGS, refuses={
-    "realign_moments": "Adafactor keeps no Adam moments to rotate."})
 def galore_adafactor(
     learning_rate: Optional[optax.ScalarOrSchedule] = None,
-    *,
-    galore: GaLoreOptions,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    proj_type: str = "std",
     eps: tuple[float, float] = (1e-30, 1e-3),
     clip_threshold: float = 1.0,
     decay_rate: float = -0.8,
@@ -256,7 +370,16 @@ def galore_adafactor(
     scale_parameter: bool = True,
     relative_step: Optional[bool] = None,
     warmup_init: bool = False,
-    weight_decay_mask: MaskOrFn = None,
+    mask: MaskOrFn = None,
+    *,
+    projected: MaskOrFn = None,
+    dimension_numbers: Any = None,
+    refresh: Union[str, RefreshFn] = "svd",
+    refresh_memory_budget: Optional[int] = None,
+    projector_dtype: Optional[jax.typing.DTypeLike] = None,
+    projector_bits: Optional[int] = None,
+    regenerate_projector: bool = False,
+    lazy_refresh: Union[None, bool, LazyRefresh] = None,
 ) -> optax.GradientTransformation:
   """galore-torch's `GaLoreAdafactor`, step for step.
 
@@ -265,7 +388,8 @@ def galore_adafactor(
   (`scale_by_adafactor_hf`) run on the low-rank gradient; the result is
   projected back times α; weight decay wd·ρ_t·p of the weights *before* the
   update is added (`add_adafactor_decayed_weights`). Unprojected leaves get
-  plain Adafactor.
+  plain Adafactor. Adafactor keeps no Adam moments, so there is no
+  `realign_moments`.
 
   The step size ρ_t with `scale_parameter` uses the RMS of the full weight
   for every leaf, projected or not, as galore-torch does (it reads the
@@ -283,8 +407,10 @@ def galore_adafactor(
   Args:
     learning_rate: external step size (float or schedule), or None for the
       relative step size.
-    {galore_options} projector_dtype defaults to float32 here, as the
-      reference projects the float32 gradient.
+    rank: rank of the projection (a static int), clamped to each matrix.
+    update_proj_gap: steps between projector refreshes (T).
+    scale: α, the multiplier of the projected-back update.
+    proj_type: 'std', 'reverse_std', 'left', 'right' or 'full'.
     eps: (eps1, eps2), see `scale_by_adafactor_hf`.
     clip_threshold: RMS clipping threshold of the (low-rank) update.
     decay_rate: second-moment decay exponent.
@@ -293,7 +419,20 @@ def galore_adafactor(
     scale_parameter: multiply ρ_t by max(eps2, RMS(weight)).
     relative_step: see above.
     warmup_init: linear warm-up of the relative step size.
-    weight_decay_mask: which leaves are decayed; default all, as galore-torch.
+    mask: the weight-decay mask (pytree of bools or callable); default all
+      leaves, as galore-torch.
+    projected: which leaves are projected; default every floating leaf with
+      at least two axes.
+    dimension_numbers: a `go.DimensionNumbers`, a pytree of them or a
+      callable; default Flax's (in, out) layout.
+    refresh: 'svd', 'randomized', 'power', 'random' or a refresh function.
+    refresh_memory_budget: bytes one batched decomposition may take.
+    projector_dtype: dtype the bases are stored in; None is float32 here
+      (unless `projector_bits`), as the reference projects the float32
+      gradient.
+    projector_bits: None, 8 or 4: group-quantized bases.
+    regenerate_projector: with refresh='random', store no bases.
+    lazy_refresh: None, True or a `go.LazyRefresh`.
 
   Returns:
     An `optax.GradientTransformation`. Its updates have the gradients' dtype.
@@ -316,14 +455,15 @@ def galore_adafactor(
     >>> updates, state = tx.update(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
   """
+  galore = GaLoreOptions.from_arguments(locals())
+  if projector_dtype is None and projector_bits is None:
+    galore = dataclasses.replace(galore, projector_dtype=jnp.float32)
   if learning_rate is not None:
     validation.learning_rate(learning_rate)
   validation.non_negative(weight_decay, "weight_decay")
   validation.real(clip_threshold, "clip_threshold", low=0.0, low_open=True)
   if beta1 is not None:
     validation.decay(beta1, "beta1")
-  if galore.projector_dtype is None and galore.projector_bits is None:
-    galore = dataclasses.replace(galore, projector_dtype=jnp.float32)
   step_size = dict(
       learning_rate=learning_rate,
       eps=eps,
@@ -338,7 +478,7 @@ def galore_adafactor(
         param_rms=weight_rms, **step_size,
     )
     decay = [] if _is_static_zero(weight_decay) else [
-        add_adafactor_decayed_weights(weight_decay, mask=weight_decay_mask, **step_size)
+        add_adafactor_decayed_weights(weight_decay, mask=mask, **step_size)
     ]
     return optax.chain(galore_transform(galore, inner), *decay, optax.scale(-1.0))
 

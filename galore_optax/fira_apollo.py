@@ -17,7 +17,9 @@ fira 1.0.2 and apollo-torch 1.0.3 do.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Optional, Union
 
+import jax
 import optax
 
 from galore_optax import outputs
@@ -25,8 +27,11 @@ from galore_optax import validation
 from galore_optax.adam import scale_by_adam_hf, scale_by_bias_correction
 from galore_optax.adam_8bit import scale_by_adam_8bit
 from galore_optax.alias import decay_after, zero_nonfinite
-from galore_optax.options import ADAM_8BIT, ADAM_POSITIONAL, ADAMW, EPS_8BIT
-from galore_optax.options import AdamOptions, GaLoreOptions, galore_optimizer
+from galore_optax.masking import MaskOrFn
+from galore_optax.options import AdamOptions, GaLoreOptions
+from galore_optax.realignment import MomentRealignment
+from galore_optax.refresh import RefreshFn
+from galore_optax.schedules import LazyRefresh
 from galore_optax.transform import galore_transform
 
 PROJ_METHODS = {"random": "random", "svd": "svd"}
@@ -58,10 +63,14 @@ class ApolloOptions:
     validation.choice(self.scale_front, "scale_front", (True, False))
     validation.choice(self.disable_nl, "disable_nl", (True, False))
 
+  @classmethod
+  def from_arguments(cls, arguments, **overrides) -> "ApolloOptions":
+    """The APOLLO options among a factory's `arguments` (its `locals()`), validated."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in arguments.items() if k in names}, **overrides)
 
-_APOLLO = {"apollo": (ApolloOptions, ("scale_type", "proj", "scale_front", "disable_nl"))}
-_MINI = {"apollo": (ApolloOptions, ("proj", "scale_front", "disable_nl"))}
-_NOT_FULL = {"proj_type": "'full' keeps no channel axis for the per-channel factors"}
+
+_NOT_FULL = "'full' keeps no channel axis for the per-channel factors"
 
 
 def _chain(galore, inner, output, learning_rate, adam: AdamOptions):
@@ -78,9 +87,28 @@ def _direction(adam: AdamOptions):
   return scale_by_adam_hf(adam.b1, adam.b2, adam.eps, adam.mu_dtype, bias_correction=False)
 
 
-@galore_optimizer(middle=ADAM_POSITIONAL, adam=ADAMW, defaults={"scale": 0.25})
 def fira_adamw(
-    learning_rate: optax.ScalarOrSchedule, *, galore: GaLoreOptions, adam: AdamOptions,
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: MaskOrFn = None,
+    *,
+    projected: MaskOrFn = None,
+    dimension_numbers: Any = None,
+    mu_dtype: Optional[jax.typing.DTypeLike] = None,
+    refresh: Union[str, RefreshFn] = "svd",
+    refresh_memory_budget: Optional[int] = None,
+    projector_dtype: Optional[jax.typing.DTypeLike] = None,
+    projector_bits: Optional[int] = None,
+    regenerate_projector: bool = False,
+    lazy_refresh: Union[None, bool, LazyRefresh] = None,
+    realign_moments: Union[None, bool, MomentRealignment] = None,
 ) -> optax.GradientTransformation:
   """Fira: GaLore plus the rescaled, limited residual (fira 1.0.2's `FiraAdamW`).
 
@@ -99,8 +127,29 @@ def fira_adamw(
 
   Args:
     learning_rate: a float or an optax schedule.
-    {galore_options}
-    {adam_options}
+    rank: rank of the projection (a static int), clamped to each matrix.
+    update_proj_gap: steps between projector refreshes (T).
+    scale: α, the reference's alpha (0.25 by default, as fira's scripts).
+    proj_type: 'std', 'reverse_std', 'left' or 'right' ('full' keeps no
+      channel axis for the per-channel factors).
+    b1: first-moment decay.
+    b2: second-moment decay.
+    eps: added to √v (galore-torch's placement).
+    weight_decay: decoupled weight decay, a number or an optax schedule.
+    mask: the weight-decay mask, as in `optax.adamw`; default all leaves.
+    projected: which leaves are projected; default every floating leaf with
+      at least two axes.
+    dimension_numbers: a `go.DimensionNumbers`, a pytree of them or a
+      callable; default Flax's (in, out) layout.
+    mu_dtype: optional dtype of the first moment.
+    refresh: 'svd', 'randomized', 'power', 'random' or a refresh function.
+    refresh_memory_budget: bytes one batched decomposition may take.
+    projector_dtype: dtype the bases are stored in; default the leaf's.
+    projector_bits: None, 8 or 4: group-quantized bases.
+    regenerate_projector: with refresh='random', store no bases.
+    lazy_refresh: None, True or a `go.LazyRefresh`.
+    realign_moments: None, True (this optimizer's b1 and b2) or a
+      `go.MomentRealignment`.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -118,9 +167,11 @@ def fira_adamw(
     Array(-1., dtype=float32)
     >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
   """
-  if galore.proj_type == "full":
-    raise ValueError(f"fira_adamw does not support proj_type='full': {_NOT_FULL['proj_type']}.")
-  galore = galore.with_realignment_decays(adam.b1, adam.b2)
+  validation.learning_rate(learning_rate)
+  if proj_type == "full":
+    raise ValueError(f"fira_adamw does not support proj_type='full': {_NOT_FULL}.")
+  adam = AdamOptions.from_arguments(locals())
+  galore = GaLoreOptions.from_arguments(locals()).with_realignment_decays(b1, b2)
   return optax.chain(*_chain(galore, _direction(adam), outputs.FiraResidual(), learning_rate, adam))
 
 
@@ -128,7 +179,7 @@ def _apollo_options(galore: GaLoreOptions, owner: str, proj: str, per_channel: b
   """The GaLore options with APOLLO's projection, checked against APOLLO's rules."""
   if per_channel and galore.proj_type == "full":
     raise ValueError(f"{owner} with scale_type='channel' does not support proj_type='full': "
-                     f"{_NOT_FULL['proj_type']}; use scale_type='tensor'.")
+                     f"{_NOT_FULL}; use scale_type='tensor'.")
   if proj == "random":
     for option in ("lazy_refresh", "realign_moments"):
       if getattr(galore, option) not in (None, False):
@@ -148,14 +199,31 @@ def _apollo(learning_rate, galore, adam, apollo: ApolloOptions, inner, owner, ei
   return optax.chain(*head, *_chain(galore, inner, output, learning_rate, adam))
 
 
-@galore_optimizer(middle=ADAM_POSITIONAL, adam=ADAMW, groups=_APOLLO, defaults={"rank": 256},
-                  exclude=("refresh",))
 def apollo_adamw(
     learning_rate: optax.ScalarOrSchedule,
+    rank: int = 256,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: MaskOrFn = None,
     *,
-    galore: GaLoreOptions,
-    adam: AdamOptions,
-    apollo: ApolloOptions,
+    projected: MaskOrFn = None,
+    dimension_numbers: Any = None,
+    scale_type: str = "channel",
+    proj: str = "random",
+    scale_front: bool = False,
+    disable_nl: bool = False,
+    mu_dtype: Optional[jax.typing.DTypeLike] = None,
+    refresh_memory_budget: Optional[int] = None,
+    projector_dtype: Optional[jax.typing.DTypeLike] = None,
+    projector_bits: Optional[int] = None,
+    regenerate_projector: bool = False,
+    lazy_refresh: Union[None, bool, LazyRefresh] = None,
+    realign_moments: Union[None, bool, MomentRealignment] = None,
 ) -> optax.GradientTransformation:
   """APOLLO: the gradient scaled by what the low-rank Adam says (apollo-torch 1.0.3).
 
@@ -169,15 +237,39 @@ def apollo_adamw(
 
   Only the low-rank moments and one limiter value per matrix are stored.
   APOLLO's scripts use rank 1/4 of the hidden size (256 from 350M up), scale
-  1 and lr 0.01; `apollo_mini` is rank 1 with one factor per matrix.
+  1 and lr 0.01; `apollo_mini` is rank 1 with one factor per matrix. The
+  projection is chosen by `proj`, so there is no `refresh` argument.
 
   Args:
     learning_rate: a float or an optax schedule.
-    {galore_options} With proj='random', lazy_refresh and realign_moments
-      do not apply (a random projection is no basis of the gradient's
-      subspace); regenerate_projector=True stores no projector at all.
-    {apollo_options}
-    {adam_options}
+    rank: rank of the projection (a static int), clamped to each matrix.
+    update_proj_gap: steps between projection redraws (T).
+    scale: APOLLO's scale; the update is multiplied by √scale.
+    proj_type: 'std', 'reverse_std', 'left', 'right' or, with
+      scale_type='tensor', 'full'.
+    b1: first-moment decay.
+    b2: second-moment decay.
+    eps: added to √v (galore-torch's placement).
+    weight_decay: decoupled weight decay, a number or an optax schedule.
+    mask: the weight-decay mask, as in `optax.adamw`; default all leaves.
+    projected: which leaves are projected; default every floating leaf with
+      at least two axes.
+    dimension_numbers: a `go.DimensionNumbers`, a pytree of them or a
+      callable; default Flax's (in, out) layout.
+    scale_type: 'channel' (a factor per index of the kept axis) or 'tensor'
+      (one per matrix).
+    proj: 'random' (APOLLO's Gaussian projection) or 'svd' (GaLore's).
+    scale_front: multiply by √scale before the limiter.
+    disable_nl: no norm-growth limiter (and no limiter state).
+    mu_dtype: optional dtype of the first moment.
+    refresh_memory_budget: bytes one batched decomposition may take.
+    projector_dtype: dtype the projections are stored in; default the leaf's.
+    projector_bits: None, 8 or 4: group-quantized projections.
+    regenerate_projector: store no projection, draw it again each step
+      from its keys (proj='random').
+    lazy_refresh: None, True or a `go.LazyRefresh` (proj='svd' only).
+    realign_moments: None, True or a `go.MomentRealignment` (proj='svd'
+      only: a random projection is no basis of the gradient's subspace).
 
   Returns:
     An `optax.GradientTransformation`.
@@ -195,65 +287,144 @@ def apollo_adamw(
     (8, 64)
     >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
   """
+  validation.learning_rate(learning_rate)
+  adam = AdamOptions.from_arguments(locals())
+  galore = GaLoreOptions.from_arguments(locals()).with_realignment_decays(b1, b2)
+  apollo = ApolloOptions.from_arguments(locals())
   return _apollo(learning_rate, galore, adam, apollo, _direction(adam), "apollo_adamw")
 
 
-@galore_optimizer(middle=ADAM_POSITIONAL, adam=ADAM_8BIT, groups=_APOLLO,
-                  defaults={"rank": 256, **EPS_8BIT}, exclude=("refresh",))
 def apollo_adamw8bit(
     learning_rate: optax.ScalarOrSchedule,
+    rank: int = 256,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: MaskOrFn = None,
     *,
-    galore: GaLoreOptions,
-    adam: AdamOptions,
-    apollo: ApolloOptions,
+    projected: MaskOrFn = None,
+    dimension_numbers: Any = None,
+    scale_type: str = "channel",
+    proj: str = "random",
+    scale_front: bool = False,
+    disable_nl: bool = False,
     block_size: int = 256,
     min_8bit_size: int = 4096,
+    refresh_memory_budget: Optional[int] = None,
+    projector_dtype: Optional[jax.typing.DTypeLike] = None,
+    projector_bits: Optional[int] = None,
+    regenerate_projector: bool = False,
+    lazy_refresh: Union[None, bool, LazyRefresh] = None,
 ) -> optax.GradientTransformation:
   """`apollo_adamw` with bitsandbytes-style blockwise 8-bit low-rank moments.
 
   apollo-torch has no 8-bit-moment APOLLO; this one uses
   `scale_by_adam_8bit`'s moments and its eps placement, N = m/(√v +
   √(1−β2^t)·eps), and sets non-finite gradient elements to zero first, as
-  every 8-bit optimizer here does.
+  every 8-bit optimizer here does. 8-bit moments cannot be rotated, so there
+  is no `realign_moments`.
 
   Args:
     learning_rate: a float or an optax schedule.
-    {galore_options}
-    {adam_options}
-    {apollo_options}
-    block_size: elements per quantization block.
-    min_8bit_size: moments with fewer elements stay float32.
+    rank: rank of the projection (a static int), clamped to each matrix.
+    update_proj_gap: steps between projection redraws (T).
+    scale: APOLLO's scale; the update is multiplied by √scale.
+    proj_type: 'std', 'reverse_std', 'left', 'right' or, with
+      scale_type='tensor', 'full'.
+    b1: first-moment decay.
+    b2: second-moment decay.
+    eps: added to √v inside the bias correction (bitsandbytes' 1e-8).
+    weight_decay: decoupled weight decay, a number or an optax schedule.
+    mask: the weight-decay mask, as in `optax.adamw`; default all leaves.
+    projected: which leaves are projected; default every floating leaf with
+      at least two axes.
+    dimension_numbers: a `go.DimensionNumbers`, a pytree of them or a
+      callable; default Flax's (in, out) layout.
+    scale_type: 'channel' (a factor per index of the kept axis) or 'tensor'
+      (one per matrix).
+    proj: 'random' (APOLLO's Gaussian projection) or 'svd' (GaLore's).
+    scale_front: multiply by √scale before the limiter.
+    disable_nl: no norm-growth limiter (and no limiter state).
+    block_size: elements per quantization block. A static int.
+    min_8bit_size: moments with fewer elements stay float32. A static int.
+    refresh_memory_budget: bytes one batched decomposition may take.
+    projector_dtype: dtype the projections are stored in; default the leaf's.
+    projector_bits: None, 8 or 4: group-quantized projections.
+    regenerate_projector: store no projection, draw it again each step.
+    lazy_refresh: None, True or a `go.LazyRefresh` (proj='svd' only).
 
   Returns:
     An `optax.GradientTransformation`.
   """
-  inner = scale_by_adam_8bit(
-      adam.b1, adam.b2, adam.eps, block_size, min_8bit_size, bias_correction=False)
+  validation.learning_rate(learning_rate)
+  adam = AdamOptions.from_arguments(locals())
+  galore = GaLoreOptions.from_arguments(locals())
+  apollo = ApolloOptions.from_arguments(locals())
+  inner = scale_by_adam_8bit(b1, b2, eps, block_size, min_8bit_size, bias_correction=False)
   return _apollo(learning_rate, galore, adam, apollo, inner, "apollo_adamw8bit", eight_bit=True)
 
 
-@galore_optimizer(middle=ADAM_POSITIONAL, adam=ADAMW, groups=_MINI,
-                  defaults={"rank": 1, "scale": 128.0}, exclude=("refresh",))
 def apollo_mini(
     learning_rate: optax.ScalarOrSchedule,
+    update_proj_gap: int = 200,
+    scale: float = 128.0,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: MaskOrFn = None,
     *,
-    galore: GaLoreOptions,
-    adam: AdamOptions,
-    apollo: ApolloOptions,
+    projected: MaskOrFn = None,
+    dimension_numbers: Any = None,
+    proj: str = "random",
+    scale_front: bool = False,
+    disable_nl: bool = False,
+    mu_dtype: Optional[jax.typing.DTypeLike] = None,
+    refresh_memory_budget: Optional[int] = None,
+    projector_dtype: Optional[jax.typing.DTypeLike] = None,
+    projector_bits: Optional[int] = None,
+    regenerate_projector: bool = False,
+    lazy_refresh: Union[None, bool, LazyRefresh] = None,
+    realign_moments: Union[None, bool, MomentRealignment] = None,
 ) -> optax.GradientTransformation:
   """APOLLO-Mini: rank-1 random projection, one factor per matrix, scale 128.
 
   `apollo_adamw` with rank 1 and scale_type='tensor': per matrix it keeps
   two moments of one row (or column) of the gradient and one limiter value,
   SGD's memory. apollo-torch's scripts use scale 128 (192 at 130M, with
-  `scale_front` at 60M and 130M).
+  `scale_front` at 60M and 130M). For another rank use `apollo_adamw` with
+  scale_type='tensor'.
 
   Args:
     learning_rate: a float or an optax schedule.
-    {galore_options} rank must stay 1 (for another rank use `apollo_adamw`
-      with scale_type='tensor').
-    {adam_options}
-    {apollo_options} scale_type is 'tensor'.
+    update_proj_gap: steps between projection redraws (T).
+    scale: APOLLO's scale; the update is multiplied by √scale.
+    proj_type: 'std', 'reverse_std', 'left', 'right' or 'full'.
+    b1: first-moment decay.
+    b2: second-moment decay.
+    eps: added to √v (galore-torch's placement).
+    weight_decay: decoupled weight decay, a number or an optax schedule.
+    mask: the weight-decay mask, as in `optax.adamw`; default all leaves.
+    projected: which leaves are projected; default every floating leaf with
+      at least two axes.
+    dimension_numbers: a `go.DimensionNumbers`, a pytree of them or a
+      callable; default Flax's (in, out) layout.
+    proj: 'random' (APOLLO's Gaussian projection) or 'svd' (GaLore's).
+    scale_front: multiply by √scale before the limiter.
+    disable_nl: no norm-growth limiter (and no limiter state).
+    mu_dtype: optional dtype of the first moment.
+    refresh_memory_budget: bytes one batched decomposition may take.
+    projector_dtype: dtype the projections are stored in; default the leaf's.
+    projector_bits: None, 8 or 4: group-quantized projections.
+    regenerate_projector: store no projection, draw it again each step.
+    lazy_refresh: None, True or a `go.LazyRefresh` (proj='svd' only).
+    realign_moments: None, True or a `go.MomentRealignment` (proj='svd'
+      only).
 
   Returns:
     An `optax.GradientTransformation`.
@@ -264,10 +435,8 @@ def apollo_mini(
     >>> state[0].inner_state.mu["w"].shape   # one row of the (out × in) gradient
     (1, 64)
   """
-  if galore.rank != 1:
-    raise ValueError(
-        f"apollo_mini is rank 1 by definition, got rank={galore.rank}; for another "
-        "rank use apollo_adamw(rank=..., scale_type='tensor')."
-    )
-  apollo = dataclasses.replace(apollo, scale_type="tensor")
+  validation.learning_rate(learning_rate)
+  adam = AdamOptions.from_arguments(locals())
+  galore = GaLoreOptions.from_arguments(locals(), rank=1).with_realignment_decays(b1, b2)
+  apollo = ApolloOptions.from_arguments(locals(), scale_type="tensor")
   return _apollo(learning_rate, galore, adam, apollo, _direction(adam), "apollo_mini")

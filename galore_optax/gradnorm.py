@@ -27,9 +27,12 @@ from galore_optax import masking
 from galore_optax import matrix_view
 from galore_optax.adam import scale_by_adam_hf
 from galore_optax.adam_8bit import scale_by_adam_8bit
-from galore_optax.alias import NO_8BIT_REALIGNMENT
-from galore_optax.options import ADAM_8BIT, ADAM_POSITIONAL, ADAMW, EPS_8BIT
-from galore_optax.options import AdamOptions, GaLoreOptions, galore_optimizer
+from galore_optax import validation
+from galore_optax.masking import MaskOrFn
+from galore_optax.options import AdamOptions, GaLoreOptions
+from galore_optax.realignment import MomentRealignment
+from galore_optax.refresh import RefreshFn
+from galore_optax.schedules import LazyRefresh
 from galore_optax.transform import GaLoreState, galore_transform
 
 
@@ -161,18 +164,34 @@ def _direction_grad(w, grad, split: _Split):
                    grad - _unit_direction(w, grad, split) * split.magnitude_grad, 0.0)
 
 
-@galore_optimizer(middle=ADAM_POSITIONAL, trailing=("inner", "norm_axis"), adam=ADAMW)
 def gradnorm_lorp(
     learning_rate: optax.ScalarOrSchedule,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: MaskOrFn = None,
     *,
-    galore: GaLoreOptions,
-    adam: AdamOptions,
+    projected: MaskOrFn = None,
+    dimension_numbers: Any = None,
     inner: Optional[optax.GradientTransformation] = None,
     norm_axis: Optional[Union[int, Sequence[int]]] = None,
+    mu_dtype: Optional[jax.typing.DTypeLike] = None,
+    refresh: Union[str, RefreshFn] = "svd",
+    refresh_memory_budget: Optional[int] = None,
+    projector_dtype: Optional[jax.typing.DTypeLike] = None,
+    projector_bits: Optional[int] = None,
+    regenerate_projector: bool = False,
+    lazy_refresh: Union[None, bool, LazyRefresh] = None,
+    realign_moments: Union[None, bool, MomentRealignment] = None,
 ) -> optax.GradientTransformation:
   """GradNormLoRP: gradient weight-normalized low-rank projection.
 
-  For each projected leaf (`mask`), with W the current weight and the norm
+  For each projected leaf (`projected`), with W the current weight and the norm
   over `norm_axis` (per output channel by default):
 
   1. g = ‖W‖, V = W, V̂ = W/g;
@@ -201,20 +220,37 @@ def gradnorm_lorp(
 
   Args:
     learning_rate: a float or an optax schedule.
-    {galore_options} They apply to ∂V.
-      `mask` selects the leaves that are weight-normalized and projected;
-      `scale` multiplies the projected-back direction update only, not the
-      magnitude update or the weight decay; proj_type 'full' is the paper's
-      two-sided projection. `realign_moments=True` realigns the direction
-      moments with this optimizer's b1 and b2.
-    {adam_options} b1, b2, eps and mu_dtype make the default `inner`;
-      weight decay applies to the updated weights.
+    rank: rank of the projection of ∂V (a static int), clamped to each matrix.
+    update_proj_gap: steps between projector refreshes (T).
+    scale: α, multiplies the projected-back direction update only (not the
+      magnitude update or the weight decay).
+    proj_type: 'std', 'reverse_std', 'left', 'right' or 'full' (the paper's
+      two-sided projection).
+    b1: first-moment decay.
+    b2: second-moment decay.
+    eps: added to √v (galore-torch's placement).
+    weight_decay: decoupled weight decay of the updated weights, a number
+      or an optax schedule.
+    mask: the weight-decay mask, as in `optax.adamw`; default all leaves.
+    projected: the leaves that are weight-normalized and projected; default
+      every floating leaf with at least two axes.
+    dimension_numbers: a `go.DimensionNumbers`, a pytree of them or a
+      callable; default Flax's (in, out) layout.
     inner: the optimizer run on the low-rank ∂V, on ∂g and on unprojected
       gradients; default galore-torch's Adam (`scale_by_adam_hf(b1, b2,
       eps, mu_dtype)`). `go.scale_by_adam_8bit()` gives 8-bit states.
     norm_axis: axes the magnitude is the norm over: None for each leaf's
       reduction (input) axes, i.e. one magnitude per output channel, or an
       int / tuple of ints for every projected leaf (never a batch axis).
+    mu_dtype: optional dtype of the first moment of the default `inner`.
+    refresh: 'svd', 'randomized', 'power', 'random' or a refresh function.
+    refresh_memory_budget: bytes one batched decomposition may take.
+    projector_dtype: dtype the bases are stored in; default the leaf's.
+    projector_bits: None, 8 or 4: group-quantized bases.
+    regenerate_projector: with refresh='random', store no bases.
+    lazy_refresh: None, True or a `go.LazyRefresh`.
+    realign_moments: None, True (this optimizer's b1 and b2) or a
+      `go.MomentRealignment`: realigns the direction moments.
 
   Returns:
     An `optax.GradientTransformation` whose state is a `GradNormLoRPState`
@@ -242,16 +278,18 @@ def gradnorm_lorp(
     >>> updates, state = tx.update(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
   """
+  validation.learning_rate(learning_rate)
   _check_norm_axis(norm_axis)
+  adam = AdamOptions.from_arguments(locals())
+  galore = GaLoreOptions.from_arguments(locals()).with_realignment_decays(b1, b2)
   if inner is None:
-    inner = scale_by_adam_hf(adam.b1, adam.b2, adam.eps, adam.mu_dtype)
+    inner = scale_by_adam_hf(b1, b2, eps, mu_dtype)
   elif not isinstance(inner, optax.GradientTransformation):
     raise TypeError(
         f"inner must be an optax.GradientTransformation (e.g. "
         f"go.scale_by_adam_8bit()), got {type(inner).__name__}."
     )
-  return _weight_normalized(
-      learning_rate, galore.with_realignment_decays(adam.b1, adam.b2), inner, norm_axis, adam)
+  return _weight_normalized(learning_rate, galore, inner, norm_axis, adam)
 
 
 def _weight_normalized(
@@ -259,7 +297,7 @@ def _weight_normalized(
 ) -> optax.GradientTransformation:
   """GradNormLoRP's transformation; see `gradnorm_lorp`."""
   galore = galore_transform(opts, inner)
-  weight_decay, weight_decay_mask = adam.weight_decay, adam.weight_decay_mask
+  weight_decay, decay_mask = adam.weight_decay, adam.mask
   decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
 
   def norm_axes(tree):
@@ -307,11 +345,12 @@ def _weight_normalized(
     )
     # 3. The new weights, as updates.
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    decayed = [True] * len(grads) if weight_decay_mask is None else masking.resolve_mask(
-        weight_decay_mask, params)
+    wd = weight_decay(state.count) if callable(weight_decay) else weight_decay
+    decayed = [True] * len(grads) if decay_mask is None else masking.resolve_mask(
+        decay_mask, params, "mask")
     out = [
         _new_weight_update(
-            g, w, a, s, u, mu, lr, lr * weight_decay if decays and d else None)
+            g, w, a, s, u, mu, lr, lr * wd if decays and d else None)
         for g, w, a, s, u, mu, d in zip(
             grads, weights, axes, split, treedef.flatten_up_to(galore_out),
             treedef.flatten_up_to(magnitude_out), decayed)
@@ -352,16 +391,29 @@ def _new_weight_update(grad, w, axes, split, direction_update, magnitude_update,
   return (w_new - w.astype(jnp.float32)).astype(grad.dtype)
 
 
-@galore_optimizer(middle=ADAM_POSITIONAL, trailing=("norm_axis",), adam=ADAM_8BIT,
-                  defaults=EPS_8BIT, refuses=NO_8BIT_REALIGNMENT)
 def gradnorm_lorp8bit(
     learning_rate: optax.ScalarOrSchedule,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: MaskOrFn = None,
     *,
-    galore: GaLoreOptions,
-    adam: AdamOptions,
+    projected: MaskOrFn = None,
+    dimension_numbers: Any = None,
     norm_axis: Optional[Union[int, Sequence[int]]] = None,
     block_size: int = 256,
     min_8bit_size: int = 4096,
+    refresh: Union[str, RefreshFn] = "svd",
+    refresh_memory_budget: Optional[int] = None,
+    projector_dtype: Optional[jax.typing.DTypeLike] = None,
+    projector_bits: Optional[int] = None,
+    regenerate_projector: bool = False,
+    lazy_refresh: Union[None, bool, LazyRefresh] = None,
 ) -> optax.GradientTransformation:
   """`gradnorm_lorp` with bitsandbytes-style blockwise 8-bit Adam states.
 
@@ -376,11 +428,32 @@ def gradnorm_lorp8bit(
 
   Args:
     learning_rate: a float or an optax schedule.
-    {galore_options}
-    {adam_options}
+    rank: rank of the projection of ∂V (a static int), clamped to each matrix.
+    update_proj_gap: steps between projector refreshes (T).
+    scale: α, multiplies the projected-back direction update only (not the
+      magnitude update or the weight decay).
+    proj_type: 'std', 'reverse_std', 'left', 'right' or 'full' (the paper's
+      two-sided projection).
+    b1: first-moment decay.
+    b2: second-moment decay.
+    eps: added to √v inside the bias correction (bitsandbytes' 1e-8).
+    weight_decay: decoupled weight decay of the updated weights, a number
+      or an optax schedule.
+    mask: the weight-decay mask, as in `optax.adamw`; default all leaves.
+    projected: the leaves that are weight-normalized and projected; default
+      every floating leaf with at least two axes.
+    dimension_numbers: a `go.DimensionNumbers`, a pytree of them or a
+      callable; default Flax's (in, out) layout.
     norm_axis: see `gradnorm_lorp`.
-    block_size: elements per quantization block.
-    min_8bit_size: state tensors with fewer elements stay float32.
+    block_size: elements per quantization block. A static int.
+    min_8bit_size: state tensors with fewer elements stay float32. A static
+      int.
+    refresh: 'svd', 'randomized', 'power', 'random' or a refresh function.
+    refresh_memory_budget: bytes one batched decomposition may take.
+    projector_dtype: dtype the bases are stored in; default the leaf's.
+    projector_bits: None, 8 or 4: group-quantized bases.
+    regenerate_projector: with refresh='random', store no bases.
+    lazy_refresh: None, True or a `go.LazyRefresh`.
 
   Returns:
     An `optax.GradientTransformation` (state `GradNormLoRPState`) whose
@@ -400,7 +473,10 @@ def gradnorm_lorp8bit(
     dtype('uint8')
     >>> updates, state = tx.update(params, state, params)
   """
+  validation.learning_rate(learning_rate)
   _check_norm_axis(norm_axis)
-  inner = scale_by_adam_8bit(adam.b1, adam.b2, adam.eps, block_size, min_8bit_size)
+  adam = AdamOptions.from_arguments(locals())
+  galore = GaLoreOptions.from_arguments(locals())
+  inner = scale_by_adam_8bit(b1, b2, eps, block_size, min_8bit_size)
   return _weight_normalized(
       learning_rate, galore, inner, norm_axis, adam, zero_nonfinite_grads=True)

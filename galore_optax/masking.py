@@ -1,4 +1,4 @@
-"""Which leaves GaLore projects, and how: masks and per-leaf dimension numbers.
+"""Which leaves GaLore projects, and how: selectors and per-leaf dimension numbers.
 
 Both are resolved once per trace against the flattened parameter tree, and
 every error names the offending leaf by its path ("layers/0/attn/q/kernel").
@@ -7,35 +7,31 @@ every error names the offending leaf by its path ("layers/0/attn/q/kernel").
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Union
 
 import jax
 import numpy as np
 
 from galore_optax.matrix_view import DimensionNumbers
 
+# A selector of leaves, as optax's masks: a pytree of bools like the
+# parameters, or a callable(params) returning one.
+MaskOrFn = Optional[Union[Any, Callable[[Any], Any]]]
 
-def path_to_str(path: Sequence[Any]) -> str:
-  """'a/b/0/kernel' for a jax key path (dict keys, attributes, indices)."""
-  parts = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
+
+def _path(path) -> str:
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def leaf_paths(tree: Any) -> list[str]:
-  return [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  """'a/b/0/kernel' for every leaf of `tree` (dict keys, attributes, indices)."""
+  return [_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _structure_mismatch(name: str, got: Any, params: Any, is_leaf=None) -> ValueError:
   expected = set(leaf_paths(params))
   got_paths = {
-      path_to_str(p)
+      _path(p)
       for p, _ in jax.tree_util.tree_flatten_with_path(got, is_leaf=is_leaf)[0]
   }
   missing = sorted(expected - got_paths)
@@ -82,7 +78,7 @@ def path_mask(pattern: str, *, min_ndim: int = 2) -> Callable[[Any], Any]:
     min_ndim: leaves with fewer axes are left out.
 
   Returns:
-    A callable(params) -> pytree of bools, for the `mask` argument.
+    A callable(params) -> pytree of bools, for the `projected` argument.
 
   Example:
     >>> import jax.numpy as jnp, galore_optax as go
@@ -95,15 +91,19 @@ def path_mask(pattern: str, *, min_ndim: int = 2) -> Callable[[Any], Any]:
 
   def mask_fn(params):
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: bool(_is_float_matrix(x, min_ndim) and regex.search(path_to_str(path))),
+        lambda path, x: bool(_is_float_matrix(x, min_ndim) and regex.search(_path(path))),
         params,
     )
 
   return mask_fn
 
 
-def resolve_mask(mask: Any, params: Any) -> list[bool]:
-  """The flattened per-leaf projection flags for `params`."""
+def resolve_mask(mask: Any, params: Any, name: str = "projected") -> list[bool]:
+  """The flattened per-leaf flags of `mask` (the argument `name`) for `params`.
+
+  None is the default projection selector, every floating leaf with at least
+  two axes.
+  """
   if mask is None:
     mask = default_mask
   if callable(mask):
@@ -112,13 +112,13 @@ def resolve_mask(mask: Any, params: Any) -> list[bool]:
   try:
     flags = treedef.flatten_up_to(mask)
   except (ValueError, TypeError):
-    raise _structure_mismatch("mask", mask, params) from None
+    raise _structure_mismatch(name, mask, params) from None
   if len(flags) != treedef.num_leaves:
-    raise _structure_mismatch("mask", mask, params)
+    raise _structure_mismatch(name, mask, params)
   for path, flag in zip(leaf_paths(params), flags):
     if isinstance(flag, jax.core.Tracer):
       raise TypeError(
-          f"mask entry for {path!r} is a traced value: a mask computed from "
+          f"{name} entry for {path!r} is a traced value: a mask computed from "
           "parameter values cannot decide array shapes under jit. Build the mask "
           "from paths, shapes and dtypes (e.g. go.path_mask(...)), which are static."
       )
@@ -126,8 +126,8 @@ def resolve_mask(mask: Any, params: Any) -> list[bool]:
         np.ndim(flag) == 0 and np.asarray(flag).dtype == bool
     ):
       raise TypeError(
-          f"mask entry for {path!r} is {flag!r}; mask leaves must be Python "
-          "bools (True = projected)."
+          f"{name} entry for {path!r} is {flag!r}; its leaves must be Python "
+          "bools."
       )
   return [bool(f) for f in flags]
 

@@ -1,17 +1,15 @@
-"""The GaLore options: declared, documented and validated once.
+"""The GaLore and Adam options: validated once, carried as one value.
 
-Every GaLore-based optimizer (`scale_by_galore`, `galore`, `galore_adamw`,
-`galore_adamw8bit`, `galore_adafactor`, `gradnorm_lorp`, ...) accepts these
-keywords with these meanings; the aliases forward the ones they do not name
-in their own signature through `**options`.
+Every public factory writes its arguments out in its own signature and
+builds these carriers from them (`GaLoreOptions.from_arguments(locals())`),
+so each check, and each default a factory does not expose, lives here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
-import textwrap
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import jax
@@ -44,9 +42,10 @@ class GaLoreOptions:
       'reverse_std', 'left' (output side), 'right' (input side) or 'full'.
       Applied to the roles of the axes, so a Flax (in, out) kernel and a
       PyTorch (out, in) weight are treated alike.
-    mask: pytree of bools (True = projected) or callable(params) returning
-      one. Default: every floating-point leaf with at least two axes.
-      Zero-size leaves are never projected. See `go.path_mask`.
+    projected: which leaves are projected: a pytree of bools (True =
+      projected) or callable(params) returning one. Default: every
+      floating-point leaf with at least two axes. Zero-size leaves are never
+      projected. See `go.path_mask`.
     dimension_numbers: a `DimensionNumbers` for every leaf, a pytree of them
       (None entries for unprojected leaves), or a callable(params) returning
       one. Default: Flax layout, reduction axis -2 and output axis -1; other
@@ -83,7 +82,7 @@ class GaLoreOptions:
   update_proj_gap: Any = 200
   scale: Any = 1.0
   proj_type: str = "std"
-  mask: Any = None
+  projected: Any = None
   dimension_numbers: Any = None
   refresh: Any = "svd"
   refresh_memory_budget: Optional[int] = None
@@ -99,7 +98,7 @@ class GaLoreOptions:
     set_("update_proj_gap", validation.positive_int(self.update_proj_gap, "update_proj_gap"))
     validation.real(self.scale, "scale")
     projection.check_proj_type(self.proj_type)
-    refresh_lib.get_refresh_method(self.refresh)
+    _check_refresh(self.refresh)
     if self.refresh_memory_budget is not None:
       set_("refresh_memory_budget",
            validation.static_int(self.refresh_memory_budget, "refresh_memory_budget"))
@@ -118,16 +117,9 @@ class GaLoreOptions:
     _check_realignment(self.realign_moments)
 
   @classmethod
-  def create(cls, owner: str, **kwargs) -> "GaLoreOptions":
-    """Options from keywords, with an error naming `owner` for unknown ones."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-      raise TypeError(
-          f"{owner} got unexpected keyword argument(s) {', '.join(unknown)}; "
-          f"its GaLore options are {', '.join(sorted(known))} (see go.GaLoreOptions)."
-      )
-    return cls(**kwargs)
+  def from_arguments(cls, arguments: Mapping[str, Any], **overrides) -> "GaLoreOptions":
+    """The options among a factory's `arguments` (its `locals()`), validated."""
+    return cls(**_fields_of(cls, arguments), **overrides)
 
   def with_realignment_decays(self, b1, b2) -> "GaLoreOptions":
     """`realign_moments=True` resolved to the optimizer's own Adam decays."""
@@ -141,7 +133,7 @@ class GaLoreOptions:
         tree,
         rank=self.rank,
         proj_type=self.proj_type,
-        mask=self.mask,
+        projected=self.projected,
         dimension_numbers=self.dimension_numbers,
     )
 
@@ -182,6 +174,23 @@ class GaLoreOptions:
     return realignment.realignment_for(self.realign_moments)
 
 
+def _check_refresh(value) -> None:
+  """A refresh function takes (g, rank, sides, ...); a factory of one does not."""
+  method = refresh_lib.get_refresh_method(value)
+  try:
+    inspect.signature(method).bind(None, None, None)
+  except TypeError:
+    name = getattr(method, "__name__", repr(method))
+    raise TypeError(
+        f"refresh={name} does not take a refresh function's arguments (g, rank, sides, "
+        f"previous=None, key=None); if it makes one, call it: refresh={name}(), as in "
+        "refresh=go.randomized_refresh(oversample=16), or pass a name such as "
+        "refresh='randomized'."
+    ) from None
+  except ValueError:  # no signature to inspect (a builtin): trust it
+    pass
+
+
 def _check_realignment(value) -> None:
   if value is None or isinstance(value, bool):
     return
@@ -203,137 +212,31 @@ class AdamOptions:
     b2: second-moment decay.
     eps: added to √v (galore-torch's placement, before the bias correction;
       the 8-bit optimizers add it inside, as bitsandbytes, and default 1e-8).
-    weight_decay: decoupled weight decay; where each optimizer applies it is
-      in its description.
+    weight_decay: decoupled weight decay, a number or an optax schedule;
+      where each optimizer applies it is in its description.
+    mask: which leaves are decayed, as in `optax.adamw`: a pytree of bools
+      or a callable(params) returning one; default all.
     mu_dtype: optional dtype of the first moment (float moments only).
-    weight_decay_mask: which leaves are decayed (a pytree of bools or a
-      callable); default all.
   """
 
   b1: Any = 0.9
   b2: Any = 0.999
   eps: Any = 1e-6
   weight_decay: Any = 0.0
+  mask: Any = None
   mu_dtype: Any = None
-  weight_decay_mask: Any = None
 
   def __post_init__(self):
     validation.decay(self.b1, "b1")
     validation.decay(self.b2, "b2")
     validation.non_negative(self.eps, "eps")
-    validation.non_negative(self.weight_decay, "weight_decay")
+    validation.learning_rate(self.weight_decay, "weight_decay")  # a number or a schedule
+
+  @classmethod
+  def from_arguments(cls, arguments: Mapping[str, Any], **overrides) -> "AdamOptions":
+    """The Adam options among a factory's `arguments` (its `locals()`), validated."""
+    return cls(**_fields_of(cls, arguments), **overrides)
 
 
-_LEADING_OPTIONS = ("rank", "update_proj_gap", "scale", "proj_type")
-_TRAILING_OPTIONS = ("mask", "dimension_numbers")
-# AdamOptions field sets of the optimizers: all of them, the 8-bit ones (no mu_dtype), and the
-# ones galore-torch users pass by position after the GaLore options.
-ADAMW = ("b1", "b2", "eps", "weight_decay", "mu_dtype", "weight_decay_mask")
-ADAM_8BIT = ("b1", "b2", "eps", "weight_decay", "weight_decay_mask")
-ADAM_POSITIONAL = ("b1", "b2", "eps", "weight_decay")
-EPS_8BIT = {"eps": 1e-8}  # bitsandbytes' default
-
-
-def _options_doc(positional, refuses, exclude) -> str:
-  keywords = [f.name for f in dataclasses.fields(GaLoreOptions)
-              if f.name not in positional and f.name not in refuses and f.name not in exclude]
-  named = [n for n in positional if n not in refuses]
-  text = (f"{', '.join(named)}, and the keywords {', '.join(keywords)}: the GaLore "
-          "options, documented in `go.GaLoreOptions`.")
-  for option, why in refuses.items():
-    text += f" {option} does not apply: {why}"
-  return textwrap.fill(text, width=76, subsequent_indent="      ")
-
-
-def _group_doc(cls, names, defaults) -> str:
-  changed = [f"{n} defaults to {defaults[n]!r}" for n in names
-             if n in defaults and defaults[n] != getattr(cls, n)]
-  text = f"{', '.join(names)}: documented in `go.{cls.__name__}`"
-  text += f" ({'; '.join(changed)} here)." if changed else "."
-  return textwrap.fill(text, width=76, subsequent_indent="      ")
-
-
-def galore_optimizer(
-    *, leading=("learning_rate",), middle=(), trailing=(), options_first=None, refuses=None,
-    defaults=None, exclude=(), adam=(), groups=None,
-):
-  """Gives an optimizer factory the GaLore options (and others), declared once.
-
-  The decorated `factory` names only its own arguments and takes a keyword
-  `galore`, a validated `GaLoreOptions`, and one keyword per other option
-  group: `adam` (an `AdamOptions` with the fields named in `adam`), and the
-  entries of `groups`, {keyword: (dataclass, field names)}. The public
-  signature puts them in the positions galore-torch users know:
-
-    (*leading, rank, update_proj_gap, scale, proj_type, *middle, mask,
-     dimension_numbers, *trailing, *, <factory's keywords>, <the other
-     Adam fields>, refresh, projector_dtype, projector_bits, ...)
-
-  `options_first` overrides which options come before `middle` (the others
-  are keyword-only). `refuses` maps options the factory cannot apply to the
-  reason, raised as a ValueError when one is set; `defaults` overrides
-  defaults of either group (e.g. Fira's α = 0.25); `exclude` leaves GaLore
-  options out of the signature (the factory sets them from arguments of its
-  own). Unknown keywords raise a TypeError naming the factory;
-  `optax.inject_hyperparams` and `help()` see every option, and
-  "{galore_options}" and "{<keyword>_options}" in the docstring become
-  their descriptions.
-  """
-  refuses, defaults = dict(refuses or {}), dict(defaults or {})
-  groups = dict(groups or {})
-  if adam:
-    groups["adam"] = (AdamOptions, tuple(adam))
-  galore_fields = {
-      f.name: f.default for f in dataclasses.fields(GaLoreOptions) if f.name not in exclude}
-  group_fields = {n: getattr(cls, n) for cls, names in groups.values() for n in names}
-  field_defaults = {**galore_fields, **group_fields}
-  field_defaults.update({k: v for k, v in defaults.items() if k in field_defaults})
-
-  def decorate(factory):
-    own = inspect.signature(factory).parameters
-    first = _LEADING_OPTIONS if options_first is None else options_first
-    after = _TRAILING_OPTIONS if options_first is None else ()
-    positional = list(leading) + list(first) + list(middle) + list(after) + list(trailing)
-    keyword = [n for n in own if n not in positional and n != "galore" and n not in groups]
-    keyword += [n for n in group_fields if n not in positional]
-    keyword += [n for n in galore_fields if n not in positional]
-
-    def param(name, kind):
-      if name in own:
-        return own[name].replace(kind=kind)
-      return inspect.Parameter(name, kind, default=field_defaults[name])
-
-    signature = inspect.Signature(
-        [param(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in positional]
-        + [param(n, inspect.Parameter.KEYWORD_ONLY) for n in keyword],
-        return_annotation=inspect.signature(factory).return_annotation,
-    )
-
-    @functools.wraps(factory)
-    def build(*args, **kwargs):
-      try:
-        bound = signature.bind(*args, **kwargs)
-      except TypeError as e:
-        raise TypeError(f"{factory.__name__}: {e}") from None
-      bound.apply_defaults()
-      values = bound.arguments
-      if values.get("learning_rate") is not None:
-        validation.learning_rate(values["learning_rate"])
-      galore = GaLoreOptions.create(
-          factory.__name__, **{n: values.pop(n) for n in galore_fields})
-      for option, why in refuses.items():
-        if getattr(galore, option) not in (None, False):
-          raise ValueError(f"{factory.__name__} does not support {option}: {why}")
-      for keyword_, (cls, names) in groups.items():
-        values[keyword_] = cls(**{n: values.pop(n) for n in names})
-      return factory(**values, galore=galore)
-
-    build.__signature__ = signature
-    doc = (factory.__doc__ or "").replace(
-        "{galore_options}", _options_doc(list(first) + list(after), refuses, exclude))
-    for keyword_, (cls, names) in groups.items():
-      doc = doc.replace("{%s_options}" % keyword_, _group_doc(cls, names, defaults))
-    build.__doc__ = doc
-    return build
-
-  return decorate
+def _fields_of(cls, arguments: Mapping[str, Any]) -> dict[str, Any]:
+  return {f.name: arguments[f.name] for f in dataclasses.fields(cls) if f.name in arguments}

@@ -102,12 +102,12 @@ def _check_projectable(leaf, where: str) -> None:
     raise ValueError(
         f"{where}: complex leaves ({dtype}) are not supported by GaLore's "
         "projection (it would drop the imaginary part); leave the leaf out of "
-        "`mask`, or split it into real and imaginary parameters."
+        "`projected`, or split it into real and imaginary parameters."
     )
   if not _is_float(leaf):
     raise ValueError(
         f"{where}: a {dtype} leaf cannot be projected (it has no gradient to "
-        "compress); leave it out of `mask`."
+        "compress); leave it out of `projected`."
     )
 
 
@@ -116,25 +116,26 @@ def plan_leaves(
     *,
     rank: int,
     proj_type: str,
-    mask: Any,
+    projected: Any,
     dimension_numbers: Any,
 ) -> list[Optional[LeafPlan]]:
   """A `LeafPlan` per projected leaf of `tree`, None for the others.
 
   Zero-size leaves are never projected (they have nothing to compress). The
-  default mask also skips leaves that are not floating point; an explicit
-  mask that selects one raises a ValueError naming it.
+  default selector also skips leaves that are not floating point; an
+  explicit `projected` that selects one raises a ValueError naming it.
   """
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  flags = masking.resolve_mask(mask, tree)
+  flags = masking.resolve_mask(projected, tree)
   dims = masking.resolve_dimension_numbers(dimension_numbers, tree)
   plans = []
-  for index, ((path, leaf), flag, dn) in enumerate(zip(flat, flags, dims)):
+  leaves = jax.tree.leaves(tree)
+  for index, (path, leaf, flag, dn) in enumerate(
+      zip(masking.leaf_paths(tree), leaves, flags, dims)):
     shape = tuple(jnp.shape(leaf))
     if not flag or math.prod(shape) == 0:
       plans.append(None)
       continue
-    where = masking.path_to_str(path) or "<root>"
+    where = path or "<root>"
     _check_projectable(leaf, where)
     view = matrix_view.make_view(shape, dn, where)
     plans.append(

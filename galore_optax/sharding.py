@@ -21,7 +21,7 @@ import functools
 import sys
 import warnings
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any, Callable, Optional, ParamSpec
 
 import jax
 import numpy as np
@@ -290,11 +290,19 @@ def sharding_aware(tx: optax.GradientTransformation) -> optax.GradientTransforma
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def public(factory):
-  """Decorates an optimizer factory so that what it returns is `sharding_aware`."""
+_P = ParamSpec("_P")
+
+
+def public(
+    factory: Callable[_P, optax.GradientTransformation],
+) -> Callable[_P, optax.GradientTransformation]:
+  """Decorates an optimizer factory so that what it returns is `sharding_aware`.
+
+  The signature is kept (for `inspect`, `help` and type checkers alike).
+  """
 
   @functools.wraps(factory)
-  def build(*args, **kwargs):
+  def build(*args: _P.args, **kwargs: _P.kwargs) -> optax.GradientTransformation:
     return sharding_aware(factory(*args, **kwargs))
 
   return build

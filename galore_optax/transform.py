@@ -12,7 +12,7 @@ way to vary a step is a part chosen by the options, with one interface:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Union
 
 import chex
 import jax
@@ -26,7 +26,12 @@ from galore_optax import plan as plan_lib
 from galore_optax import projection
 from galore_optax import refresh_step
 from galore_optax.adam import scale_by_adam_hf
-from galore_optax.options import GaLoreOptions, galore_optimizer
+from galore_optax.options import GaLoreOptions
+from galore_optax.realignment import MomentRealignment
+from galore_optax.refresh import RefreshFn
+from galore_optax.schedules import LazyRefresh
+from galore_optax.masking import MaskOrFn
+
 
 class GaLoreState(NamedTuple):
   """State of `scale_by_galore`.
@@ -54,11 +59,22 @@ class GaLoreState(NamedTuple):
   output_state: Any = optax.EmptyState()
 
 
-@galore_optimizer(leading=(), options_first=("rank",))
 def scale_by_galore(
+    rank: int = 128,
     *,
-    galore: GaLoreOptions,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    proj_type: str = "std",
     inner: Optional[optax.GradientTransformation] = None,
+    projected: MaskOrFn = None,
+    dimension_numbers: Any = None,
+    refresh: Union[str, RefreshFn] = "svd",
+    refresh_memory_budget: Optional[int] = None,
+    projector_dtype: Optional[jax.typing.DTypeLike] = None,
+    projector_bits: Optional[int] = None,
+    regenerate_projector: bool = False,
+    lazy_refresh: Union[None, bool, LazyRefresh] = None,
+    realign_moments: Union[None, bool, MomentRealignment] = None,
 ) -> optax.GradientTransformation:
   """Runs `inner` on low-rank projections of the gradients (GaLore).
 
@@ -68,12 +84,36 @@ def scale_by_galore(
   R = project(G) goes through `inner` (whose moments are therefore low-rank),
   and the result is projected back and multiplied by `scale`. Leaves that are
   not projected go through the same `inner` at full size, in the same state.
+  There is no weight decay here (chain `optax.add_decayed_weights`).
 
   Args:
-    {galore_options}
+    rank: rank of the projection, a static int; clamped to the smaller side
+      of each matrix.
+    update_proj_gap: steps between projector refreshes (T).
+    scale: α, the multiplier of the projected-back update.
+    proj_type: 'std' (compress the smaller side, as galore-torch),
+      'reverse_std', 'left' (output side), 'right' (input side) or 'full'.
     inner: transformation run on the low-rank gradients; default the Adam of
       galore-torch's `GaLoreAdamW` (`scale_by_adam_hf`). If `params` are
       given it receives them projected like the gradients (PᵀW).
+    projected: which leaves are projected: a pytree of bools or a
+      callable(params) returning one (see `go.path_mask`); default every
+      floating-point leaf with at least two axes.
+    dimension_numbers: a `go.DimensionNumbers` for every leaf, a pytree of
+      them or a callable(params); default Flax's (in, out) layout.
+    refresh: how bases are computed: 'svd', 'randomized', 'power', 'random'
+      or a function such as `go.randomized_refresh(16)`.
+    refresh_memory_budget: bytes of float32 gradient matrices one batched
+      decomposition may take; None is 256 MiB.
+    projector_dtype: dtype the bases are stored in; default the leaf's.
+    projector_bits: None, 8 or 4: bases stored group-quantized.
+    regenerate_projector: with refresh='random', store no bases and draw
+      them again each step.
+    lazy_refresh: None, True or a `go.LazyRefresh`: Q-GaLore's adaptive gap.
+    realign_moments: None, True or a `go.MomentRealignment`: LDAdam's moment
+      realignment at each refresh (float `mu`/`nu` moments in `inner`).
+
+  Each option is described in full in `galore_optax.options.GaLoreOptions`.
 
   Returns:
     An `optax.GradientTransformation` whose state is a `GaLoreState`. Under
@@ -95,7 +135,7 @@ def scale_by_galore(
     >>> q.projectors["w"]["u"].codes.dtype   # 4-bit codes, two per byte
     dtype('uint8')
   """
-  return galore_transform(galore, inner)
+  return galore_transform(GaLoreOptions.from_arguments(locals()), inner)
 
 
 def galore_transform(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 import optax
+
+from galore_optax.masking import MaskOrFn
 
 
 class DecayAfterUpdateState(NamedTuple):
@@ -18,8 +20,8 @@ class DecayAfterUpdateState(NamedTuple):
 
 def decay_weights_after_update(
     learning_rate: optax.ScalarOrSchedule,
-    weight_decay: Union[float, chex.Array],
-    mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
+    weight_decay: optax.ScalarOrSchedule,
+    mask: MaskOrFn = None,
 ) -> optax.GradientTransformation:
   """Adds the decay p ← p − lr·wd·p evaluated on the *updated* parameters.
 
@@ -31,7 +33,7 @@ def decay_weights_after_update(
 
   Args:
     learning_rate: the same learning rate (or schedule) as the step.
-    weight_decay: decay coefficient.
+    weight_decay: decay coefficient, a number or a schedule of the step.
     mask: optional pytree of bools or callable, True where to decay.
 
   Returns:
@@ -55,8 +57,8 @@ def decay_weights_after_update(
           "decay_weights_after_update needs params: call tx.update(grads, "
           "state, params)."
       )
-    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    decay = lr * weight_decay
+    at = lambda value: value(state.count) if callable(value) else value
+    decay = at(learning_rate) * at(weight_decay)
     new_updates = jax.tree.map(
         lambda u, p: (u - decay * (p + u)).astype(u.dtype), updates, params
     )

@@ -42,7 +42,6 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
 import galore_optax as go  # noqa: E402
-from galore_optax import masking  # noqa: E402
 
 RANK = 5  # odd: divides no mesh axis, so the rank axis must stay replicated
 GAP = 2  # refreshes at steps 0, 2, 4, ...
@@ -54,7 +53,7 @@ BLOCK = 32
 
 
 def path_str(path) -> str:
-  return masking.path_to_str(path)
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def spec_str(sharding) -> str:
