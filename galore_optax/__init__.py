@@ -27,8 +27,7 @@ from galore_optax.fused import FusedState, fused_init, fused_scan_step
 from galore_optax.gradnorm import GradNormLoRPState
 from galore_optax.masking import path_mask
 from galore_optax.matrix_view import DimensionNumbers
-from galore_optax.fira_apollo import ApolloOptions
-from galore_optax.options import AdamOptions, GaLoreOptions
+from galore_optax.inspection import ProjectionWarning, describe
 from galore_optax.projector_quantization import (
     QuantizedProjector,
     dequantize_projector,
@@ -73,18 +72,16 @@ apollo_mini = _public(_fira_apollo.apollo_mini)
 __version__ = "0.1.0"
 
 __all__ = (
-    "AdamOptions",
     "AddAdafactorDecayedWeightsState",
-    "ApolloOptions",
     "DimensionNumbers",
     "FactoredMoment",
     "FusedState",
-    "GaLoreOptions",
     "GaLoreState",
     "GradNormLoRPState",
     "LazyRefresh",
     "LazyRefreshState",
     "MomentRealignment",
+    "ProjectionWarning",
     "QuantizedArray",
     "QuantizedProjector",
     "ScaleByAdafactorHFState",
@@ -98,6 +95,7 @@ __all__ = (
     "add_adafactor_decayed_weights",
     "canonical_signs",
     "decay_weights_after_update",
+    "describe",
     "dequantize_blockwise",
     "dequantize_projector",
     "dynamic_map",

@@ -24,6 +24,7 @@ second applies the updates to the clipped gradients, or none of them.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from galore_optax import inspection
 from galore_optax import refresh as refresh_lib
 
 
@@ -171,11 +173,14 @@ def fused_init(tx: optax.GradientTransformation, params, layers: str = "layers",
   """
   stack, rest = _split(params, layers)
   _num_layers(stack)
-  with jax.ensure_compile_time_eval():  # on concrete arrays, also under jit or eval_shape
-    check_per_slice(tx, **extra_args)
-  return FusedState(layers=jax.vmap(tx.init)(stack), rest=tx.init(rest),
-                    notfinite_count=jnp.zeros([], jnp.int32),
-                    total_notfinite=jnp.zeros([], jnp.int32))  # two buffers: each is donated
+  jax.eval_shape(tx.init, params)  # warns (ProjectionWarning) about the whole model, once
+  with warnings.catch_warnings():  # ... and not about the probe or the model's parts
+    warnings.simplefilter("ignore", inspection.ProjectionWarning)
+    with jax.ensure_compile_time_eval():  # on concrete arrays, also under jit or eval_shape
+      check_per_slice(tx, **extra_args)
+    return FusedState(layers=jax.vmap(tx.init)(stack), rest=tx.init(rest),
+                      notfinite_count=jnp.zeros([], jnp.int32),
+                      total_notfinite=jnp.zeros([], jnp.int32))  # two buffers: each is donated
 
 
 def _whole_tree_indices(params, layers: str):

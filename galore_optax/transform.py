@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from galore_optax import axis_specs
+from galore_optax import inspection
 from galore_optax import masking
 from galore_optax import outputs
 from galore_optax import plan as plan_lib
@@ -181,9 +182,12 @@ def galore_transform(
     inner_state = inner.init(low_rank_params)
     if realign is not None:
       realign.check(inner_state, plans)  # fails at init, not at a refresh
+    projectors = per_leaf(storage.init)
+    inspection.warn_about_plan(plans, leaves, masking.leaf_paths(params),
+                               treedef.flatten_up_to(projectors))
     return GaLoreState(
         count=jnp.zeros([], jnp.int32),
-        projectors=per_leaf(storage.init),
+        projectors=projectors,
         inner_state=inner_state,
         refresh_schedule=per_leaf(lambda p, x, l: schedule.init(p, l))
         if schedule.stateful else optax.EmptyState(),
