@@ -44,7 +44,7 @@ def variants(size: str, rank: int):
   params = jax.jit(lambda k: llama_jax.init_params(shapes, k))(jax.random.key(0))
   batch = jax.random.randint(jax.random.key(1), (4, 257), 0, dims.vocab)
   optimizers = {"optax.adamw": optax.adamw(1e-3),
-                "galore_adamw": go.galore_adamw(1e-3, rank=rank, mask=go.path_mask(r"attn|mlp"))}
+                "galore_adamw": go.galore_adamw(1e-3, rank=rank, projected=go.path_mask(r"attn|mlp"))}
   fns = {}
   for name, tx in optimizers.items():
     def usual(p, s, b, tx=tx, clip=None):

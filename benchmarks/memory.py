@@ -62,7 +62,7 @@ FULL_RANK = {s: "–" for s in RANKS}  # rows that project nothing
 
 
 def _galore(fn, **kwargs):
-  return lambda rank: fn(LR, rank=rank, mask=MASK, **kwargs)
+  return lambda rank: fn(LR, rank=rank, projected=MASK, **kwargs)
 
 
 def rows() -> list[Row]:
@@ -101,7 +101,7 @@ def rows() -> list[Row]:
           APOLLO_RANKS),
       Row("APOLLO 8-bit (paper's ranks)", bf16, _galore(go.apollo_adamw8bit),
           "`go.apollo_adamw8bit`", APOLLO_RANKS),
-      Row("APOLLO-Mini", bf16, lambda r: go.apollo_mini(LR, mask=MASK), "`go.apollo_mini`",
+      Row("APOLLO-Mini", bf16, lambda r: go.apollo_mini(LR, projected=MASK), "`go.apollo_mini`",
           {s: 1 for s in RANKS}),
   ]
 

@@ -44,7 +44,7 @@ def measure(layout: str, rounds: int) -> dict:
     axis = next((a for a in axes if s.shape[a] % DEVICES == 0), None)
     return P(*[("fsdp" if a == axis else None) for a in range(len(s.shape))])
 
-  tx = go.galore_adamw(1e-3, rank=128, mask=go.path_mask(r"attn|mlp"), update_proj_gap=1)
+  tx = go.galore_adamw(1e-3, rank=128, projected=go.path_mask(r"attn|mlp"), update_proj_gap=1)
   with jax.set_mesh(mesh):
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, spec(s)), shapes)
     params = jax.jit(lambda k: llama_jax.init_params(shapes, k), out_shardings=shardings)(

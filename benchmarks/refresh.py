@@ -251,14 +251,14 @@ def tree_steps(size, rank, rounds):
   }
   for name in ("svd", "randomized", "power"):
     optimizers[f"galore_adamw, refresh='{name}'"] = go.galore_adamw(
-        1e-2, rank=rank, refresh=name, mask=mask)
+        1e-2, rank=rank, refresh=name, projected=mask)
   # The GaLore family beyond the paper, at the same rank (APOLLO-Mini at 1).
-  optimizers["fira_adamw (exact SVD)"] = go.fira_adamw(1e-2, rank=rank, mask=mask)
+  optimizers["fira_adamw (exact SVD)"] = go.fira_adamw(1e-2, rank=rank, projected=mask)
   optimizers["apollo_adamw (random, projector stored)"] = go.apollo_adamw(
-      1e-2, rank=rank, mask=mask)
+      1e-2, rank=rank, projected=mask)
   optimizers["apollo_adamw (random, projector regenerated)"] = go.apollo_adamw(
-      1e-2, rank=rank, mask=mask, regenerate_projector=True)
-  optimizers["apollo_mini"] = go.apollo_mini(1e-2, mask=mask)
+      1e-2, rank=rank, projected=mask, regenerate_projector=True)
+  optimizers["apollo_mini"] = go.apollo_mini(1e-2, projected=mask)
   fns = {}
   for name, tx in optimizers.items():
     step = jax.jit(tx.update)

@@ -89,7 +89,7 @@ class OptimizerSpec:
 def galore_options(cfg: OptimizerConfig) -> Dict[str, Any]:
   """The GaLore keyword arguments every galore_optax optimizer takes."""
   return dict(rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale,
-              proj_type=cfg.proj_type, mask=go.path_mask(cfg.targets))
+              proj_type=cfg.proj_type, projected=go.path_mask(cfg.targets))
 
 
 def _contrib_galore(learning_rate, cfg: OptimizerConfig) -> optax.GradientTransformation:
@@ -161,7 +161,7 @@ REGISTRY: Dict[str, OptimizerSpec] = {spec.name: spec for spec in [
         "apollo_mini", "galore_optax.apollo_mini (rank 1, tensor-wise scaling, scale 128)", 1e-2,
         lambda lr, c: go.apollo_mini(lr, weight_decay=c.weight_decay,
                                      update_proj_gap=c.update_proj_gap, proj_type=c.proj_type,
-                                     mask=go.path_mask(c.targets)),
+                                     projected=go.path_mask(c.targets)),
         proj_types=_ONE_SIDED, refresh_methods=("svd",), fixed_rank=1),
     OptimizerSpec(
         "optax_contrib_galore", "optax.contrib.galore (peer baseline)", 1e-2, _contrib_galore,

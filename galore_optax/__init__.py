@@ -6,10 +6,6 @@ in `sharding_aware`, the package's boundary with meshes and Flax NNX.
 
 from galore_optax import adafactor as _adafactor
 from galore_optax import adam_8bit as _adam_8bit
-from galore_optax import alias as _alias
-from galore_optax import fira_apollo as _fira_apollo
-from galore_optax import gradnorm as _gradnorm
-from galore_optax import transform as _transform
 from galore_optax.adafactor import (
     AddAdafactorDecayedWeightsState,
     FactoredMoment,
@@ -23,8 +19,10 @@ from galore_optax.adam import (
     scale_by_bias_correction,
 )
 from galore_optax.adam_8bit import ScaleByAdam8bitState
+from galore_optax.alias import galore, galore_adafactor, galore_adamw, galore_adamw8bit
+from galore_optax.fira_apollo import apollo_adamw, apollo_adamw8bit, apollo_mini, fira_adamw
 from galore_optax.fused import FusedState, fused_init, fused_scan_step
-from galore_optax.gradnorm import GradNormLoRPState
+from galore_optax.gradnorm import GradNormLoRPState, gradnorm_lorp, gradnorm_lorp8bit
 from galore_optax.masking import path_mask
 from galore_optax.matrix_view import DimensionNumbers
 from galore_optax.inspection import ProjectionWarning, describe
@@ -50,24 +48,13 @@ from galore_optax.refresh import (
 from galore_optax.memory_analysis import planned_peak_bytes
 from galore_optax.schedules import LazyRefresh, LazyRefreshState
 from galore_optax.sharding import opt_state_shardings, public as _public, sharding_aware
-from galore_optax.transform import GaLoreState
+from galore_optax.transform import GaLoreState, scale_by_galore
 from galore_optax.tree_utils import tree_bytes
 from galore_optax.weight_decay import decay_weights_after_update
 
-scale_by_galore = _public(_transform.scale_by_galore)
-galore = _public(_alias.galore)
-galore_adamw = _public(_alias.galore_adamw)
-galore_adamw8bit = _public(_alias.galore_adamw8bit)
-galore_adafactor = _public(_alias.galore_adafactor)
-gradnorm_lorp = _public(_gradnorm.gradnorm_lorp)
-gradnorm_lorp8bit = _public(_gradnorm.gradnorm_lorp8bit)
 scale_by_adam_8bit = _public(_adam_8bit.scale_by_adam_8bit)
 adamw_8bit = _public(_adam_8bit.adamw_8bit)
 scale_by_adafactor_hf = _public(_adafactor.scale_by_adafactor_hf)
-fira_adamw = _public(_fira_apollo.fira_adamw)
-apollo_adamw = _public(_fira_apollo.apollo_adamw)
-apollo_adamw8bit = _public(_fira_apollo.apollo_adamw8bit)
-apollo_mini = _public(_fira_apollo.apollo_mini)
 
 __version__ = "0.1.0"
 

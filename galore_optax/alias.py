@@ -30,6 +30,7 @@ from galore_optax.schedules import LazyRefresh
 from galore_optax.realignment import MomentRealignment
 from galore_optax.transform import galore_transform
 from galore_optax.weight_decay import decay_weights_after_update
+from galore_optax.sharding import public
 
 
 def _is_static_zero(x) -> bool:
@@ -57,7 +58,12 @@ def learning_rate_and_decay(
   Returns:
     The transforms to append to a chain after the (unscaled) step.
   """
-  as_mask = lambda m: None if m is True else m
+  def as_mask(m):
+    if m is True or m is None:
+      return None
+    # Checked against the parameters, so that a mismatch names `mask`.
+    return lambda tree: jax.tree.structure(tree).unflatten(masking.resolve_mask(m, tree, "mask"))
+
   transforms = []
   decays = not _is_static_zero(weight_decay)
   if decays and before is not None:
@@ -104,6 +110,7 @@ def zero_nonfinite(galore: GaLoreOptions) -> optax.GradientTransformation:
   return optax.masked(zero, galore.projected_mask)
 
 
+@public
 def galore(
     rank: int = 128,
     *,
@@ -166,6 +173,7 @@ def galore(
   return galore_transform(galore_options, scale_by_adam_hf(b1, b2, eps, mu_dtype))
 
 
+@public
 def galore_adamw(
     learning_rate: optax.ScalarOrSchedule,
     rank: int = 128,
@@ -255,6 +263,7 @@ def galore_adamw(
   )
 
 
+@public
 def galore_adamw8bit(
     learning_rate: optax.ScalarOrSchedule,
     rank: int = 128,
@@ -356,6 +365,7 @@ def galore_adamw8bit(
   )
 
 
+@public
 def galore_adafactor(
     learning_rate: Optional[optax.ScalarOrSchedule] = None,
     rank: int = 128,

@@ -33,6 +33,7 @@ from galore_optax.realignment import MomentRealignment
 from galore_optax.refresh import RefreshFn
 from galore_optax.schedules import LazyRefresh
 from galore_optax.transform import galore_transform
+from galore_optax.sharding import public
 
 PROJ_METHODS = {"random": "random", "svd": "svd"}
 SCALE_TYPES = ("channel", "tensor")
@@ -87,6 +88,7 @@ def _direction(adam: AdamOptions):
   return scale_by_adam_hf(adam.b1, adam.b2, adam.eps, adam.mu_dtype, bias_correction=False)
 
 
+@public
 def fira_adamw(
     learning_rate: optax.ScalarOrSchedule,
     rank: int = 128,
@@ -199,6 +201,7 @@ def _apollo(learning_rate, galore, adam, apollo: ApolloOptions, inner, owner, ei
   return optax.chain(*head, *_chain(galore, inner, output, learning_rate, adam))
 
 
+@public
 def apollo_adamw(
     learning_rate: optax.ScalarOrSchedule,
     rank: int = 256,
@@ -294,6 +297,7 @@ def apollo_adamw(
   return _apollo(learning_rate, galore, adam, apollo, _direction(adam), "apollo_adamw")
 
 
+@public
 def apollo_adamw8bit(
     learning_rate: optax.ScalarOrSchedule,
     rank: int = 256,
@@ -368,6 +372,7 @@ def apollo_adamw8bit(
   return _apollo(learning_rate, galore, adam, apollo, inner, "apollo_adamw8bit", eight_bit=True)
 
 
+@public
 def apollo_mini(
     learning_rate: optax.ScalarOrSchedule,
     update_proj_gap: int = 200,

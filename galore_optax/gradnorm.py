@@ -34,6 +34,7 @@ from galore_optax.realignment import MomentRealignment
 from galore_optax.refresh import RefreshFn
 from galore_optax.schedules import LazyRefresh
 from galore_optax.transform import GaLoreState, galore_transform
+from galore_optax.sharding import public
 
 
 class GradNormLoRPState(NamedTuple):
@@ -164,6 +165,7 @@ def _direction_grad(w, grad, split: _Split):
                    grad - _unit_direction(w, grad, split) * split.magnitude_grad, 0.0)
 
 
+@public
 def gradnorm_lorp(
     learning_rate: optax.ScalarOrSchedule,
     rank: int = 128,
@@ -391,6 +393,7 @@ def _new_weight_update(grad, w, axes, split, direction_update, magnitude_update,
   return (w_new - w.astype(jnp.float32)).astype(grad.dtype)
 
 
+@public
 def gradnorm_lorp8bit(
     learning_rate: optax.ScalarOrSchedule,
     rank: int = 128,

@@ -32,6 +32,7 @@ from galore_optax.realignment import MomentRealignment
 from galore_optax.refresh import RefreshFn
 from galore_optax.schedules import LazyRefresh
 from galore_optax.masking import MaskOrFn
+from galore_optax.sharding import public
 
 
 class GaLoreState(NamedTuple):
@@ -60,6 +61,7 @@ class GaLoreState(NamedTuple):
   output_state: Any = optax.EmptyState()
 
 
+@public
 def scale_by_galore(
     rank: int = 128,
     *,

@@ -128,7 +128,7 @@ EPS_8BIT = 3e-3
 
 
 def optimizer(name, rank=RANK):
-  common = dict(rank=rank, update_proj_gap=GAP, mask=MASK)
+  common = dict(rank=rank, update_proj_gap=GAP, projected=MASK)
   adam = dict(common, eps=EPS)
   eight = dict(block_size=BLOCK, min_8bit_size=1024, eps=EPS_8BIT)
   factories = {
@@ -335,7 +335,7 @@ def check_parity(results):
   mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
   param_sh = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params, ("fsdp",)))
   for method in ("svd", "randomized", "power"):
-    tx = go.galore_adamw(1e-2, rank=RANK, update_proj_gap=GAP, mask=MASK, refresh=method)
+    tx = go.galore_adamw(1e-2, rank=RANK, update_proj_gap=GAP, projected=MASK, refresh=method)
     state_sh = go.opt_state_shardings(tx, params, shardings=param_sh)
     step = jax.jit(
         train_step(tx),
@@ -373,7 +373,7 @@ def check_mesh_refresh(results):
   for method in ("svd", "randomized", "power"):
     entry = {}
     try:
-      tx = go.galore_adamw(1e-2, rank=RANK, update_proj_gap=1, mask=MASK, refresh=method)
+      tx = go.galore_adamw(1e-2, rank=RANK, update_proj_gap=1, projected=MASK, refresh=method)
       update = lambda g, s, p: tx.update(g, s, p)[1]
       one = jax.jit(update)(grads0, tx.init(host), host)
       one = jax.jit(update)(grads0, one, host)
@@ -502,7 +502,7 @@ NNX_CONFIGS = [
 def nnx_optimizer(name, rank):
   # The optimizer exactly as a user writes it (no wrapper). The moments of
   # this small model have 320 to 640 elements: 8-bit from 256 on.
-  kwargs = dict(rank=rank, update_proj_gap=GAP, mask=MASK)
+  kwargs = dict(rank=rank, update_proj_gap=GAP, projected=MASK)
   if name != "galore_adafactor":
     kwargs["eps"] = EPS
   if name.endswith("8bit"):
@@ -736,17 +736,17 @@ EXPLICIT_INIT = {
     **{name: (lambda name=name: optimizer(name)) for name in (
         "galore_adamw", "galore_adamw8bit", "galore_adafactor", "gradnorm_lorp",
         "gradnorm_lorp8bit", "galore_adamw_projector_bits8", "galore_lazy_refresh")},
-    "galore": lambda: go.galore(rank=RANK, mask=MASK),
+    "galore": lambda: go.galore(rank=RANK, projected=MASK),
     "scale_by_galore_bits4_lazy_realigned": lambda: go.scale_by_galore(
-        rank=RANK, mask=MASK, projector_bits=4, lazy_refresh=True, realign_moments=True),
+        rank=RANK, projected=MASK, projector_bits=4, lazy_refresh=True, realign_moments=True),
     "adamw_8bit": lambda: go.adamw_8bit(1e-2, block_size=BLOCK, min_8bit_size=1024),
     "scale_by_adam_8bit": lambda: go.scale_by_adam_8bit(block_size=BLOCK, min_8bit_size=1024),
     "scale_by_adafactor_hf": lambda: go.scale_by_adafactor_hf(1e-2, scale_parameter=False),
-    "fira_adamw": lambda: go.fira_adamw(1e-2, rank=RANK, mask=MASK),
-    "apollo_adamw": lambda: go.apollo_adamw(1e-2, rank=RANK, mask=MASK),
+    "fira_adamw": lambda: go.fira_adamw(1e-2, rank=RANK, projected=MASK),
+    "apollo_adamw": lambda: go.apollo_adamw(1e-2, rank=RANK, projected=MASK),
     "apollo_adamw8bit": lambda: go.apollo_adamw8bit(
-        1e-2, rank=RANK, mask=MASK, block_size=BLOCK, min_8bit_size=1024),
-    "apollo_mini": lambda: go.apollo_mini(1e-2, mask=MASK),
+        1e-2, rank=RANK, projected=MASK, block_size=BLOCK, min_8bit_size=1024),
+    "apollo_mini": lambda: go.apollo_mini(1e-2, projected=MASK),
 }
 
 

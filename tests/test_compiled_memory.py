@@ -20,6 +20,7 @@ import pytest
 import background
 
 import galore_optax as go
+from galore_optax.options import GaLoreOptions
 from galore_optax import adam_8bit
 from galore_optax import outputs
 from galore_optax import plan as plan_lib
@@ -101,7 +102,7 @@ SHAPES = {"a": (5, 24, 40), "b0": (24, 40), "b1": (24, 40), "c": (3, 2, 16, 12)}
     ("svd", None), ("randomized", 8), ("power", 4), ("random", "regenerated")])
 def test_refresh_batches_give_the_same_bases_whatever_the_budget(refresh, storage):
   grads = _tree(SHAPES)
-  options = go.GaLoreOptions(
+  options = GaLoreOptions(
       rank=6, refresh=refresh, projector_bits=storage if storage != "regenerated" else None,
       regenerate_projector=storage == "regenerated")
   leaves = jax.tree.leaves(grads)

@@ -55,7 +55,7 @@ BASE = {
     "galore_adamw8bit": EIGHT, "galore_adafactor": COMMON, "gradnorm_lorp": ADAM,
     "gradnorm_lorp8bit": EIGHT, "adamw_8bit": dict(eps=1e-3, block_size=32, min_8bit_size=64),
     "fira_adamw": ADAM, "apollo_adamw": ADAM, "apollo_adamw8bit": EIGHT,
-    "apollo_mini": dict(ADAM, rank=1),
+    "apollo_mini": dict(update_proj_gap=2, eps=1e-4),  # rank 1 by definition
 }
 LAZY = dict(lazy_refresh=go.LazyRefresh(queue_size=1, threshold=0.0))
 VARIANTS = {

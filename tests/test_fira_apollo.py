@@ -145,7 +145,7 @@ def test_fira_matches_fira_adamw(proj_type, rank, dtype):
       proj_type=proj_type, lr=LR, weight_decay=WD), dtype)
   tx = go.fira_adamw(
       LR, rank=rank, update_proj_gap=GAP, scale=0.25, proj_type=proj_type,
-      weight_decay=WD, mask=MASK, dimension_numbers=TORCH_LAYOUT,
+      weight_decay=WD, projected=MASK, dimension_numbers=TORCH_LAYOUT,
   )
   assert_matches(run_jax(tx, params, grads, jnp.dtype(dtype)), theirs, params, dtype, theirs32)
 
@@ -174,7 +174,7 @@ def test_apollo_matches_apollo_adamw(proj, scale_type, scale_front, disable_nl, 
       proj=proj, scale_type=scale_type, scale_front=scale_front, disable_nl=disable_nl,
       random_matrices=matrices, lr=LR, weight_decay=WD), dtype)
   tx = go.apollo_adamw(
-      LR, rank=rank, update_proj_gap=GAP, scale=scale, weight_decay=WD, mask=MASK,
+      LR, rank=rank, update_proj_gap=GAP, scale=scale, weight_decay=WD, projected=MASK,
       dimension_numbers=TORCH_LAYOUT, proj=proj, scale_type=scale_type,
       scale_front=scale_front, disable_nl=disable_nl,
   )
@@ -183,10 +183,10 @@ def test_apollo_matches_apollo_adamw(proj, scale_type, scale_front, disable_nl, 
 
 def test_apollo_mini_is_rank_one_tensor_scaling_at_scale_128():
   params, grads = problem()
-  mini = go.apollo_mini(LR, update_proj_gap=GAP, weight_decay=WD, mask=MASK,
+  mini = go.apollo_mini(LR, update_proj_gap=GAP, weight_decay=WD, projected=MASK,
                         dimension_numbers=TORCH_LAYOUT)
   full = go.apollo_adamw(LR, rank=1, update_proj_gap=GAP, scale=128.0, scale_type="tensor",
-                         weight_decay=WD, mask=MASK, dimension_numbers=TORCH_LAYOUT)
+                         weight_decay=WD, projected=MASK, dimension_numbers=TORCH_LAYOUT)
   a, b = run_jax(mini, params, grads, jnp.float32), run_jax(full, params, grads, jnp.float32)
   for x, y in zip(a, b):
     for k in SHAPES:
@@ -196,7 +196,7 @@ def test_apollo_mini_is_rank_one_tensor_scaling_at_scale_128():
 def test_regenerated_and_stored_projectors_give_identical_updates():
   params, grads = problem()
   stored, regenerated = (
-      go.apollo_adamw(LR, rank=6, update_proj_gap=GAP, mask=MASK, regenerate_projector=r)
+      go.apollo_adamw(LR, rank=6, update_proj_gap=GAP, projected=MASK, regenerate_projector=r)
       for r in (False, True))
   a = run_jax(stored, params, grads, jnp.float32)
   b = run_jax(regenerated, params, grads, jnp.float32)

@@ -15,13 +15,13 @@ MASK = go.path_mask(r"w|v")
 OPTIMIZERS = {  # rank 4, refreshes at steps 0 and 2 of the 3
     "optax.adamw": lambda: optax.adamw(1e-2, weight_decay=0.1),
     "adamw_8bit": lambda: go.adamw_8bit(1e-2, block_size=32, min_8bit_size=64),
-    "galore_adamw": lambda: go.galore_adamw(1e-2, rank=4, update_proj_gap=2, mask=MASK,
+    "galore_adamw": lambda: go.galore_adamw(1e-2, rank=4, update_proj_gap=2, projected=MASK,
                                             weight_decay=0.1),
-    "galore_adamw8bit": lambda: go.galore_adamw8bit(1e-2, rank=4, update_proj_gap=2, mask=MASK),
-    "fira_adamw": lambda: go.fira_adamw(1e-2, rank=4, update_proj_gap=2, mask=MASK),
-    "apollo_adamw": lambda: go.apollo_adamw(1e-2, rank=4, update_proj_gap=2, mask=MASK),
-    "apollo_mini": lambda: go.apollo_mini(1e-2, update_proj_gap=2, mask=MASK),
-    "gradnorm_lorp": lambda: go.gradnorm_lorp(1e-2, rank=4, update_proj_gap=2, mask=MASK),
+    "galore_adamw8bit": lambda: go.galore_adamw8bit(1e-2, rank=4, update_proj_gap=2, projected=MASK),
+    "fira_adamw": lambda: go.fira_adamw(1e-2, rank=4, update_proj_gap=2, projected=MASK),
+    "apollo_adamw": lambda: go.apollo_adamw(1e-2, rank=4, update_proj_gap=2, projected=MASK),
+    "apollo_mini": lambda: go.apollo_mini(1e-2, update_proj_gap=2, projected=MASK),
+    "gradnorm_lorp": lambda: go.gradnorm_lorp(1e-2, rank=4, update_proj_gap=2, projected=MASK),
 }
 ELEMENTWISE = ("optax.adamw", "adamw_8bit")
 

@@ -76,7 +76,7 @@ def movement_error(ours, theirs, p0, key):
 
 def make_tx(learning_rate=None, **kw):
   return galore_adafactor(
-      learning_rate, RANK, GAP, SCALE, "std", mask=MASK, dimension_numbers=DIMS, **kw
+      learning_rate, RANK, GAP, SCALE, "std", projected=MASK, dimension_numbers=DIMS, **kw
   )
 
 
@@ -183,7 +183,7 @@ def test_tiny_leaves():
   }
   tx = galore_adafactor(
       rank=8, weight_decay=0.1,
-      mask=lambda p: jax.tree.map(lambda x: x.ndim == 2 and x.size > 0, p),
+      projected=lambda p: jax.tree.map(lambda x: x.ndim == 2 and x.size > 0, p),
   )
   state = tx.init(params)
   assert all(leaf.size > 0 for leaf in jax.tree.leaves(state))

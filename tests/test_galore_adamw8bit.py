@@ -46,7 +46,7 @@ def make_tx(**kw):
       update_proj_gap=GAP,
       scale=SCALE,
       weight_decay=WD,
-      mask=MASK,
+      projected=MASK,
       dimension_numbers=TORCH_LAYOUT,
       min_8bit_size=MIN_8BIT,
   )
@@ -145,7 +145,7 @@ def test_float32_moments_match_reference_tightly():
   )
   assert str(opt.state[tensors["tall"]]["state1"].dtype) == "torch.float32"
   tx = galore_adamw8bit(
-      3e-2, weight_decay=0.5, eps=1e-3, min_8bit_size=10**9, mask=MASK,
+      3e-2, weight_decay=0.5, eps=1e-3, min_8bit_size=10**9, projected=MASK,
       dimension_numbers=TORCH_LAYOUT, **kw,
   )
   ours, _ = run_jax(tx, p0, grads)
@@ -200,7 +200,7 @@ def test_tiny_leaves():
       "v": jnp.ones((1,)),
       "empty": jnp.zeros((0, 4)),
   }
-  tx = galore_adamw8bit(1e-2, rank=8, weight_decay=0.1, mask=lambda p: jax.tree.map(lambda x: x.ndim == 2 and x.size > 0, p))
+  tx = galore_adamw8bit(1e-2, rank=8, weight_decay=0.1, projected=lambda p: jax.tree.map(lambda x: x.ndim == 2 and x.size > 0, p))
   state = tx.init(params)
   inner = state[1].inner_state
   # Flax (in=3, out=2) kernel: wide in (out × in), so r × in with r clamped to 2.
@@ -245,11 +245,11 @@ def test_block_size_sets_the_layout():
       assert moment["emb"].absmax.size == -(-32 * 64 // block_size)
 
 
-def test_weight_decay_mask():
+def test_decay_mask():
   """Zero gradients: the update is the decay alone, only where asked."""
   p0 = jax.tree.map(jnp.asarray, initial_params())
   keep = {"tall": False, "wide": True, "emb": False, "b": True}
-  tx = make_tx(weight_decay_mask=keep)
+  tx = make_tx(mask=keep)
   zeros = jax.tree.map(jnp.zeros_like, p0)
   updates, _ = _update(tx, zeros, tx.init(p0), p0)
   for k, decayed in keep.items():
@@ -260,7 +260,7 @@ def test_weight_decay_mask():
 def test_bad_mask_names_the_leaf():
   p0 = initial_params()
   with pytest.raises(ValueError, match="tall"):
-    galore_adamw8bit(1e-3, weight_decay=0.1, weight_decay_mask={"wide": True, "emb": True, "b": True}).init(
+    galore_adamw8bit(1e-3, weight_decay=0.1, mask={"wide": True, "emb": True, "b": True}).init(
         jax.tree.map(jnp.asarray, p0)
     )
 

@@ -48,7 +48,7 @@ def explicit_reparam_run(params, steps, lr, rank, gap, scale, proj_type, wd, eps
   """
   galore_v = scale_by_galore(
       rank, update_proj_gap=gap, scale=scale, proj_type=proj_type,
-      inner=scale_by_adam_hf(eps=eps), mask=PROJECTED,
+      inner=scale_by_adam_hf(eps=eps), projected=PROJECTED,
   )
   adam_g = scale_by_adam_hf(eps=eps)
 
@@ -105,7 +105,7 @@ def test_matches_explicit_reparameterization(proj_type, wd, eps):
   expected = explicit_reparam_run(MLP, steps, **kw)
   tx = gradnorm_lorp(
       kw["lr"], rank=4, update_proj_gap=3, scale=0.5, proj_type=proj_type,
-      eps=eps, weight_decay=wd, mask=PROJECTED,
+      eps=eps, weight_decay=wd, projected=PROJECTED,
   )
   got, _ = gradnorm_run(tx, MLP, steps)
   for t, (e, g) in enumerate(zip(expected, got)):
@@ -326,7 +326,7 @@ def test_bad_arguments_raise_clear_errors():
   with pytest.raises(ValueError, match="proj_type='diag' is unknown"):
     gradnorm_lorp(0.01, proj_type="diag")
   with pytest.raises(ValueError, match="has fewer than two axes"):
-    gradnorm_lorp(0.01, mask={"b": True}).init({"b": jnp.ones(3)})
+    gradnorm_lorp(0.01, projected={"b": True}).init({"b": jnp.ones(3)})
 
 
 def test_8bit_runs_and_tracks_float():

@@ -49,7 +49,7 @@ def run_jax(weight, bias, grads, layout, dtype=jnp.float32, **kw):
       update_proj_gap=GAP,
       scale=SCALE,
       weight_decay=WEIGHT_DECAY,
-      mask={"w": True, "b": False},
+      projected={"w": True, "b": False},
       dimension_numbers=None if flax else TORCH_LAYOUT,
       **kw,
   )

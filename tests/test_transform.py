@@ -97,7 +97,7 @@ def test_full_rank_projection_of_sgd_is_identity():
     "mask", [{"dense": {"kernel": False, "bias": False}, "stack": True}, go.path_mask("stack")]
 )
 def test_mask(mask):
-  state = go.galore_adamw(1e-3, rank=4, mask=mask).init(PARAMS)[0]
+  state = go.galore_adamw(1e-3, rank=4, projected=mask).init(PARAMS)[0]
   assert isinstance(state.projectors["dense"]["kernel"], optax.MaskedNode)
   assert state.inner_state.mu["dense"]["kernel"].shape == (12, 20)
   assert state.inner_state.mu["stack"].shape == (3, 4, 16)
@@ -220,7 +220,7 @@ def test_bad_arguments(kwargs, match):
 
 
 def test_projected_vector_is_named():
-  tx = go.scale_by_galore(rank=2, mask={"dense": {"kernel": True, "bias": True}, "stack": False})
+  tx = go.scale_by_galore(rank=2, projected={"dense": {"kernel": True, "bias": True}, "stack": False})
   with pytest.raises(ValueError, match=r"dense/bias: shape \(20,\) has fewer than two axes"):
     tx.init(PARAMS)
 
@@ -234,23 +234,23 @@ def test_projected_vector_is_named():
     ],
 )
 def test_bad_dimension_numbers_name_the_leaf(dims, match):
-  tx = go.scale_by_galore(rank=2, mask=go.path_mask("kernel"), dimension_numbers=dims)
+  tx = go.scale_by_galore(rank=2, projected=go.path_mask("kernel"), dimension_numbers=dims)
   with pytest.raises(ValueError, match="dense/kernel.*" + match):
     tx.init(PARAMS)
 
 
 def test_mask_with_wrong_structure_names_the_leaf():
-  tx = go.scale_by_galore(rank=2, mask={"dense": {"kernel": True}, "stack": True})
+  tx = go.scale_by_galore(rank=2, projected={"dense": {"kernel": True}, "stack": True})
   with pytest.raises(ValueError, match="no entry for parameter 'dense/bias'"):
     tx.init(PARAMS)
-  tx = go.scale_by_galore(rank=2, mask={"dense": {"kernel": True, "bias": False}, "stack": True, "x": True})
+  tx = go.scale_by_galore(rank=2, projected={"dense": {"kernel": True, "bias": False}, "stack": True, "x": True})
   with pytest.raises(ValueError, match="'x' that is not a parameter"):
     tx.init(PARAMS)
 
 
 def test_non_bool_mask_entry_is_named():
-  tx = go.scale_by_galore(rank=2, mask={"dense": {"kernel": "yes", "bias": False}, "stack": True})
-  with pytest.raises(TypeError, match="mask entry for 'dense/kernel'"):
+  tx = go.scale_by_galore(rank=2, projected={"dense": {"kernel": "yes", "bias": False}, "stack": True})
+  with pytest.raises(TypeError, match="projected entry for 'dense/kernel'"):
     tx.init(PARAMS)
 
 
