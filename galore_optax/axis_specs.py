@@ -27,6 +27,7 @@ import math
 from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
+import jax.core  # `jax` imports it but does not bind the name for type checkers
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -115,9 +116,9 @@ def layout_of(x: Any) -> Optional[Layout]:
       sharding = jax.typeof(x).sharding
     except (TypeError, AttributeError):
       return None
-  mesh = getattr(sharding, "mesh", None)
-  if not isinstance(sharding, NamedSharding) or not _explicit(mesh):
+  if not isinstance(sharding, NamedSharding) or not _explicit(sharding.mesh):
     return None
+  mesh = sharding.mesh
   explicit = set(mesh.explicit_axes)
   spec = tuple(sharding.spec) + (None,) * (len(jnp.shape(x)) - len(sharding.spec))
   entries = tuple(tuple(n for n in names(e) if n in explicit) for e in spec)

@@ -24,6 +24,7 @@ second applies the updates to the clipped gradients, or none of them.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 import weakref
 from typing import Any, Callable, NamedTuple, Optional
@@ -68,11 +69,12 @@ def _split(params, layers: str):
 
 def _num_layers(stack) -> int:
   sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(stack)}
-  if len(sizes) != 1 or None in sizes:
+  size = next(iter(sizes), None)
+  if len(sizes) != 1 or size is None:
     raise ValueError(
         "every leaf of the stacked layer tree needs the same leading layer axis; got "
         f"leading sizes {sorted(map(str, sizes))}.")
-  return sizes.pop()
+  return size
 
 
 _COUPLED = (
@@ -83,7 +85,7 @@ _COUPLED = (
 
 
 # Updates that passed the probe (fused_init may be called again, e.g. to restore).
-_PER_SLICE: "weakref.WeakSet" = weakref.WeakSet()
+_PER_SLICE: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
 
 
 def check_per_slice(tx: optax.GradientTransformation, **extra_args) -> None:
@@ -196,7 +198,9 @@ def _whole_tree_indices(params, layers: str):
 
 
 def _sum_squares(tree) -> jax.Array:
-  return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
+  # Starts from a float32 zero, not sum()'s int 0, so that an empty tree also gives an array.
+  return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)),
+             jnp.zeros([], jnp.float32))
 
 
 def fused_scan_step(
@@ -245,7 +249,7 @@ def fused_scan_step(
     >>> step = jax.jit(go.fused_scan_step(embed, layer, head, tx), donate_argnums=(0, 1))
     >>> params, state, loss = step(params, go.fused_init(tx, params), jnp.ones((4, 8)))
   """
-  if clip_norm is not None and not (np.isscalar(clip_norm) and clip_norm > 0):
+  if clip_norm is not None and not (isinstance(clip_norm, numbers.Real) and clip_norm > 0):
     raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm!r}.")
   if not isinstance(skip_nonfinite, (bool, np.bool_)):
     raise ValueError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}.")

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple, Sequence, Union
+from typing import TYPE_CHECKING, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+
+if TYPE_CHECKING:  # typing.TypeIs is Python 3.13+; the annotation is never evaluated
+  from typing_extensions import TypeIs
 
 Axes = Union[int, Sequence[int]]
 
@@ -63,7 +66,7 @@ class MatrixView(NamedTuple):
     return self.batch_shape + (self.m, self.n)
 
 
-def _is_int(x) -> bool:
+def _is_int(x) -> TypeIs[int]:
   return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 

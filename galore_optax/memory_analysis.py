@@ -42,7 +42,8 @@ def planned_peak_bytes(compiled: Any) -> Optional[int]:
     raise TypeError(
         f"planned_peak_bytes takes a compiled program, not a {type(compiled).__name__}: "
         "pass jax.jit(f).lower(...).compile() (or its memory_analysis()).")
-  if any(v is None for v in values):
+  sizes = [int(v) for v in values if v is not None]
+  if len(sizes) != len(_FIELDS):
     return None
-  arguments, outputs, aliased, temporaries = (int(v) for v in values)
+  arguments, outputs, aliased, temporaries = sizes
   return arguments + outputs - aliased + temporaries

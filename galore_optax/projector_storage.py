@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
 
+import jax
 import jax.numpy as jnp
 
 from galore_optax import axis_specs
@@ -111,8 +112,8 @@ class RegeneratedStorage(NamedTuple):
     spec = layout and plan.per_matrix_spec(layout)
     return {"refreshed_at": axis_specs.zeros(plan.batch_shape, jnp.int32, layout, spec)}
 
-  def encode(self, bases: dict, plan: LeafPlan, leaf_dtype, count=None) -> dict:
-    del bases, leaf_dtype
+  def encode(self, bases: dict, plan: LeafPlan, leaf_dtype, count: jax.typing.ArrayLike) -> dict:
+    del bases, leaf_dtype  # what is stored is the refresh step, `count`
     return {"refreshed_at": jnp.full(plan.batch_shape, count, jnp.int32)}
 
   def decode(self, stored: dict, plan: LeafPlan, dtype) -> dict:

@@ -104,7 +104,8 @@ def resolve_lazy_refresh(value: Any) -> Optional[LazyRefresh]:
     )
   validation.static_int(value.queue_size, "lazy_refresh.queue_size")
   validation.real(value.gap_growth, "lazy_refresh.gap_growth", low=1.0)
-  validation.real(value.threshold, "lazy_refresh.threshold (compared with |cos|)", low=0.0, high=1.0)
+  validation.real(
+      value.threshold, "lazy_refresh.threshold (compared with |cos|)", low=0.0, high=1.0)
   if value.max_gap is not None:
     validation.static_int(value.max_gap, "lazy_refresh.max_gap")
   return value
@@ -139,7 +140,7 @@ def leading_similarity(new: dict, old: dict) -> jax.Array:
     norms = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
     dot = jnp.abs(jnp.sum(a * b, axis=-1))
     sims.append(jnp.where(norms > 0, dot / jnp.where(norms > 0, norms, 1.0), 0.0))
-  return sum(sims) / len(sims)
+  return sum(sims[1:], sims[0]) / len(sims)  # an array start: sum()'s own is int 0
 
 
 def advance_lazy_state(
