@@ -6,7 +6,7 @@ each captures, ‖PᵀG‖²/‖G‖², relative to the exact SVD's, on a matrix
 power-law spectrum σᵢ = 1/i (no gap at the rank: the hard case for sketches).
 Then the whole update at a refresh step against optax.contrib.galore's, on the
 same matrix as a one-leaf tree.
-Part 2, real gradients: a 60M-shaped LLaMA of the example (examples/llama.py)
+Part 2, real gradients: a 60M-shaped LLaMA of the example (examples/models.py)
 trained a few AdamW steps on the embedded corpus; energy each method captures
 on every attention/MLP gradient, relative to the exact SVD. The warm-started
 'power' method starts from the exact basis of an earlier step's gradient.

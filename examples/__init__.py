@@ -6,8 +6,7 @@ Run from the repository root::
     python -m examples.compare     # optimizers at their tuned learning rates, CPU, < 10 min
 
 Modules:
-  main            the command line for one training run (``python -m examples.train`` is
-                  its older name)
+  main            the command line for one training run
   configs         model sizes from the GaLore paper (60m ... 7b) plus ``small`` and ``tiny``
                   for CPU, and the training configuration
   input_pipeline  corpora (embedded stdlib docstrings, text/jsonl/rst files, C4 shards, HF

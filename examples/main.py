@@ -6,8 +6,7 @@
         --workdir runs/60m_galore --checkpoint-every 1000          # add --resume to continue
     python -m examples.main --config tiny --mesh data=2,fsdp=2,tensor=2 --scan-layers
 
-``python -m examples.train`` is the same command under its older name. The loop itself is
-``examples.train.train_and_evaluate(config, workdir)``; ``examples.compare`` runs it for
+The loop itself is ``examples.train.train_and_evaluate(config, workdir)``; ``examples.compare`` runs it for
 several optimizers, each at its own tuned learning rate.
 """
 

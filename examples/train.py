@@ -1,7 +1,6 @@
 """The training loop: ``train_and_evaluate(config, workdir)``, as in the Flax examples.
 
-``examples.main`` is the command line for one run (``python -m examples.train`` is an alias
-of it). ``train_and_evaluate`` writes into ``workdir``: ``config.json``, ``metrics.jsonl``
+``examples.main`` is the command line for one run. ``train_and_evaluate`` writes into ``workdir``: ``config.json``, ``metrics.jsonl``
 (train and eval records), ``checkpoints/`` (an orbax ``CheckpointManager``) and
 ``summary.json``.
 
@@ -880,8 +879,3 @@ def format_summary(s: Dict[str, Any]) -> str:
     lines.append(f"  peak device memory {s['peak_memory_bytes'] / 2**30:.2f} GiB on {s['device']}")
   return "\n".join(lines)
 
-
-if __name__ == "__main__":
-  # `python -m examples.train ...` is the older name of `python -m examples.main ...`.
-  from examples import main as _main  # pylint: disable=import-outside-toplevel
-  sys.exit(_main.main(prog="python -m examples.train"))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, ParamSpec
 
@@ -105,7 +104,6 @@ def opt_state_shardings(
     *,
     shardings: Any = None,
     mesh: Optional[jax.sharding.Mesh] = None,
-    dimension_numbers: Any = None,
 ) -> Any:
   """The `NamedSharding` of every leaf of `tx`'s state, derived from params'.
 
@@ -131,8 +129,6 @@ def opt_state_shardings(
     mesh: a `Mesh` (or `AbstractMesh`) for `PartitionSpec`s and unsharded
       parameters; default the mesh of the parameters' `NamedSharding`s, else
       that of `jax.set_mesh`.
-    dimension_numbers: deprecated and ignored: the transformations know
-      their own.
 
   Returns:
     A pytree of `NamedSharding` with the structure of `tx.init(params)`.
@@ -153,9 +149,6 @@ def opt_state_shardings(
     >>> shardings[0].inner_state.mu["w"].spec     # (64, 5): unsharded output axis
     P(None, None)
   """
-  if dimension_numbers is not None:
-    warnings.warn("opt_state_shardings(dimension_numbers=...) is ignored: the transforms "
-                  "declare their states' shardings.", DeprecationWarning, stacklevel=2)
   params, found = _params_and_shardings(params)
   leaves, treedef = jax.tree.flatten(params)
   paths = masking.leaf_paths(params)

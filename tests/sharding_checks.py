@@ -681,7 +681,7 @@ EXAMPLE_STEPS = 6
 
 def check_example(results):
   from examples import configs  # pylint: disable=import-outside-toplevel
-  from examples import data  # pylint: disable=import-outside-toplevel
+  from examples import input_pipeline  # pylint: disable=import-outside-toplevel
   from examples import train  # pylint: disable=import-outside-toplevel
 
   nano = configs.LlamaConfig(hidden_size=64, intermediate_size=128, num_heads=2,
@@ -695,7 +695,7 @@ def check_example(results):
     corpus = os.path.join(workdir, "corpus.txt")
     with open(corpus, "w", encoding="utf-8") as f:
       f.write("\n\n".join(" ".join(rng.choice(words, 60)) for _ in range(200)))
-    dataset = data.build_dataset(corpus, 32, vocab_size=300,
+    dataset = input_pipeline.build_dataset(corpus, 32, vocab_size=300,
                                  cache_dir=os.path.join(workdir, "cache"))
     for mesh_arg, scan in (("2,2,2", True), ("data=1,fsdp=8,tensor=1", False)):
       t0 = time.perf_counter()

@@ -147,11 +147,6 @@ def test_scanned_layers_equal_unrolled_layers():
   assert models.param_count(scanned) == models.param_count(unrolled)
 
 
-def test_old_module_names_are_the_new_modules():
-  from examples import data, llama  # pylint: disable=import-outside-toplevel
-  assert data is input_pipeline and llama is models
-
-
 def test_small_config_is_dominated_by_projected_kernels_and_trains():
   """`small` (the comparison's model): attention + MLP hold most parameters, and a few
   GaLore steps lower the loss."""
@@ -674,12 +669,10 @@ def test_embedded_corpus_builds_offline(tmp_path_factory, monkeypatch):
 # ----------------------------------------------------------------------------- command line
 
 
-@pytest.mark.parametrize("module", ["examples.main", "examples.train"])
-def test_cli_reports_bad_input_in_one_line(module, tmp_path):
-  # The whole path from `python -m` to the exit status, with no traceback; examples.train
-  # is the older name of the same command.
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+  # The whole path from `python -m` to the exit status, with no traceback.
   out = tmp_path / "run"
-  proc = _run_cli(module, "--optimizer", "sgd", "--workdir", str(out), "--no-progress",
+  proc = _run_cli("examples.main", "--optimizer", "sgd", "--workdir", str(out), "--no-progress",
                   cwd=tmp_path)
   assert proc.returncode == 2
   _assert_one_error_line(proc.stderr, "unknown optimizer 'sgd'", "galore_adamw")
