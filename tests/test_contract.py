@@ -19,10 +19,12 @@ tests/sharding_checks.py (group explicit_init), as it needs its own process.
 """
 
 import functools
+import inspect
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
@@ -245,3 +247,83 @@ def test_nnx_optimizer_takes_the_same_steps(name, variant):
     step(model, optimizer, grads_at(t))
   got = nnx.state(model, nnx.Param).to_pure_dict()
   assert_close(got, reference_run(name, variant)[0])
+
+
+# --- optax's meanings: `mask` is the decay mask, decay may be a schedule ------
+
+DECAYING = [name for name in FACTORIES if name != "galore"]  # go.galore has no weight decay
+DECAY_MATRICES = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # the usual optax decay mask
+
+
+def zero_grads():
+  return jax.tree.map(jnp.zeros_like, params0())
+
+
+@pytest.mark.parametrize("name", DECAYING)
+def test_mask_is_the_weight_decay_mask_as_in_optax_adamw(name):
+  # Zero gradients: the update is the decay alone. optax.adamw leaves the vectors alone under
+  # this mask; every factory here must too, and decay the matrices.
+  adamw = optax.adamw(LR, weight_decay=0.5, mask=DECAY_MATRICES)
+  want, _ = adamw.update(zero_grads(), adamw.init(params0()), params0())
+  assert float(jnp.max(jnp.abs(want["scale"]))) == 0.0
+  tx = getattr(go, name)(LR, **BASE[name], weight_decay=0.5, mask=DECAY_MATRICES)
+  updates, _ = jax.jit(tx.update)(zero_grads(), tx.init(params0()), params0())
+  assert float(jnp.max(jnp.abs(updates["scale"]))) == 0.0
+  assert float(jnp.max(jnp.abs(updates["dense"]["bias"]))) == 0.0
+  kernel = updates["dense"]["kernel"]
+  assert float(jnp.max(jnp.abs(kernel))) > 0
+  if name != "galore_adafactor":  # Adafactor scales decay by its own step size, not lr
+    rtol = 1e-3 if name.startswith("gradnorm") else 1e-5  # GradNormLoRP rebuilds g·V/‖V‖
+    np.testing.assert_allclose(kernel, want["dense"]["kernel"], rtol=rtol, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", [n for n in DECAYING if n != "galore_adafactor"])
+def test_weight_decay_schedule_under_jit(name):
+  schedule = lambda count: 0.1 * (count + 1)  # 0.1 at step 0, 0.2 at step 1
+  tx = getattr(go, name)(LR, **BASE[name], weight_decay=schedule)
+  update = jax.jit(tx.update)
+  state = tx.init(params0())
+  for step in range(2):
+    got, state = update(zero_grads(), state, params0())
+    fixed = getattr(go, name)(LR, **BASE[name], weight_decay=0.1 * (step + 1))
+    fixed_state = fixed.init(params0())
+    for _ in range(step + 1):
+      want, fixed_state = fixed.update(zero_grads(), fixed_state, params0())
+    assert_close(got, want, tol=1e-6)
+    # zero gradients: the update is −lr·wd(t)·p (GradNormLoRP: up to rounding of g·V/‖V‖)
+    np.testing.assert_allclose(got["stack"], -LR * 0.1 * (step + 1) * params0()["stack"],
+                               rtol=1e-3, atol=1e-9)
+
+
+# The README's static arguments: those that fix array shapes.
+STATIC = ("rank", "update_proj_gap")
+STATIC_8BIT = ("block_size", "min_8bit_size")
+
+
+def static_args(factory):
+  names = inspect.signature(factory).parameters
+  return tuple(n for n in STATIC + STATIC_8BIT if n in names)
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_inject_hyperparams_of_each_factory_with_the_readme_static_args(name):
+  public = getattr(go, name)
+  kwargs = dict(BASE[name])
+  injected = optax.inject_hyperparams(public, static_args=static_args(public))
+  if name == "galore":
+    tx = optax.chain(injected(**kwargs), optax.scale_by_learning_rate(LR))
+  else:
+    tx = injected(LR, **dict(kwargs, weight_decay=0.1))
+  params, state = run(tx, 3, jax.jit(tx.update))
+  assert_moved(params)
+  assert_close(params, reference_run(name, "plain")[0])
+  hyperparams = (state[0] if name == "galore" else state).hyperparams
+  assert "clip_threshold" in hyperparams or "b1" in hyperparams  # numbers became arrays
+
+
+def test_a_traced_shape_argument_names_itself_and_static_args():
+  tx = optax.inject_hyperparams(go.galore_adamw8bit, static_args=("rank",))(
+      LR, rank=3, block_size=32, min_8bit_size=64)
+  with pytest.raises(TypeError, match="update_proj_gap|block_size|min_8bit_size") as info:
+    jax.jit(tx.update)(grads_at(0), tx.init(params0()), params0())
+  assert "static_args" in str(info.value)
