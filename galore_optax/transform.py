@@ -87,7 +87,8 @@ def scale_by_galore(
   R = project(G) goes through `inner` (whose moments are therefore low-rank),
   and the result is projected back and multiplied by `scale`. Leaves that are
   not projected go through the same `inner` at full size, in the same state.
-  There is no weight decay here (chain `optax.add_decayed_weights`).
+  There is no weight decay here (chain `optax.add_decayed_weights`). Each
+  option is described in full in `galore_optax.options.GaLoreOptions`.
 
   Args:
     rank: rank of the projection, a static int; clamped to the smaller side
@@ -115,8 +116,6 @@ def scale_by_galore(
     lazy_refresh: None, True or a `go.LazyRefresh`: Q-GaLore's adaptive gap.
     realign_moments: None, True or a `go.MomentRealignment`: LDAdam's moment
       realignment at each refresh (float `mu`/`nu` moments in `inner`).
-
-  Each option is described in full in `galore_optax.options.GaLoreOptions`.
 
   Returns:
     An `optax.GradientTransformation` whose state is a `GaLoreState`. Under
