@@ -21,7 +21,7 @@ import optax
 class ScaleByAdamHFState(NamedTuple):
   """State of `scale_by_adam_hf`: step count and the two moments."""
 
-  count: chex.Array
+  count: jax.typing.ArrayLike
   mu: optax.Updates
   nu: optax.Updates
 
@@ -138,7 +138,7 @@ def bias_correction_scale(b1, b2, count) -> chex.Array:
 class ScaleByBiasCorrectionState(NamedTuple):
   """Step count of `scale_by_bias_correction`."""
 
-  count: chex.Array
+  count: jax.typing.ArrayLike
 
 
 def scale_by_bias_correction(b1: float = 0.9, b2: float = 0.999) -> optax.GradientTransformation:

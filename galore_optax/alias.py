@@ -474,7 +474,8 @@ def galore_adafactor(
   validation.real(clip_threshold, "clip_threshold", low=0.0, low_open=True)
   if beta1 is not None:
     validation.decay(beta1, "beta1")
-  step_size = dict(
+  # The step size ρ_t, shared by the update and the decay.
+  step_size: dict[str, Any] = dict(
       learning_rate=learning_rate,
       eps=eps,
       scale_parameter=scale_parameter,

@@ -65,7 +65,7 @@ class ApolloOptions:
     validation.choice(self.disable_nl, "disable_nl", (True, False))
 
   @classmethod
-  def from_arguments(cls, arguments, **overrides) -> "ApolloOptions":
+  def from_arguments(cls, arguments, **overrides) -> ApolloOptions:
     """The APOLLO options among a factory's `arguments` (its `locals()`), validated."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in arguments.items() if k in names}, **overrides)

@@ -15,9 +15,8 @@ the same inner optimizer at full size, and the new weight is g' ⊙ V'/‖V'‖.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union, cast
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -34,6 +33,7 @@ from galore_optax.realignment import MomentRealignment
 from galore_optax.refresh import RefreshFn
 from galore_optax.schedules import LazyRefresh
 from galore_optax.transform import GaLoreState, galore_transform
+from galore_optax.weight_decay import value_at
 from galore_optax.sharding import public
 
 
@@ -50,7 +50,7 @@ class GradNormLoRPState(NamedTuple):
       size 1; `optax.MaskedNode()` for leaves that are not projected.
   """
 
-  count: chex.Array
+  count: jax.typing.ArrayLike
   galore_state: GaLoreState
   magnitude_state: optax.OptState
 
@@ -313,7 +313,7 @@ def _weight_normalized(
     ]
     return GradNormLoRPState(
         count=jnp.zeros([], jnp.int32),
-        galore_state=galore.init(params),
+        galore_state=cast(GaLoreState, galore.init(params)),
         magnitude_state=inner.init(treedef.unflatten(magnitudes)),
     )
 
@@ -346,8 +346,8 @@ def _weight_normalized(
         treedef.unflatten(magnitude_grads), state.magnitude_state
     )
     # 3. The new weights, as updates.
-    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    wd = weight_decay(state.count) if callable(weight_decay) else weight_decay
+    lr = value_at(learning_rate, state.count)
+    wd = value_at(weight_decay, state.count)
     decayed = [True] * len(grads) if decay_mask is None else masking.resolve_mask(
         decay_mask, params, "mask")
     out = [
@@ -359,7 +359,7 @@ def _weight_normalized(
     ]
     return treedef.unflatten(out), GradNormLoRPState(
         count=optax.safe_increment(state.count),
-        galore_state=galore_state,
+        galore_state=cast(GaLoreState, galore_state),
         magnitude_state=magnitude_state,
     )
 
@@ -384,7 +384,8 @@ def _new_weight_update(grad, w, axes, split, direction_update, magnitude_update,
       u = u - decay * (w.astype(jnp.float32) + u)
     return u.astype(grad.dtype)
   g = split.magnitude
-  v_new = _direction(w.astype(jnp.float32), grad.astype(jnp.float32), split) - lr * direction_update.astype(jnp.float32)
+  f32 = lambda x: x.astype(jnp.float32)
+  v_new = _direction(f32(w), f32(grad), split) - lr * f32(direction_update)
   g_new = g - lr * magnitude_update
   if decay is not None:
     g_new = (1.0 - decay) * g_new

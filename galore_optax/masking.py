@@ -10,6 +10,7 @@ import re
 from typing import Any, Callable, Optional, Union
 
 import jax
+import jax.core  # `jax` imports it but does not bind the name for type checkers
 import numpy as np
 
 from galore_optax.matrix_view import DimensionNumbers

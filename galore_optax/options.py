@@ -117,11 +117,11 @@ class GaLoreOptions:
     _check_realignment(self.realign_moments)
 
   @classmethod
-  def from_arguments(cls, arguments: Mapping[str, Any], **overrides) -> "GaLoreOptions":
+  def from_arguments(cls, arguments: Mapping[str, Any], **overrides) -> GaLoreOptions:
     """The options among a factory's `arguments` (its `locals()`), validated."""
     return cls(**_fields_of(cls, arguments), **overrides)
 
-  def with_realignment_decays(self, b1, b2) -> "GaLoreOptions":
+  def with_realignment_decays(self, b1, b2) -> GaLoreOptions:
     """`realign_moments=True` resolved to the optimizer's own Adam decays."""
     if self.realign_moments is not True:
       return self
@@ -146,7 +146,8 @@ class GaLoreOptions:
 
   @property
   def refresh_budget_bytes(self) -> int:
-    return DEFAULT_REFRESH_BUDGET if self.refresh_memory_budget is None else self.refresh_memory_budget
+    budget = self.refresh_memory_budget
+    return DEFAULT_REFRESH_BUDGET if budget is None else budget
 
   @property
   def refresh_fn(self):
@@ -233,7 +234,7 @@ class AdamOptions:
     validation.learning_rate(self.weight_decay, "weight_decay")  # a number or a schedule
 
   @classmethod
-  def from_arguments(cls, arguments: Mapping[str, Any], **overrides) -> "AdamOptions":
+  def from_arguments(cls, arguments: Mapping[str, Any], **overrides) -> AdamOptions:
     """The Adam options among a factory's `arguments` (its `locals()`), validated."""
     return cls(**_fields_of(cls, arguments), **overrides)
 

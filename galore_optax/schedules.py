@@ -20,6 +20,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from galore_optax import axis_specs
 from galore_optax import validation
@@ -33,6 +34,11 @@ class EveryGap(NamedTuple):
   gap: Any  # an int, or an array under optax.inject_hyperparams
   stateful = False
   batched = True
+
+  def init(self, plan, layout):
+    """No per-leaf state (`stateful` is False, so nothing stores this)."""
+    del plan, layout
+    return optax.MaskedNode()
 
   def due(self, leaf_state, count, plan):
     del leaf_state, plan

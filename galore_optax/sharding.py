@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Mapping
-from typing import Any, Callable, Optional, ParamSpec
+from typing import Any, Callable, Optional, ParamSpec, Union, cast
 
 import jax
 import numpy as np
@@ -31,7 +31,7 @@ from galore_optax import axis_specs
 from galore_optax import masking
 
 
-def _nnx():
+def _nnx() -> Any:
   """`flax.nnx` if the program imported it (this module never does)."""
   return sys.modules.get("flax.nnx")
 
@@ -103,7 +103,7 @@ def opt_state_shardings(
     params: Any,
     *,
     shardings: Any = None,
-    mesh: Optional[jax.sharding.Mesh] = None,
+    mesh: Optional[Union[jax.sharding.Mesh, AbstractMesh]] = None,
 ) -> Any:
   """The `NamedSharding` of every leaf of `tx`'s state, derived from params'.
 
@@ -181,11 +181,11 @@ def opt_state_shardings(
   ]
   with jax.sharding.use_abstract_mesh(explicit):
     state = jax.eval_shape(tx.init, treedef.unflatten(abstract))
-  declared = lambda x: getattr(x, "sharding", None)
-  return jax.tree.map(
-      lambda x: NamedSharding(mesh, declared(x).spec if declared(x) else PartitionSpec()),
-      state,
-  )
+  def declared(x) -> PartitionSpec:
+    sharding = getattr(x, "sharding", None)
+    return sharding.spec if isinstance(sharding, NamedSharding) else PartitionSpec()
+
+  return jax.tree.map(lambda x: NamedSharding(mesh, declared(x)), state)
 
 
 def _restore(template, given):
@@ -201,13 +201,14 @@ def _restore(template, given):
     given = given.get_value()
   if isinstance(template, jax.ShapeDtypeStruct):
     return given
+  container: Any = type(template)  # a NamedTuple, dict-like or sequence class
   if hasattr(template, "_fields"):
     get = (lambda f: given[f]) if isinstance(given, Mapping) else (lambda f: getattr(given, f))
-    return type(template)(**{f: _restore(getattr(template, f), get(f)) for f in template._fields})
+    return container(**{f: _restore(getattr(template, f), get(f)) for f in template._fields})
   if isinstance(template, Mapping):
-    return type(template)({k: _restore(v, given[k]) for k, v in template.items()})
+    return container({k: _restore(v, given[k]) for k, v in template.items()})
   if isinstance(template, (tuple, list)):
-    return type(template)(_restore(t, given[i]) for i, t in enumerate(template))
+    return container(_restore(t, given[i]) for i, t in enumerate(template))
   children, treedef = jax.tree_util.tree_flatten(template, is_leaf=lambda x: x is not template)
   return treedef.unflatten([_restore(c, g) for c, g in zip(children, treedef.flatten_up_to(given))])
 
@@ -274,9 +275,10 @@ def sharding_aware(tx: optax.GradientTransformation) -> optax.GradientTransforma
     if mesh is None:
       return call(updates, state, params)
     typed = lambda tree: jax.tree.map(lambda x: jax.typeof(x).sharding, tree)
-    return jax.sharding.auto_axes(
-        call, axes=tuple(mesh.explicit_axes), out_sharding=(typed(updates), typed(state))
-    )(updates, state, params)
+    # cast: jax's annotation-free auto_axes reads as possibly its one-argument decorator form
+    auto_call = cast(Callable[..., Any], jax.sharding.auto_axes(
+        call, axes=tuple(mesh.explicit_axes), out_sharding=(typed(updates), typed(state))))
+    return auto_call(updates, state, params)
 
   if isinstance(tx, optax.GradientTransformationExtraArgs):
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional, Union
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -54,7 +53,7 @@ class GaLoreState(NamedTuple):
       a norm-growth limiter); otherwise `optax.EmptyState()`.
   """
 
-  count: chex.Array
+  count: jax.typing.ArrayLike
   projectors: Any
   inner_state: optax.OptState
   refresh_schedule: Any = optax.EmptyState()
@@ -190,9 +189,9 @@ def galore_transform(
         count=jnp.zeros([], jnp.int32),
         projectors=projectors,
         inner_state=inner_state,
-        refresh_schedule=per_leaf(lambda p, x, l: schedule.init(p, l))
+        refresh_schedule=per_leaf(lambda p, x, layout: schedule.init(p, layout))
         if schedule.stateful else optax.EmptyState(),
-        output_state=per_leaf(lambda p, x, l: output.init(p, l))
+        output_state=per_leaf(lambda p, x, layout: output.init(p, layout))
         if output.stateful else optax.EmptyState(),
     )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -15,7 +15,7 @@ from galore_optax.masking import MaskOrFn
 class DecayAfterUpdateState(NamedTuple):
   """Step count, for a learning-rate schedule."""
 
-  count: chex.Array
+  count: jax.typing.ArrayLike
 
 
 def decay_weights_after_update(
@@ -57,8 +57,7 @@ def decay_weights_after_update(
           "decay_weights_after_update needs params: call tx.update(grads, "
           "state, params)."
       )
-    at = lambda value: value(state.count) if callable(value) else value
-    decay = at(learning_rate) * at(weight_decay)
+    decay = value_at(learning_rate, state.count) * value_at(weight_decay, state.count)
     new_updates = jax.tree.map(
         lambda u, p: (u - decay * (p + u)).astype(u.dtype), updates, params
     )
@@ -66,3 +65,8 @@ def decay_weights_after_update(
 
   tx = optax.GradientTransformation(init_fn, update_fn)
   return tx if mask is None else optax.masked(tx, mask)
+
+
+def value_at(value: Any, count: chex.Numeric) -> Any:
+  """A number, or a schedule's value at `count`."""
+  return value(count) if callable(value) else value
