@@ -214,6 +214,10 @@ def fused_scan_step(
 ) -> Callable:
   """A training step whose optimizer update runs inside the backward scan.
 
+  With `clip_norm` or `skip_nonfinite`, a first backward pass sums the
+  squared gradients (the global norm needs every layer's gradient before the
+  first update); it costs one more backward pass and no gradient memory.
+
   Args:
     embed_fn: ``embed_fn(rest, batch) -> h``, the input of the first layer.
     layer_fn: ``layer_fn(layer_params, h) -> h``, one layer on one slice of
@@ -227,10 +231,6 @@ def fused_scan_step(
       changes neither the parameters nor the optimizer state, and is counted
       in the state (`FusedState.notfinite_count`, `total_notfinite`), as
       `optax.apply_if_finite` does for the usual step.
-
-    With `clip_norm` or `skip_nonfinite`, a first backward pass sums the
-    squared gradients (the global norm needs every layer's gradient before the
-    first update); it costs one more backward pass and no gradient memory.
 
   Returns:
     ``step(params, opt_state, batch, **extra_args) -> (params, opt_state,
