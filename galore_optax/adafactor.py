@@ -165,6 +165,25 @@ def _init_first_moment(leaf):
   return axis_specs.zeros(shape, jnp.float32, layout, layout and layout.like(shape))
 
 
+_FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
+
+
+def _overflowed(g, row, col, clip_threshold):
+  """The factored update of a matrix whose row statistics overflowed float32.
+
+  g² is inf for a finite |g| > 1.8e19, and then mean(row) is inf: the
+  update g·√(mean(row)/(row ⊗ col)) would be inf/inf = NaN. Its limit is
+  what the RMS clipping makes of it: every entry of an infinite row or column
+  gets 0 (as 1/√v·g does in a vector leaf), the others g/√(row ⊗ col) scaled
+  to RMS `clip_threshold`; so one huge entry does not stop the rest training.
+  """
+  inf = jnp.isinf(row)[..., None] | jnp.isinf(col)[..., None, :]
+  u = jnp.where(inf, 0.0, jax.lax.rsqrt(row)[..., None] * jax.lax.rsqrt(col)[..., None, :] * g)
+  u = jnp.clip(u, -_FLOAT32_MAX, _FLOAT32_MAX)
+  rms = jnp.sqrt(jnp.mean(jnp.square(u), axis=(-2, -1), keepdims=True))
+  return jnp.where(rms > 0, u * (clip_threshold / jnp.where(rms > 0, rms, 1.0)), 0.0)
+
+
 def scale_by_adafactor_hf(
     learning_rate: Optional[optax.ScalarOrSchedule] = None,
     eps: tuple[float, float] = (1e-30, 1e-3),
@@ -262,8 +281,10 @@ def scale_by_adafactor_hf(
       if isinstance(nu, FactoredMoment):
         row = beta2t * nu.row + (1.0 - beta2t) * jnp.mean(sq, axis=-1)
         col = beta2t * nu.col + (1.0 - beta2t) * jnp.mean(sq, axis=-2)
-        row_factor = jax.lax.rsqrt(row / jnp.mean(row, axis=-1, keepdims=True))
+        row_mean = jnp.mean(row, axis=-1, keepdims=True)
+        row_factor = jax.lax.rsqrt(row / row_mean)
         u = row_factor[..., None] * jax.lax.rsqrt(col)[..., None, :] * gf
+        u = jnp.where(jnp.isinf(row_mean)[..., None], _overflowed(gf, row, col, clip_threshold), u)
         nu = FactoredMoment(row=row, col=col)
       else:
         nu = beta2t * nu + (1.0 - beta2t) * sq

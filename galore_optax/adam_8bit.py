@@ -165,6 +165,9 @@ def scale_by_adam_8bit(
   whole 256-element block of the 8-bit state into NaN (its absmax becomes
   non-finite) for the rest of training. Here one bad element costs nothing but
   its own step. Wrap with `optax.apply_if_finite` to skip such steps entirely.
+  A finite element whose square overflows float32 (|g| > 1.8e19) makes v
+  infinite and its update 0, as in `optax.scale_by_adam`; v's 8-bit block then
+  saturates at 3.4e38 (see `quantize_blockwise`) rather than turning NaN.
 
   Args:
     b1: decay rate of the first moment.

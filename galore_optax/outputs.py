@@ -93,6 +93,14 @@ def _norms(x, axes):
   return jnp.sqrt(jnp.sum(x * x, axis=axes, keepdims=True))
 
 
+_FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
+
+
+def _saturated(x):
+  """float32 `x` with ±inf replaced by ±3.4e38 (NaN stays NaN)."""
+  return jnp.clip(x, -_FLOAT32_MAX, _FLOAT32_MAX)
+
+
 def scaling_factor(plan: LeafPlan, low_rank_grad, inner_update, per_channel: bool):
   """‖N‖ / (‖R‖ + 1e-8): per channel of the kept axis, or per matrix.
 
@@ -131,6 +139,9 @@ class NormGrowthLimiter(NamedTuple):
 
   def divisor(self, norm, previous):
     """What a term of norm `norm` (*batch,) is divided by, and the new state."""
+    # A norm beyond float32 (its sum of squares overflowed) saturates: stored
+    # as inf, the next step's ratio would be inf/inf = NaN.
+    norm = jnp.minimum(norm, _FLOAT32_MAX)
     ratio = jnp.maximum(norm / (previous + _NORM_EPS), self.gamma) / self.gamma
     divisor = jnp.where(previous < 0, 1.0, ratio)
     return divisor, norm / divisor
@@ -162,13 +173,19 @@ class FiraResidual(NamedTuple):
     roles = view.output_axes + view.reduction_axes
     phi = scaling_factor(plan, low_rank_grad, inner_update, per_channel=True)
     g = grad.astype(jnp.float32)
-    back = projection.project_back_leaf(low_rank_grad.astype(jnp.float32), bases, view)
-    residual_norm = _norms((g - scale * back) * matrix_view.from_matrix(phi, view), roles)
-    divisor, leaf_state = self.limiter.divisor(jnp.squeeze(residual_norm, roles), leaf_state)
+    # R of a huge gradient can be ±3.4e38 (saturated): project it back in units
+    # of 2**k > rank, exactly, so that no partial sum overflows (inf − inf = NaN).
+    k = plan.rank.bit_length() + 3
+    back = projection.project_back_leaf(
+        low_rank_grad.astype(jnp.float32) * 2.0**-k, bases, view) * 2.0**k
+    # Differences and products of finite values saturate: inf · (φ = 0) = NaN.
+    residual = _saturated(_saturated(g - scale * back) * matrix_view.from_matrix(phi, view))
+    divisor, leaf_state = self.limiter.divisor(
+        jnp.squeeze(_norms(residual, roles), roles), leaf_state)
     d = divisor[..., None, None]  # per matrix, against the (*batch, rows, cols) low-rank stack
     low = scale * inner_update.astype(jnp.float32) - (scale / d) * phi * low_rank_grad.astype(jnp.float32)
     update = projection.project_back_leaf(low, bases, view)
-    update = update + g * matrix_view.from_matrix(phi, view) / jnp.expand_dims(divisor, roles)
+    update = update + _saturated(g * matrix_view.from_matrix(phi, view)) / jnp.expand_dims(divisor, roles)
     return update.astype(grad.dtype), leaf_state
 
 

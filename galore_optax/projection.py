@@ -93,12 +93,45 @@ def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
   return _accumulated(lambda t: jnp.matmul(a, b, preferred_element_type=t), a)
 
 
+def _saturated(r: jax.Array) -> jax.Array:
+  """`r` with ±inf replaced by the dtype's largest finite values (NaN stays)."""
+  big = jnp.finfo(r.dtype).max
+  return jnp.clip(r, -big, big)
+
+
+def _without_overflow(product, basis: jax.Array, n: int) -> jax.Array:
+  """`product(basis)`, linear in `basis`, whose vectors have `n` entries.
+
+  A finite gradient can project to values beyond float32 (a row of 64
+  entries of 1e38), and a dot product's partial sums can then overflow both
+  ways, inf − inf = NaN, which no later step can repair. So the product is
+  taken with the basis times 2**-k, where 2**k exceeds any basis vector's L1
+  norm (≤ 8n, also for APOLLO's Gaussian ones): no partial sum can overflow,
+  and the result times 2**k saturates at the largest finite value. Scaling
+  by a power of two is exact, so other results do not change by a bit
+  (unless products below ~1e-33 are flushed to zero). float16 operands,
+  whose range 2**-k would leave, are only saturated (accumulated in float32,
+  their sums cannot overflow).
+  """
+  if jnp.finfo(basis.dtype).maxexp < 128:
+    return _saturated(product(basis))
+  k = int(n).bit_length() + 3
+  return _saturated(product(basis * 2.0**-k) * 2.0**k)
+
+
 def project(g: jax.Array, basis: dict[str, jax.Array]) -> jax.Array:
-  """R = U_rᵀ G, G Vh_rᵀ, or U_rᵀ G Vh_rᵀ, computed in the gradient's dtype."""
+  """R = U_rᵀ G, G Vh_rᵀ, or U_rᵀ G Vh_rᵀ, computed in the gradient's dtype.
+
+  Entries beyond the dtype's range saturate at its largest finite value.
+  """
   if OUTPUT_SIDE in basis:
-    g = _matmul(jnp.swapaxes(basis[OUTPUT_SIDE], -1, -2).astype(g.dtype), g)
+    g = _without_overflow(
+        lambda u: _matmul(jnp.swapaxes(u, -1, -2), g), basis[OUTPUT_SIDE].astype(g.dtype),
+        g.shape[-2])
   if INPUT_SIDE in basis:
-    g = _matmul(g, jnp.swapaxes(basis[INPUT_SIDE], -1, -2).astype(g.dtype))
+    g = _without_overflow(
+        lambda vh: _matmul(g, jnp.swapaxes(vh, -1, -2)), basis[INPUT_SIDE].astype(g.dtype),
+        g.shape[-1])
   return g
 
 
@@ -174,13 +207,16 @@ def project_leaf(
     return project(matrix_view.to_matrix(x, view), basis)
   nb = len(view.batch_shape)
   if OUTPUT_SIDE in basis:  # U_rᵀ G = (x U_r)ᵀ: (*batch, r, n)
-    r = _dot(x, basis[OUTPUT_SIDE].astype(x.dtype), nb + 1, nb, nb)
+    r = _without_overflow(lambda u: _dot(x, u, nb + 1, nb, nb),
+                          basis[OUTPUT_SIDE].astype(x.dtype), view.m)
     r = jnp.swapaxes(jax.lax.optimization_barrier(r), -1, -2)
     if INPUT_SIDE in basis:
-      r = _matmul(r, jnp.swapaxes(basis[INPUT_SIDE], -1, -2).astype(x.dtype))
+      r = _without_overflow(lambda vh: _matmul(r, jnp.swapaxes(vh, -1, -2)),
+                            basis[INPUT_SIDE].astype(x.dtype), view.n)
     return r
   # G Vh_rᵀ = (Vh_r x)ᵀ: (*batch, m, r)
-  r = _dot(basis[INPUT_SIDE].astype(x.dtype), x, nb + 1, nb, nb)
+  r = _without_overflow(lambda vh: _dot(vh, x, nb + 1, nb, nb),
+                        basis[INPUT_SIDE].astype(x.dtype), view.n)
   return jnp.swapaxes(jax.lax.optimization_barrier(r), -1, -2)
 
 

@@ -228,7 +228,9 @@ def quantize_blockwise(
   maximum (``x * (1 / absmax)``, as bitsandbytes does) and each scaled value is
   replaced by the index of the nearest entry of `code`, ties going to the
   lower entry. All-zero blocks get ``absmax == 0`` and dequantize to exact
-  zeros. Inputs must be finite (a non-finite element spoils its block).
+  zeros. An infinite element saturates its block's scale at the largest
+  float32 (it dequantizes to ±3.4e38, its block's finite elements to 0); a
+  NaN element spoils its block.
 
   Args:
     x: array to quantize (any float dtype; computed in float32).
@@ -274,10 +276,17 @@ def _quantize(x, code, *, block_size: int, code_key: Optional[bytes]) -> Quantiz
     xf = xf.reshape(-1)
     xf = jnp.pad(xf, (0, codes_shape[0] - xf.shape[0]))  # zeros leave absmax
   blocks = xf.reshape(absmax_shape + (block_size,))
-  absmax = jnp.max(jnp.abs(blocks), axis=-1)
+  # An infinite element (Adam's v = g² overflows for finite |g| > 1.8e19)
+  # saturates its block's scale at the largest float32 instead of making
+  # inf/inf = NaN codes; NaN stays NaN (jnp.minimum propagates it).
+  absmax = jnp.minimum(jnp.max(jnp.abs(blocks), axis=-1), np.finfo(np.float32).max)
+  # 1/absmax is subnormal above 2**126, which XLA:CPU flushes to zero (then
+  # inf·0 = NaN): such blocks are scaled by 2**-64 first, an exact factor.
+  # Every other block keeps the plain x·(1/absmax) of bitsandbytes, bit for bit.
+  pre = jnp.where(absmax > 2.0**126, np.float32(2.0**-64), np.float32(1.0))
   # A zero block scales to zeros; clamping keeps 1/absmax finite.
-  inv = 1.0 / jnp.maximum(absmax, np.finfo(np.float32).tiny)
-  scaled = jnp.clip(blocks * inv[..., None], -1.0, 1.0)
+  inv = 1.0 / jnp.maximum(absmax * pre, np.finfo(np.float32).tiny)
+  scaled = jnp.clip((blocks * pre[..., None]) * inv[..., None], -1.0, 1.0)
   codes = _nearest_code(scaled, code, code_key).reshape(codes_shape)
   return QuantizedArray(codes=codes, absmax=absmax)
 

@@ -154,7 +154,18 @@ def _realign_adam(m, v, c, t, config: MomentRealignment):
   c1 = 1.0 - jnp.power(config.b1, t)
   c2 = 1.0 - jnp.power(config.b2, t)
   new_m = projection.rebase(m32, c)
+  # Moments of a huge gradient (1e38: m near 3.4e38, v = inf): C m's partial
+  # sums can overflow both ways (inf − inf = NaN), so where the plain map is
+  # not finite, it is redone in units of 2**k > 8 × the rank (exact), saturated.
+  k = max(m32.shape[-2:]).bit_length() + 3
+  big = float(jnp.finfo(f32).max)
+  rescaled = jnp.clip(projection.rebase(m32 * 2.0**-k, c) * 2.0**k, -big, big)
+  new_m = jnp.where(jnp.isfinite(new_m), new_m, rescaled)
   variance = v32 / c2 - jnp.square(m32) / jnp.square(c1)
+  # An infinite v or m² leaves an unknown, huge variance (inf − inf = NaN):
+  # saturated, since (C∘C)'s zeros times inf would be NaN too. NaN stays NaN.
+  huge = jnp.isinf(v32) | jnp.isinf(jnp.square(m32) / jnp.square(c1))
+  variance = jnp.where(huge, big, variance)
   new_v = c2 * jnp.abs(
       projection.rebase(variance, c, squared=True) + jnp.square(new_m) / jnp.square(c1)
   )

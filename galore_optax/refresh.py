@@ -61,10 +61,37 @@ def _canonical_bases(u: jax.Array, vh: jax.Array, sides) -> dict[str, jax.Array]
   return bases
 
 
+# Matrices whose largest |entry| lies in [2**-24, 2**24] are decomposed as
+# they are (bit for bit); the others are first scaled by a power of two.
+_PLAIN_EXPONENT = 24
+
+
+def rescaled(g: jax.Array) -> jax.Array:
+  """float32 `g` (*batch, m, n), each matrix scaled by a power of two if extreme.
+
+  A basis does not depend on the scale of the matrix, but its computation
+  does: the norms inside an SVD or QR and the sketch G Gᵀ G Ω of the
+  randomized methods overflow to inf (then NaN bases) for entries of 1e30,
+  and underflow to zero for 1e-30. A matrix whose largest entry is outside
+  [2**-24, 2**24] is multiplied by the power of two that brings it to
+  [0.5, 1): exact, so its bases are those of the ideal computation; any
+  other matrix is left untouched, so ordinary bases do not change by a bit.
+  """
+  g = g.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(g), axis=(-2, -1), keepdims=True)
+  _, e = jnp.frexp(amax)  # amax = f · 2**e with f in [0.5, 1)
+  plain = ((amax >= 2.0**-_PLAIN_EXPONENT) & (amax <= 2.0**_PLAIN_EXPONENT)
+           | (amax == 0) | ~jnp.isfinite(amax))
+  # Clipped so that 2**-e is a normal float32 (XLA:CPU flushes subnormals).
+  e = jnp.where(plain, 0, jnp.clip(e, -125, 126)).astype(jnp.int32)
+  two_to_minus_e = jax.lax.bitcast_convert_type((127 - e) << 23, jnp.float32)  # exact
+  return g * two_to_minus_e
+
+
 def svd_refresh(g, rank, sides, previous=None, key=None):
   """Exact refresh: the leading singular vectors from a float32 thin SVD."""
   del previous, key
-  u, _, vh = jnp.linalg.svd(g.astype(jnp.float32), full_matrices=False)
+  u, _, vh = jnp.linalg.svd(rescaled(g), full_matrices=False)
   return _canonical_bases(u[..., :rank], vh[..., :rank, :], sides)
 
 
@@ -139,7 +166,7 @@ def randomized_refresh(oversample: int = 8, power_iters: int = 1) -> RefreshFn:
 
   def refresh(g, rank, sides, previous=None, key=None):
     del previous
-    g = g.astype(jnp.float32)
+    g = rescaled(g)  # G Gᵀ G Ω overflows float32 from entries of ~1e12
     k = min(rank + oversample, *g.shape[-2:])
     omega = gaussian(key, g.shape[:-2], (g.shape[-1], k))
     return _rayleigh_ritz(g, _range_finder(g, omega, power_iters), rank, sides)
@@ -165,7 +192,7 @@ def power_refresh(power_iters: int = 1, oversample: int = 0) -> RefreshFn:
   """
 
   def refresh(g, rank, sides, previous=None, key=None):
-    g = g.astype(jnp.float32)
+    g = rescaled(g)  # G Gᵀ G Ω overflows float32 from entries of ~1e12
     k = min(rank + oversample, *g.shape[-2:])
     n = g.shape[-1]
     cold = gaussian(key, g.shape[:-2], (n, k))

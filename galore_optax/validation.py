@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +33,15 @@ def _concrete_scalar(value, name: str):
   raise TypeError(f"{name} must be a number, got {value!r}.")
 
 
-def static_int(value: Any, name: str, *, minimum: int = 1) -> int:
-  """A Python int >= `minimum` that fixes array shapes (so never traced)."""
+# Values that can be stored in an int32 array (a step count, a gap compared
+# with it, what `optax.inject_hyperparams` makes of an int): 1 … 2**31 − 1.
+INT32_MAX = 2**31 - 1
+
+
+def static_int(
+    value: Any, name: str, *, minimum: int = 1, maximum: Optional[int] = None
+) -> int:
+  """A Python int in [`minimum`, `maximum`] that fixes array shapes (so never traced)."""
   if _is_traced(value):
     raise TypeError(
         f"{name} sets array shapes and must be a static Python int; with "
@@ -45,24 +52,41 @@ def static_int(value: Any, name: str, *, minimum: int = 1) -> int:
     value = int(value)  # a concrete integer array, as inject_hyperparams makes
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
     raise TypeError(f"{name} must be an int, got {value!r}.")
+  _check_int_range(int(value), name, minimum, maximum)
+  return int(value)
+
+
+def _check_int_range(value: int, name: str, minimum: int, maximum: Optional[int]) -> None:
   if value < minimum:
     raise ValueError(f"{name} must be {_at_least(minimum)}, got {value!r}.")
-  return int(value)
+  if maximum is not None and value > maximum:
+    why = " (it is stored in an int32 array)" if maximum == INT32_MAX else ""
+    raise ValueError(
+        f"{name}={value!r} is out of range: it must be an int in "
+        f"[{minimum}, {maximum}]{why}.")
 
 
 def _at_least(minimum: int) -> str:
   return "positive" if minimum == 1 else f"an int >= {minimum}"
 
 
-def positive_int(value: Any, name: str, *, minimum: int = 1) -> Any:
-  """An int >= `minimum`, or an integer array (inject_hyperparams) kept as is."""
+def positive_int(
+    value: Any, name: str, *, minimum: int = 1, maximum: Optional[int] = INT32_MAX
+) -> Any:
+  """An int in [`minimum`, `maximum`], or an integer array (inject_hyperparams) kept as is.
+
+  Such a value may be stored in an int32 array (`optax.inject_hyperparams`
+  makes one of it, and `update_proj_gap` is one), so by default it is at most
+  2**31 − 1: beyond that jax raises a bare OverflowError, or wraps around.
+  Pass ``maximum=None`` for one that is only ever a Python int.
+  """
   if hasattr(value, "dtype") and np.ndim(value) == 0:
     if not jnp.issubdtype(value.dtype, jnp.integer):
       raise TypeError(f"{name} must be an integer, got a {value.dtype} array.")
-    if not _is_traced(value) and int(value) < minimum:
-      raise ValueError(f"{name} must be {_at_least(minimum)}, got {int(value)}.")
+    if not _is_traced(value):
+      _check_int_range(int(value), name, minimum, maximum)
     return value
-  return static_int(value, name, minimum=minimum)
+  return static_int(value, name, minimum=minimum, maximum=maximum)
 
 
 def real(
