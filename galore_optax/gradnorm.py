@@ -15,6 +15,7 @@ the same inner optimizer at full size, and the new weight is g' ⊙ V'/‖V'‖.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple, Optional, Sequence, Union, cast
 
 import jax
@@ -36,6 +37,9 @@ from galore_optax.transform import GaLoreState, galore_transform
 from galore_optax.weight_decay import value_at
 from galore_optax.sharding import public
 
+
+# The largest float32, at which sums of huge gradients saturate.
+_FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
 
 class GradNormLoRPState(NamedTuple):
   """State of `gradnorm_lorp`.
@@ -155,14 +159,19 @@ def _split_gradient(w, grad, axes) -> _Split:
   still train).
   """
   split = _Split(_row_norms(w, axes), _row_norms(grad, axes), None)
-  dg = jnp.sum(grad * _unit_direction(w, grad, split), axis=axes, keepdims=True)
-  return split._replace(magnitude_grad=dg)
+  # ∂g sums a row of ∇W ⊙ V̂ (|V̂| ≤ 1): for entries of 1e38 its partial sums overflow both
+  # ways (inf − inf = NaN); in units of 2**k > the row's length (exact) they cannot, and the
+  # sum saturates at the largest float32.
+  k = math.prod(jnp.shape(w)[a] for a in axes).bit_length()
+  dg = jnp.sum((grad * 2.0**-k) * _unit_direction(w, grad, split), axis=axes, keepdims=True)
+  return split._replace(magnitude_grad=jnp.clip(dg * 2.0**k, -_FLOAT32_MAX, _FLOAT32_MAX))
 
 
 def _direction_grad(w, grad, split: _Split):
   """∂V = ∇W − V̂ ∂g, and 0 on zero rows."""
-  return jnp.where(split.magnitude > 0,
-                   grad - _unit_direction(w, grad, split) * split.magnitude_grad, 0.0)
+  # Both terms are finite; their difference may overflow to ±inf (never NaN): saturate it.
+  d = grad - _unit_direction(w, grad, split) * split.magnitude_grad
+  return jnp.where(split.magnitude > 0, jnp.clip(d, -_FLOAT32_MAX, _FLOAT32_MAX), 0.0)
 
 
 @public

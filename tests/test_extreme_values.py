@@ -119,18 +119,11 @@ def _ordinary(kind: str, name: str, x: np.ndarray) -> np.ndarray:
   return x[:, keep]
 
 
-_XFAIL_GRADNORM = pytest.mark.xfail(
-    strict=True,
-    reason="gradnorm.py: the magnitude gradient ∂g = Σ ∇W ⊙ V̂ overflows float32 for "
-    "1e38 gradients along W, then ∂V = ∇W − V̂ ∂g is inf − inf; the fix (a scaled sum and "
-    "saturated ∂V in gradnorm.py) is described in the issue-20 report")
-
 
 def _cases():
   for name in OPTIMIZERS:
     for kind in KINDS:
-      marks = [_XFAIL_GRADNORM] if name.startswith("gradnorm") and kind == "aligned" else []
-      yield pytest.param(name, kind, id=f"{name}-{kind}", marks=marks)
+      yield pytest.param(name, kind, id=f"{name}-{kind}")
 
 
 @pytest.mark.parametrize("name, kind", list(_cases()))
