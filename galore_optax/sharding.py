@@ -213,7 +213,20 @@ def _restore(template, given):
   return treedef.unflatten([_restore(c, g) for c, g in zip(children, treedef.flatten_up_to(given))])
 
 
+def _holds_nnx_containers(state) -> bool:
+  nnx = _nnx()
+  if nnx is None:
+    return False
+  is_container = lambda x: isinstance(x, (nnx.State, nnx.Variable))
+  return any(is_container(x) for x in jax.tree.leaves(state, is_leaf=is_container))
+
+
 def _as_own_state(tx, updates, state):
+  """`state` in `tx`'s own containers, from the form `nnx.Optimizer` stores."""
+  if not _holds_nnx_containers(state):
+    # Already the transform's own form: no template is built, so `tx.init` is not traced
+    # in the update (under optax.inject_hyperparams its shape arguments are traced there).
+    return state
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), updates)
   template = jax.eval_shape(tx.init, abstract)
   if jax.tree.structure(template) == jax.tree.structure(state):
