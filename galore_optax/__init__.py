@@ -4,13 +4,12 @@ Every optimizer factory exported here returns a transformation wrapped once
 in `sharding_aware`, the package's boundary with meshes and Flax NNX.
 """
 
-from galore_optax import adafactor as _adafactor
-from galore_optax import adam_8bit as _adam_8bit
 from galore_optax.adafactor import (
     AddAdafactorDecayedWeightsState,
     FactoredMoment,
     ScaleByAdafactorHFState,
     add_adafactor_decayed_weights,
+    scale_by_adafactor_hf,
 )
 from galore_optax.adam import (
     ScaleByAdamHFState,
@@ -18,7 +17,7 @@ from galore_optax.adam import (
     scale_by_adam_hf,
     scale_by_bias_correction,
 )
-from galore_optax.adam_8bit import ScaleByAdam8bitState
+from galore_optax.adam_8bit import ScaleByAdam8bitState, adamw_8bit, scale_by_adam_8bit
 from galore_optax.alias import galore, galore_adafactor, galore_adamw, galore_adamw8bit
 from galore_optax.fira_apollo import apollo_adamw, apollo_adamw8bit, apollo_mini, fira_adamw
 from galore_optax.fused import FusedState, fused_init, fused_scan_step
@@ -47,14 +46,11 @@ from galore_optax.refresh import (
 )
 from galore_optax.memory_analysis import planned_peak_bytes
 from galore_optax.schedules import LazyRefresh, LazyRefreshState
-from galore_optax.sharding import opt_state_shardings, public as _public, sharding_aware
+from galore_optax.sharding import opt_state_shardings, sharding_aware
 from galore_optax.transform import GaLoreState, scale_by_galore
 from galore_optax.tree_utils import tree_bytes
 from galore_optax.weight_decay import decay_weights_after_update
 
-scale_by_adam_8bit = _public(_adam_8bit.scale_by_adam_8bit)
-adamw_8bit = _public(_adam_8bit.adamw_8bit)
-scale_by_adafactor_hf = _public(_adafactor.scale_by_adafactor_hf)
 
 __version__ = "0.1.0"
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from galore_optax import axis_specs
+from galore_optax.sharding import public
 
 
 class FactoredMoment(NamedTuple):
@@ -184,6 +185,7 @@ def _overflowed(g, row, col, clip_threshold):
   return jnp.where(rms > 0, u * (clip_threshold / jnp.where(rms > 0, rms, 1.0)), 0.0)
 
 
+@public
 def scale_by_adafactor_hf(
     learning_rate: Optional[optax.ScalarOrSchedule] = None,
     eps: tuple[float, float] = (1e-30, 1e-3),

@@ -24,6 +24,7 @@ from galore_optax import tree_utils
 from galore_optax import quantization
 from galore_optax import validation
 from galore_optax.adam import check_real
+from galore_optax.sharding import public
 
 
 class ScaleByAdam8bitState(NamedTuple):
@@ -137,6 +138,7 @@ def _in_chunks(moments, g, mu, nu):
   return u, like(m_codes, m_absmax, mu), like(v_codes, v_absmax, nu)
 
 
+@public
 def scale_by_adam_8bit(
     b1: float = 0.9,
     b2: float = 0.999,
@@ -252,12 +254,13 @@ def scale_by_adam_8bit(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+@public
 def adamw_8bit(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 1e-2,
+    weight_decay: optax.ScalarOrSchedule = 1e-2,
     block_size: int = 256,
     min_8bit_size: int = 4096,
     mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
@@ -275,7 +278,8 @@ def adamw_8bit(
     b1: decay rate of the first moment.
     b2: decay rate of the second moment.
     eps: see `scale_by_adam_8bit`.
-    weight_decay: decoupled weight decay, multiplied by the learning rate.
+    weight_decay: decoupled weight decay, multiplied by the learning rate; a
+      number or an optax schedule.
     block_size: elements per quantization block.
     min_8bit_size: leaves with fewer elements keep float32 moments.
     mask: pytree of bools (or a callable of params returning one) selecting
@@ -302,7 +306,7 @@ def adamw_8bit(
     0.999
   """
   validation.learning_rate(learning_rate)
-  validation.non_negative(weight_decay, "weight_decay")
+  validation.scalar_or_schedule(weight_decay, "weight_decay")
   tx = optax.chain(
       scale_by_adam_8bit(
           b1=b1, b2=b2, eps=eps, block_size=block_size, min_8bit_size=min_8bit_size

@@ -231,7 +231,7 @@ class AdamOptions:
     validation.decay(self.b1, "b1")
     validation.decay(self.b2, "b2")
     validation.non_negative(self.eps, "eps")
-    validation.learning_rate(self.weight_decay, "weight_decay")  # a number or a schedule
+    validation.scalar_or_schedule(self.weight_decay, "weight_decay")
 
   @classmethod
   def from_arguments(cls, arguments: Mapping[str, Any], **overrides) -> AdamOptions:

@@ -117,11 +117,15 @@ def non_negative(value: Any, name: str) -> Any:
   return real(value, name, low=0.0)
 
 
-def learning_rate(value: Any, name: str = "learning_rate") -> Any:
+def scalar_or_schedule(value: Any, name: str) -> Any:
   """A non-negative finite number, or a schedule (a callable of the step)."""
   if callable(value):
     return value
   return non_negative(value, name)
+
+
+def learning_rate(value: Any) -> Any:
+  return scalar_or_schedule(value, "learning_rate")
 
 
 def float_dtype(value: Any, name: str) -> Any:
