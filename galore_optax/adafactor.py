@@ -46,15 +46,15 @@ class ScaleByAdafactorHFState(NamedTuple):
       leaves hold a (1,) placeholder so the state has no zero-size arrays.
   """
 
-  count: chex.Array
-  mu: Optional[optax.Updates]
+  count: jax.typing.ArrayLike
+  mu: Any  # optax.Updates, or None without beta1
   nu: optax.Updates
 
 
 class AddAdafactorDecayedWeightsState(NamedTuple):
   """Step count, for the relative step size or a learning-rate schedule."""
 
-  count: chex.Array
+  count: jax.typing.ArrayLike
 
 
 class _StepSize(NamedTuple):
@@ -78,6 +78,7 @@ class _StepSize(NamedTuple):
     else:
       size = jnp.asarray(self.learning_rate, jnp.float32)
     if self.scale_parameter:
+      assert rms is not None, "scale_parameter needs the weights' RMS"
       size = size * jnp.maximum(jnp.asarray(self.eps2, jnp.float32), rms)
     return size
 
@@ -108,7 +109,8 @@ def _make_step_size(
         f"parameter scale), e.g. (1e-30, 1e-3); got {eps!r}."
     ) from None
   del eps1
-  return _StepSize(learning_rate, eps2, bool(scale_parameter), bool(relative_step), bool(warmup_init))
+  return _StepSize(
+      learning_rate, eps2, bool(scale_parameter), bool(relative_step), bool(warmup_init))
 
 
 def tree_rms(tree: Any) -> Any:
@@ -271,7 +273,7 @@ def scale_by_adafactor_hf(
     rms_tree = _rms_of(
         param_rms, params, updates, step_size.scale_parameter, "scale_by_adafactor_hf"
     )
-    t = optax.safe_increment(state.count).astype(jnp.float32)
+    t = jnp.asarray(optax.safe_increment(state.count), jnp.float32)
     beta2t = 1.0 - jnp.power(t, jnp.asarray(decay_rate, jnp.float32))
     mus = jax.tree.map(lambda _: None, updates) if state.mu is None else state.mu
 
@@ -295,6 +297,7 @@ def scale_by_adafactor_hf(
       u = u / jnp.maximum(u_rms / clip_threshold, 1.0)
       u = step_size(state.count, rms) * u
       if mu is not None:
+        assert beta1 is not None  # mu exists exactly when beta1 is given
         mu = beta1 * mu + (1.0 - beta1) * u
         u = mu
       return u.astype(g.dtype), nu, mu

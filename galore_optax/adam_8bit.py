@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, NamedTuple, Optional, Union
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +34,7 @@ class ScaleByAdam8bitState(NamedTuple):
   at least `min_8bit_size` elements and a float32 array otherwise.
   """
 
-  count: chex.Array  # int32
+  count: jax.typing.ArrayLike  # int32
   mu: optax.Updates
   nu: optax.Updates
 
@@ -224,7 +223,7 @@ def scale_by_adam_8bit(
   def update_fn(updates, state, params=None):
     del params
     count = optax.safe_increment(state.count)
-    t = count.astype(jnp.float32)
+    t = jnp.asarray(count, jnp.float32)
     b1_ = jnp.asarray(b1, jnp.float32)
     b2_ = jnp.asarray(b2, jnp.float32)
     correction2 = jnp.sqrt(1.0 - b2_**t)  # sqrt(1 - b2^t)

@@ -58,7 +58,8 @@ def apply_by_slices(output, plan: LeafPlan, grad, low_rank_grad, inner_update, b
   part = plan._replace(view=matrix_view.with_batch(flat_view, size))
   nb = len(plan.batch_shape)
   flatten = lambda a: a.reshape((total,) + a.shape[nb:])
-  low, inner, flat_bases = flatten(low_rank_grad), flatten(inner_update), jax.tree.map(flatten, bases)
+  low, inner = flatten(low_rank_grad), flatten(inner_update)
+  flat_bases = jax.tree.map(flatten, bases)
 
   def body(j, carry):
     updates, state = carry
@@ -183,9 +184,11 @@ class FiraResidual(NamedTuple):
     divisor, leaf_state = self.limiter.divisor(
         jnp.squeeze(_norms(residual, roles), roles), leaf_state)
     d = divisor[..., None, None]  # per matrix, against the (*batch, rows, cols) low-rank stack
-    low = scale * inner_update.astype(jnp.float32) - (scale / d) * phi * low_rank_grad.astype(jnp.float32)
+    f32 = lambda x: x.astype(jnp.float32)
+    low = scale * f32(inner_update) - (scale / d) * phi * f32(low_rank_grad)
     update = projection.project_back_leaf(low, bases, view)
-    update = update + _saturated(g * matrix_view.from_matrix(phi, view)) / jnp.expand_dims(divisor, roles)
+    scaled_grad = _saturated(g * matrix_view.from_matrix(phi, view))
+    update = update + scaled_grad / jnp.expand_dims(divisor, roles)
     return update.astype(grad.dtype), leaf_state
 
 

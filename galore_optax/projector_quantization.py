@@ -29,7 +29,7 @@ quantized projectors. No array is ever zero-sized.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -81,12 +81,10 @@ def quantized_shapes(
   g = _group_size(shape[a], bits, group_size)
   n_groups = math.ceil(shape[a] / g)
   head, tail = shape[:a], shape[a + 1 :]
-  per_group = jax.ShapeDtypeStruct(head + (n_groups,) + tail, jnp.float32)
-  return QuantizedProjector(
-      codes=jax.ShapeDtypeStruct(head + (n_groups, g * bits // 8) + tail, jnp.uint8),
-      scale=per_group,
-      zero_point=per_group,
-  )
+  # A QuantizedProjector holding shapes rather than arrays (Any: its fields are typed as arrays).
+  per_group: Any = jax.ShapeDtypeStruct(head + (n_groups,) + tail, jnp.float32)
+  codes: Any = jax.ShapeDtypeStruct(head + (n_groups, g * bits // 8) + tail, jnp.uint8)
+  return QuantizedProjector(codes=codes, scale=per_group, zero_point=per_group)
 
 
 def quantize_projector(

@@ -62,13 +62,13 @@ def _torch_linspace_f32(n: int) -> np.ndarray:
   return np.where(i < n // 2, forward, backward).astype(np.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dynamic_map_np(signed: bool) -> np.ndarray:
   # 8-bit dynamic type with up to 7 exponent bits: the k-th decade
   # [10^(k-7), 10^(k-6)) holds 2^k (signed) or 2^(k+1) (unsigned, one more
   # fraction bit since no sign bit) values, the midpoints of an even split of
   # [0.1, 1] scaled to the decade. Plus exactly 0 and 1: 256 values in all.
-  values = [np.zeros(1, np.float32), np.ones(1, np.float32)]
+  values: list[np.ndarray] = [np.zeros(1, np.float32), np.ones(1, np.float32)]
   for k in range(7):
     n_fraction = 2**k if signed else 2 ** (k + 1)
     edges = _torch_linspace_f32(n_fraction + 1)
@@ -159,8 +159,8 @@ def _bucket_table(code_bytes: bytes) -> Optional[_BucketTable]:
     return None  # unsorted, repeated or out-of-range codebooks: binary search
   for key_bits in range(4, _MAX_KEY_BITS + 1):
     shift = 23 - key_bits
-    first = int(_ordered_key_np(np.float32(-1.0)) >> shift)
-    n_buckets = int(_ordered_key_np(np.float32(1.0)) >> shift) - first + 1
+    first = int(_ordered_key_np(np.array(-1.0, np.float32)) >> shift)
+    n_buckets = int(_ordered_key_np(np.array(1.0, np.float32)) >> shift) - first + 1
     bucket = (_ordered_key_np(midpoints) >> shift) - first
     counts = np.bincount(bucket, minlength=n_buckets)
     if counts.max() <= 1:
@@ -260,12 +260,11 @@ def quantize_blockwise(
     True
   """
   code_np = _concrete_code(code)
-  code_key = None
-  if code_np is not None and code_np.shape == (256,):
-    if _bucket_table(code_np.tobytes()) is not None:
-      code_key = code_np.tobytes()  # static: selects the lookup table
-      code = None
-  return _quantize(jnp.asarray(x), code, block_size=int(block_size), code_key=code_key)
+  code_bytes = None if code_np is None or code_np.shape != (256,) else code_np.tobytes()
+  if code_bytes is not None and _bucket_table(code_bytes) is not None:
+    # static: the code's bytes select a lookup table, and no code array is traced
+    return _quantize(jnp.asarray(x), None, block_size=int(block_size), code_key=code_bytes)
+  return _quantize(jnp.asarray(x), code, block_size=int(block_size), code_key=None)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "code_key"))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -166,6 +166,7 @@ def randomized_refresh(oversample: int = 8, power_iters: int = 1) -> RefreshFn:
 
   def refresh(g, rank, sides, previous=None, key=None):
     del previous
+    assert key is not None, "the refresh step passes a key to every refresh function"
     g = rescaled(g)  # G Gᵀ G Ω overflows float32 from entries of ~1e12
     k = min(rank + oversample, *g.shape[-2:])
     omega = gaussian(key, g.shape[:-2], (g.shape[-1], k))
@@ -192,6 +193,7 @@ def power_refresh(power_iters: int = 1, oversample: int = 0) -> RefreshFn:
   """
 
   def refresh(g, rank, sides, previous=None, key=None):
+    assert key is not None and previous is not None, "power_refresh reads previous bases"
     g = rescaled(g)  # G Gᵀ G Ω overflows float32 from entries of ~1e12
     k = min(rank + oversample, *g.shape[-2:])
     n = g.shape[-1]
@@ -328,7 +330,7 @@ def matrix_keys(leaf_index: int, steps: jax.Array, first=0, num_matrices=None) -
 def get_refresh_method(method) -> RefreshFn:
   """A refresh function from its name or a callable with the refresh signature."""
   if callable(method):
-    return method
+    return cast(RefreshFn, method)
   try:
     return REFRESH_METHODS[method]
   except (KeyError, TypeError):

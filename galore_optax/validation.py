@@ -14,6 +14,7 @@ import numbers
 from typing import Any, Optional
 
 import jax
+import jax.core  # `jax` imports it but does not bind the name for type checkers
 import jax.numpy as jnp
 import numpy as np
 
@@ -96,7 +97,7 @@ def real(
   if _is_traced(value):
     return value
   x = _concrete_scalar(value, name)
-  if isinstance(x, complex) or not math.isfinite(x):
+  if not isinstance(x, numbers.Real) or not math.isfinite(x):
     raise ValueError(f"{name} must be a finite real number, got {value!r}.")
   too_low = low is not None and (x <= low if low_open else x < low)
   too_high = high is not None and (x >= high if high_open else x > high)
