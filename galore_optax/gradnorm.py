@@ -159,12 +159,16 @@ def _split_gradient(w, grad, axes) -> _Split:
   still train).
   """
   split = _Split(_row_norms(w, axes), _row_norms(grad, axes), None)
+  unit = _unit_direction(w, grad, split)
+  dg = jnp.sum(grad * unit, axis=axes, keepdims=True)
   # ∂g sums a row of ∇W ⊙ V̂ (|V̂| ≤ 1): for entries of 1e38 its partial sums overflow both
-  # ways (inf − inf = NaN); in units of 2**k > the row's length (exact) they cannot, and the
-  # sum saturates at the largest float32.
+  # ways (inf − inf = NaN). Only there it is summed again in units of 2**k > the row's length
+  # (exact), where it cannot, and saturated at the largest float32; elsewhere the plain sum
+  # is kept bit for bit.
   k = math.prod(jnp.shape(w)[a] for a in axes).bit_length()
-  dg = jnp.sum((grad * 2.0**-k) * _unit_direction(w, grad, split), axis=axes, keepdims=True)
-  return split._replace(magnitude_grad=jnp.clip(dg * 2.0**k, -_FLOAT32_MAX, _FLOAT32_MAX))
+  scaled = jnp.sum((grad * 2.0**-k) * unit, axis=axes, keepdims=True) * 2.0**k
+  dg = jnp.where(jnp.isfinite(dg), dg, jnp.clip(scaled, -_FLOAT32_MAX, _FLOAT32_MAX))
+  return split._replace(magnitude_grad=dg)
 
 
 def _direction_grad(w, grad, split: _Split):
