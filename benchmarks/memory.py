@@ -31,8 +31,6 @@ import common  # noqa: E402
 import compiled_memory  # noqa: E402
 
 import galore_optax as go  # noqa: E402
-from galore_optax import masking  # noqa: E402
-from galore_optax import tree_utils  # noqa: E402
 
 # GaLore ranks of the paper (Zhao et al. 2024, Table 2 and Section 5); Fira's
 # scripts use the same ones up to 1B (and rank 64 at 7B).
@@ -40,7 +38,7 @@ RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
 # APOLLO's pre-training scripts (zhuhanqing/APOLLO, scripts/pretrain_c4).
 APOLLO_RANKS = {"60m": 128, "130m": 192, "350m": 256, "1b": 256, "7b": 256}
 TARGETS = r"attn|mlp"
-MASK = masking.path_mask(TARGETS)
+MASK = go.path_mask(TARGETS)
 LR = 1e-3  # no effect on the state; every optimizer needs one
 PAPER_GALORE, PAPER_GALORE_8BIT = 65.5, 82.5  # % below BF16 AdamW at 7B (abstract)
 TARGET_REDUCTION = 85.0  # issue 3: 8-bit moments + quantized projectors at 7B
@@ -114,7 +112,7 @@ def _projector_bytes(state) -> int:
   total = 0
   for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
     if any(getattr(k, "name", None) in ("projectors", "projector") for k in path):
-      total += tree_utils.tree_bytes(leaf)
+      total += go.tree_bytes(leaf)
   return total
 
 
@@ -138,9 +136,9 @@ def measure(sizes) -> tuple[dict, dict]:
       rank = (row.ranks or RANKS)[size]
       state = jax.eval_shape(row.build(rank).init, trees[row.param_dtype])
       table.setdefault(row.label, {})[size] = Cell(
-          tree_utils.tree_bytes(state), _projector_bytes(state), row.how, rank)
+          go.tree_bytes(state), _projector_bytes(state), row.how, rank)
     params = trees["float32"]
-    flags = masking.resolve_mask(MASK, params)
+    flags = jax.tree.leaves(MASK(params))
     leaves = jax.tree.leaves(params)
     counts[size] = (sum(x.size for x in leaves), sum(x.size for x, f in zip(leaves, flags) if f))
   return table, counts

@@ -254,7 +254,9 @@ def _build(name: str, cfg: OptimizerConfig) -> optax.GradientTransformationExtra
   if cfg.max_consecutive_nonfinite:
     # The loop stops once this many steps in a row were skipped, so apply_if_finite's
     # "apply anyway after max_consecutive_errors" is never reached.
-    tx = optax.apply_if_finite(_keeps_state_structure(tx),
+    # sharding_aware hands the state back in the containers nnx.Optimizer gave it, so
+    # apply_if_finite's lax.cond sees one structure for the old and the new state.
+    tx = optax.apply_if_finite(go.sharding_aware(tx),
                                max_consecutive_errors=cfg.max_consecutive_nonfinite)
   return tx
 
@@ -272,40 +274,6 @@ def _learning_rate_argument(
     return make(learning_rate).update(updates, state, params)
 
   return optax.GradientTransformationExtraArgs(placeholder.init, update)
-
-
-def _keeps_state_structure(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-  """``tx`` whose ``update`` returns its state in the containers it received.
-
-  Under ``nnx.Optimizer`` the state can arrive with some containers turned into
-  ``nnx.State`` mappings (a NamedTuple of 8-bit codes and scales, for one), while
-  galore_optax 0.1's transforms return their own containers (same leaves, other order).
-  apply_if_finite chooses between the new and the old state with ``lax.cond``, which needs
-  both in one structure, so the new leaves are put back in the old containers by name.
-  """
-  def update(updates, state, params=None, **extra_args):
-    updates, new_state = tx.update(updates, state, params, **extra_args)
-    return updates, _restructure_like(state, new_state)
-  return optax.GradientTransformationExtraArgs(tx.init, update)
-
-
-def _key_name(key) -> Any:
-  for attr in ("key", "name", "idx"):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
-    if hasattr(key, attr):
-      return getattr(key, attr)
-  return str(key)
-
-
-def _restructure_like(reference, tree):
-  """The leaves of ``tree`` in the containers of ``reference``, matched by path names."""
-  by_path = {tuple(map(_key_name, path)): leaf
-             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-  paths, treedef = jax.tree_util.tree_flatten_with_path(reference)
-  names = [tuple(map(_key_name, path)) for path, _ in paths]
-  if set(names) != set(by_path):
-    raise ValueError("the optimizer returned a state with other entries than it received: "
-                     f"{sorted(set(map(str, by_path)) ^ set(map(str, names)))[:4]}")
-  return treedef.unflatten([by_path[n] for n in names])
 
 
 def nonfinite_counts(opt_state) -> Optional[Tuple[Any, Any]]:

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from galore_optax import axis_specs
+from galore_optax import nonfinite
 from galore_optax import tree_utils
 from galore_optax import quantization
 from galore_optax import validation
@@ -233,7 +234,7 @@ def scale_by_adam_8bit(
     def moments(g, mu, nu):
       """One leaf's update and new moments, all in one pass over its elements."""
       gf = g.astype(jnp.float32)
-      gf = jnp.where(jnp.isfinite(gf), gf, 0.0)
+      gf = nonfinite.zeros_for_nonfinite(gf)
       m = b1_ * _load(mu, g.shape, True) + (1.0 - b1_) * gf
       v = b2_ * _load(nu, g.shape, False) + (1.0 - b2_) * gf * gf
       u = step_scale * (m / (jnp.sqrt(v) + eps_))

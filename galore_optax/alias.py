@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from galore_optax import masking
+from galore_optax import parts
 from galore_optax import validation
 from galore_optax.adafactor import add_adafactor_decayed_weights
 from galore_optax.adafactor import scale_by_adafactor_hf
@@ -29,85 +30,22 @@ from galore_optax.refresh import RefreshFn
 from galore_optax.schedules import LazyRefresh
 from galore_optax.realignment import MomentRealignment
 from galore_optax.transform import galore_transform
-from galore_optax.weight_decay import decay_weights_after_update
+from galore_optax import nonfinite
+from galore_optax import weight_decay as weight_decay_lib
 from galore_optax.sharding import public
-
-
-def _is_static_zero(x) -> bool:
-  # Under optax.inject_hyperparams numbers arrive as arrays: keep the term then.
-  return isinstance(x, (int, float)) and x == 0
-
-
-def learning_rate_and_decay(
-    learning_rate: optax.ScalarOrSchedule,
-    weight_decay: Any,
-    *,
-    before: Union[bool, MaskOrFn] = None,
-    after: Union[bool, MaskOrFn] = None,
-) -> list[optax.GradientTransformation]:
-  """The learning rate, with decoupled weight decay on either side of it.
-
-  Args:
-    learning_rate: a float or a schedule.
-    weight_decay: decay coefficient; a static 0 adds no decay transforms.
-    before: leaves whose *old* weights are decayed, p·(1 − lr·wd) and then the
-      step (bitsandbytes' order): a mask, True for all leaves, None for none.
-    after: leaves whose *updated* weights are decayed (galore-torch's order),
-      in the same form.
-
-  Returns:
-    The transforms to append to a chain after the (unscaled) step.
-  """
-  def as_mask(m):
-    if m is True or m is None:
-      return None
-    # Checked against the parameters, so that a mismatch names `mask`.
-    return lambda tree: jax.tree.structure(tree).unflatten(masking.resolve_mask(m, tree, "mask"))
-
-  transforms = []
-  decays = not _is_static_zero(weight_decay)
-  if decays and before is not None:
-    transforms.append(optax.add_decayed_weights(weight_decay, as_mask(before)))
-  transforms.append(optax.scale_by_learning_rate(learning_rate))
-  if decays and after is not None:
-    transforms.append(
-        decay_weights_after_update(learning_rate, weight_decay, as_mask(after))
-    )
-  return transforms
-
-
-def decay_after(learning_rate, adam: AdamOptions) -> list[optax.GradientTransformation]:
-  """The learning rate, then galore-torch's decay of the updated weights."""
-  return learning_rate_and_decay(
-      learning_rate, adam.weight_decay, after=True if adam.mask is None else adam.mask)
 
 
 def _projected_and(options: GaLoreOptions, projected: bool, other: MaskOrFn):
   """A mask callable: leaves that are (or are not) projected and in `other`."""
 
   def mask_fn(tree):
-    flags = jax.tree.leaves(options.projected_mask(tree))
+    flags = jax.tree.leaves(parts.projected_mask(options, tree))
     extra = [True] * len(flags) if other is None else masking.resolve_mask(other, tree, "mask")
     return jax.tree.structure(tree).unflatten(
         [f == projected and e for f, e in zip(flags, extra)]
     )
 
   return mask_fn
-
-
-def zero_nonfinite(galore: GaLoreOptions) -> optax.GradientTransformation:
-  """Sets non-finite elements of the gradients to be projected to zero.
-
-  Before a projection: a NaN/Inf element would otherwise spread to a whole
-  row of the low-rank gradient and, at a refresh, to the projector, and then
-  poison whole blocks of 8-bit state for the rest of training. The other
-  leaves go to the 8-bit Adam as they are, which zeroes such elements itself
-  (a copy of them here would be one more full-size buffer).
-  """
-  zero = optax.stateless(
-      lambda updates, params: jax.tree.map(
-          lambda g: jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g)), updates))
-  return optax.masked(zero, galore.projected_mask)
 
 
 @public
@@ -259,7 +197,7 @@ def galore_adamw(
   galore_options = GaLoreOptions.from_arguments(locals()).with_realignment_decays(b1, b2)
   return optax.chain(
       galore_transform(galore_options, scale_by_adam_hf(b1, b2, eps, mu_dtype)),
-      *decay_after(learning_rate, adam),
+      *weight_decay_lib.decay_after(learning_rate, adam.weight_decay, adam.mask),
   )
 
 
@@ -354,9 +292,9 @@ def galore_adamw8bit(
   galore_options = GaLoreOptions.from_arguments(locals())
   inner = scale_by_adam_8bit(b1, b2, eps, block_size, min_8bit_size)
   return optax.chain(
-      zero_nonfinite(galore_options),
+      nonfinite.zero_nonfinite(lambda tree: parts.projected_mask(galore_options, tree)),
       galore_transform(galore_options, inner),
-      *learning_rate_and_decay(
+      *weight_decay_lib.learning_rate_and_decay(
           learning_rate,
           weight_decay,
           before=_projected_and(galore_options, False, adam.mask),
@@ -488,7 +426,7 @@ def galore_adafactor(
         clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
         param_rms=weight_rms, **step_size,
     )
-    decay = [] if _is_static_zero(weight_decay) else [
+    decay = [] if weight_decay_lib.is_static_zero(weight_decay) else [
         add_adafactor_decayed_weights(weight_decay, mask=mask, **step_size)
     ]
     return optax.chain(galore_transform(galore, inner), *decay, optax.scale(-1.0))

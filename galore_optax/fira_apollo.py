@@ -26,7 +26,9 @@ from galore_optax import outputs
 from galore_optax import validation
 from galore_optax.adam import scale_by_adam_hf, scale_by_bias_correction
 from galore_optax.adam_8bit import scale_by_adam_8bit
-from galore_optax.alias import decay_after, zero_nonfinite
+from galore_optax import nonfinite
+from galore_optax import parts
+from galore_optax import weight_decay as weight_decay_lib
 from galore_optax.masking import MaskOrFn
 from galore_optax.options import AdamOptions, GaLoreOptions
 from galore_optax.realignment import MomentRealignment
@@ -79,7 +81,7 @@ def _chain(galore, inner, output, learning_rate, adam: AdamOptions):
   return [
       galore_transform(galore, inner, output),
       scale_by_bias_correction(adam.b1, adam.b2),
-      *decay_after(learning_rate, adam),
+      *weight_decay_lib.decay_after(learning_rate, adam.weight_decay, adam.mask),
   ]
 
 
@@ -197,7 +199,8 @@ def _apollo(learning_rate, galore, adam, apollo: ApolloOptions, inner, owner, ei
   galore = _apollo_options(galore, owner, apollo.proj, per_channel)
   output = outputs.ApolloScaling(
       per_channel=per_channel, scale_front=apollo.scale_front, limit=not apollo.disable_nl)
-  head = [zero_nonfinite(galore)] if eight_bit else []
+  head = [nonfinite.zero_nonfinite(lambda tree: parts.projected_mask(galore, tree))
+          ] if eight_bit else []
   return optax.chain(*head, *_chain(galore, inner, output, learning_rate, adam))
 
 

@@ -25,6 +25,8 @@ import optax
 from galore_optax import axis_specs
 from galore_optax import masking
 from galore_optax import matrix_view
+from galore_optax import nonfinite
+from galore_optax import parts
 from galore_optax.adam import scale_by_adam_hf
 from galore_optax.adam_8bit import scale_by_adam_8bit
 from galore_optax import validation
@@ -316,7 +318,7 @@ def _weight_normalized(
   decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
 
   def norm_axes(tree):
-    return [None if p is None else _norm_axes(p, norm_axis) for p in opts.plan(tree)]
+    return [None if p is None else _norm_axes(p, norm_axis) for p in parts.plan(opts, tree)]
 
   def init_fn(params):
     leaves, treedef = jax.tree.flatten(params)
@@ -340,7 +342,7 @@ def _weight_normalized(
     weights = treedef.flatten_up_to(params)
     _check_shapes(masking.leaf_paths(updates), grads, weights)
     if zero_nonfinite_grads:
-      grads = [jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g)) for g in grads]
+      grads = [nonfinite.zeros_for_nonfinite(g) for g in grads]
     axes = norm_axes(updates)
     # 1. W = g ⊙ V/‖V‖ at V = W: magnitude and direction gradients.
     f32 = lambda x: x.astype(jnp.float32)

@@ -12,20 +12,12 @@ import inspect
 from collections.abc import Mapping
 from typing import Any, Optional
 
-import jax
-
-from galore_optax import plan as plan_lib
 from galore_optax import projection
 from galore_optax import projector_quantization as pq
-from galore_optax import projector_storage
 from galore_optax import realignment
 from galore_optax import refresh as refresh_lib
 from galore_optax import schedules
 from galore_optax import validation
-
-
-# 256 MiB: one float32 MLP matrix of LLaMA-7B (172 MiB) per call, or four attention ones.
-DEFAULT_REFRESH_BUDGET = 2**28
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,53 +118,6 @@ class GaLoreOptions:
     if self.realign_moments is not True:
       return self
     return dataclasses.replace(self, realign_moments=realignment.MomentRealignment(b1, b2))
-
-  def plan(self, tree) -> list:
-    """A `plan.LeafPlan` per projected leaf of `tree` (flat order), else None."""
-    return plan_lib.plan_leaves(
-        tree,
-        rank=self.rank,
-        proj_type=self.proj_type,
-        projected=self.projected,
-        dimension_numbers=self.dimension_numbers,
-    )
-
-  def projected_mask(self, tree) -> Any:
-    """A pytree of bools like `tree`: True where a leaf is projected."""
-    flags = [p is not None for p in self.plan(tree)]
-    return jax.tree.structure(tree).unflatten(flags)
-
-  # The parts of the update that these options choose.
-
-  @property
-  def refresh_budget_bytes(self) -> int:
-    budget = self.refresh_memory_budget
-    return DEFAULT_REFRESH_BUDGET if budget is None else budget
-
-  @property
-  def refresh_fn(self):
-    return refresh_lib.get_refresh_method(self.refresh)
-
-  @property
-  def storage(self):
-    """The projector storage; checked here, once `refresh` is final."""
-    if self.regenerate_projector and (
-        not hasattr(self.refresh_fn, "regenerate") or self.projector_bits is not None):
-      raise ValueError(
-          "regenerate_projector=True needs a data-independent refresh "
-          "(refresh='random') and no projector_bits: other bases cannot be "
-          "drawn again from their keys."
-      )
-    regenerate = self.refresh_fn.regenerate if self.regenerate_projector else None
-    return projector_storage.storage_for(self.projector_dtype, self.projector_bits, regenerate)
-
-  @property
-  def schedule(self):
-    return schedules.schedule_for(self.update_proj_gap, self.lazy_refresh)
-
-  @property
-  def realignment(self):
-    return realignment.realignment_for(self.realign_moments)
 
 
 def _check_refresh(value) -> None:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from galore_optax import matrix_view
+from galore_optax import parts
 from galore_optax import refresh as refresh_lib
 from galore_optax.plan import LeafPlan, RefreshBatch, refresh_batches
 
@@ -50,8 +51,8 @@ def refresh_due(grads, todo, stored, sched, count, due, options):
       refresh_batches(todo, budget, pack=pack, devices=devices),
       grads, stored, sched, count, due, options, mesh)
   return jax.lax.platform_dependent(
-      cpu=run(0, False if mesh is None else options.schedule.batched),
-      default=run(options.refresh_budget_bytes, options.schedule.batched))
+      cpu=run(0, False if mesh is None else parts.schedule(options).batched),
+      default=run(parts.refresh_budget_bytes(options), parts.schedule(options).batched))
 
 
 def _refresh_mesh():
@@ -65,7 +66,7 @@ def refresh_in_batches(batches, grads, stored, sched, count, due, options, mesh=
 
   With a `mesh`, each call's matrices are spread over its devices.
   """
-  schedule = options.schedule
+  schedule = parts.schedule(options)
   stored, sched = list(stored), list(sched)
   for batch in batches:
     idx = [p.index for p in batch.plans]
@@ -76,7 +77,7 @@ def refresh_in_batches(batches, grads, stored, sched, count, due, options, mesh=
       else:
         new = _refresh_packed(batch, g, s, [due[i] for i in idx], count, options, mesh)
       if schedule.stateful:
-        storage = options.storage
+        storage = parts.storage(options)
         sc = [
             schedule.advance(
                 sc_j, due[p.index], storage.decode(n, p, jnp.float32),
@@ -106,7 +107,7 @@ def _refresh_packed(batch: RefreshBatch, grads, stored, due, count, options, mes
   ])
   previous = None
   if _reads_previous(options):
-    old = [options.storage.decode(s, p, jnp.float32) for p, s in zip(plans, stored)]
+    old = [parts.storage(options).decode(s, p, jnp.float32) for p, s in zip(plans, stored)]
     previous = {side: concat([o[side].reshape((-1,) + o[side].shape[-2:]) for o in old])
                 for side in first.sides}
   keys = concat([
@@ -145,7 +146,7 @@ def _refresh_looped(batch: RefreshBatch, grad, stored, due, count, options, mesh
     start = j * size
     matrices = matrix_view.to_matrix(take(flat_grad, start), part.view).astype(jnp.float32)
     old = jax.tree.map(lambda a: take(a, start), flat_stored)
-    previous = options.storage.decode(old, part, jnp.float32) if reads_previous else None
+    previous = parts.storage(options).decode(old, part, jnp.float32) if reads_previous else None
     keys = refresh_lib.matrix_keys(
         plan.index, jnp.full((size,), count, jnp.int32), first=start,
         num_matrices=plan.num_matrices)
@@ -160,8 +161,8 @@ def _refresh_looped(batch: RefreshBatch, grad, stored, due, count, options, mesh
 
 def _encode(bases, plan: LeafPlan, leaf_dtype, count, due, old, options):
   """`bases` in stored form; where the schedule is per matrix, only where due."""
-  new = options.storage.encode(bases, plan, leaf_dtype, count)
-  if options.schedule.batched:  # every matrix is due under the batch's cond
+  new = parts.storage(options).encode(bases, plan, leaf_dtype, count)
+  if parts.schedule(options).batched:  # every matrix is due under the batch's cond
     return new
   return matrix_view.select_matrices(due, new, old)
 
@@ -174,7 +175,7 @@ def _decompose(options, matrices, plan: LeafPlan, previous, keys, mesh=None) -> 
   device decomposes B / devices matrices, not all B, and no gradient is
   gathered whole on every device (GaLore 2's distributed refresh).
   """
-  method = refresh_lib.one_matrix_at_a_time_on_cpu(options.refresh_fn)
+  method = refresh_lib.one_matrix_at_a_time_on_cpu(parts.refresh_fn(options))
   call = lambda g, p, k: {s: b for s, b in method(g, plan.rank, plan.sides, p, k).items()
                           if s in plan.sides}
   if mesh is None:
@@ -192,4 +193,4 @@ def _decompose(options, matrices, plan: LeafPlan, previous, keys, mesh=None) -> 
 
 def _reads_previous(options) -> bool:
   # A user's function may read the previous bases; the built-in ones say.
-  return getattr(options.refresh_fn, "reads_previous", True)
+  return getattr(parts.refresh_fn(options), "reads_previous", True)

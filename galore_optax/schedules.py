@@ -44,6 +44,11 @@ class EveryGap(NamedTuple):
     del leaf_state, plan
     return count % self.gap == 0
 
+  def advance(self, leaf_state, due, new_bases, old_bases, count):
+    """Nothing to advance (`stateful` is False)."""
+    del due, new_bases, old_bases, count
+    return leaf_state
+
 
 # Gaps and refresh steps are int32; this cap keeps `step + gap` representable.
 _LARGEST_GAP = 2**30

@@ -222,11 +222,12 @@ def _holds_nnx_containers(state) -> bool:
 
 
 def _as_own_state(tx, updates, state):
-  """`state` in `tx`'s own containers, from the form `nnx.Optimizer` stores."""
-  if not _holds_nnx_containers(state):
-    # Already the transform's own form: no template is built, so `tx.init` is not traced
-    # in the update (under optax.inject_hyperparams its shape arguments are traced there).
-    return state
+  """`state` in `tx`'s own containers, from the form `nnx.Optimizer` stores.
+
+  Only called for state in nnx's containers: for any other no template is built, so
+  `tx.init` is not traced in the update (under optax.inject_hyperparams its shape
+  arguments are traced there).
+  """
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), updates)
   template = jax.eval_shape(tx.init, abstract)
   if jax.tree.structure(template) == jax.tree.structure(state):
@@ -235,6 +236,25 @@ def _as_own_state(tx, updates, state):
     return _restore(template, state)
   except (KeyError, IndexError, AttributeError, TypeError, ValueError):
     return state  # not nnx's form of this state: the transform names what is wrong
+
+
+def _key_name(key) -> Any:
+  """A path entry's name, alike for a NamedTuple field, a dict key and a State key."""
+  for attr in ("key", "name", "idx"):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
+    if hasattr(key, attr):
+      return getattr(key, attr)
+  return str(key)
+
+
+def _in_containers_of(reference, tree):
+  """The leaves of `tree` in the containers of `reference`, matched by path names."""
+  names = lambda t: [tuple(map(_key_name, path))
+                     for path, _ in jax.tree_util.tree_flatten_with_path(t)[0]]
+  by_name = dict(zip(names(tree), jax.tree.leaves(tree)))
+  wanted = names(reference)
+  if set(wanted) != set(by_name):
+    return tree  # not the same entries: the caller's structure check names what differs
+  return jax.tree.structure(reference).unflatten([by_name[n] for n in wanted])
 
 
 def _nnx_state_variables(tx, params, state):
@@ -265,6 +285,12 @@ def sharding_aware(tx: optax.GradientTransformation) -> optax.GradientTransforma
   them to `nnx.Optimizer` on a sharded model; their state leaves that are
   not built like a parameter are then replicated.
 
+  State that arrives in `nnx.Optimizer`'s containers (`nnx.State` mappings
+  where `tx` keeps NamedTuples and dicts) is handed to `tx` in its own and
+  returned in the containers it came in, so that wrappers choosing between
+  the old and the new state (`optax.apply_if_finite`'s `lax.cond`) see one
+  structure.
+
   Args:
     tx: any optax transformation.
 
@@ -282,7 +308,13 @@ def sharding_aware(tx: optax.GradientTransformation) -> optax.GradientTransforma
     return _nnx_state_variables(tx, params, state) if _nnx() is not None else state
 
   def update_fn(updates, state, params=None, **extra_args):
-    state = _as_own_state(tx, updates, state)
+    if _holds_nnx_containers(state):
+      new_updates, new_state = _update(updates, _as_own_state(tx, updates, state), params,
+                                       **extra_args)
+      return new_updates, _in_containers_of(state, new_state)
+    return _update(updates, state, params, **extra_args)
+
+  def _update(updates, state, params, **extra_args):
     mesh = _explicit_mesh_of((updates, state, params))
     call = lambda u, s, p: tx.update(u, s, p, **extra_args)
     if mesh is None:

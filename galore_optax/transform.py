@@ -22,6 +22,7 @@ from galore_optax import axis_specs
 from galore_optax import inspection
 from galore_optax import masking
 from galore_optax import outputs
+from galore_optax import parts
 from galore_optax import plan as plan_lib
 from galore_optax import projection
 from galore_optax import refresh_step
@@ -157,11 +158,12 @@ def galore_transform(
   """
   inner = scale_by_adam_hf() if inner is None else inner
   output = outputs.ProjectBack() if output is None else output
-  schedule, storage, realign = options.schedule, options.storage, options.realignment
+  schedule, storage = parts.schedule(options), parts.storage(options)
+  realign = parts.realignment(options)
 
   def init_fn(params):
     leaves, treedef = jax.tree.flatten(params)
-    plans = options.plan(params)
+    plans = parts.plan(options, params)
     layouts = [axis_specs.layout_of(x) for x in leaves]
 
     def per_leaf(make):
@@ -197,7 +199,7 @@ def galore_transform(
 
   def update_fn(updates, state, params=None):
     grads, treedef = jax.tree.flatten(updates)
-    plans = options.plan(updates)
+    plans = parts.plan(options, updates)
     todo = plan_lib.projected(plans)
     stored = _per_leaf(treedef, state.projectors, plans)
     _check_projectors(stored, plans, grads, masking.leaf_paths(updates), storage)

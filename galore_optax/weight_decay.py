@@ -1,14 +1,20 @@
-"""Decoupled weight decay applied after the update, as galore-torch does it."""
+"""Decoupled weight decay: where it sits around the learning rate, and galore-torch's order.
+
+`learning_rate_and_decay` puts the decay on either side of the learning rate
+(bitsandbytes decays the old weights, galore-torch the updated ones);
+`decay_weights_after_update` is galore-torch's decay of the updated weights.
+"""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Union
 
 import chex
 import jax
 import jax.numpy as jnp
 import optax
 
+from galore_optax import masking
 from galore_optax.masking import MaskOrFn
 
 
@@ -70,3 +76,52 @@ def decay_weights_after_update(
 def value_at(value: Any, count: chex.Numeric) -> Any:
   """A number, or a schedule's value at `count`."""
   return value(count) if callable(value) else value
+
+
+def is_static_zero(x) -> bool:
+  # Under optax.inject_hyperparams numbers arrive as arrays: keep the term then.
+  return isinstance(x, (int, float)) and x == 0
+
+
+def learning_rate_and_decay(
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: optax.ScalarOrSchedule,
+    *,
+    before: Union[bool, MaskOrFn] = None,
+    after: Union[bool, MaskOrFn] = None,
+) -> list[optax.GradientTransformation]:
+  """The learning rate, with decoupled weight decay on either side of it.
+
+  Args:
+    learning_rate: a float or a schedule.
+    weight_decay: decay coefficient or schedule; a static 0 adds no decay.
+    before: leaves whose *old* weights are decayed, p·(1 − lr·wd) and then the
+      step (bitsandbytes' order): a mask, True for all leaves, None for none.
+    after: leaves whose *updated* weights are decayed (galore-torch's order),
+      in the same form.
+
+  Returns:
+    The transforms to append to a chain after the (unscaled) step.
+  """
+  def as_mask(m):
+    if m is True or m is None:
+      return None
+    # Checked against the parameters, so that a mismatch names `mask`.
+    return lambda tree: jax.tree.structure(tree).unflatten(masking.resolve_mask(m, tree, "mask"))
+
+  transforms = []
+  decays = not is_static_zero(weight_decay)
+  if decays and before is not None:
+    transforms.append(optax.add_decayed_weights(weight_decay, as_mask(before)))
+  transforms.append(optax.scale_by_learning_rate(learning_rate))
+  if decays and after is not None:
+    transforms.append(decay_weights_after_update(learning_rate, weight_decay, as_mask(after)))
+  return transforms
+
+
+def decay_after(
+    learning_rate: optax.ScalarOrSchedule, weight_decay: optax.ScalarOrSchedule, mask: MaskOrFn,
+) -> list[optax.GradientTransformation]:
+  """The learning rate, then galore-torch's decay of the updated weights (`mask`: which)."""
+  return learning_rate_and_decay(
+      learning_rate, weight_decay, after=True if mask is None else mask)

@@ -16,6 +16,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -145,3 +146,35 @@ def test_describe_shows_the_projected_leaf_and_its_bases():
   assert kernel.split()[-2:] == [f"{(2 * 8 * 64 + 48 * 8) * 4:,}", f"{2 * 64 * 48 * 4:,}"]
   bias = next(line for line in table.splitlines() if line.startswith("attn/bias"))
   assert " no " in bias
+
+
+def _as_nnx_containers(tree):
+  """`tree` with its dicts and NamedTuples turned into nnx.State, as nnx.Optimizer may."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  fields = getattr(tree, "_fields", None) if isinstance(tree, tuple) else None
+  if isinstance(tree, dict) or fields:
+    items = tree.items() if isinstance(tree, dict) else zip(fields, tree)
+    return nnx.State({k: _as_nnx_containers(v) for k, v in items})
+  if isinstance(tree, tuple):
+    return tuple(_as_nnx_containers(v) for v in tree)
+  return tree
+
+
+@pytest.mark.parametrize("make", [
+    lambda: go.galore_adamw8bit(1e-3, rank=8, min_8bit_size=16),
+    lambda: go.apollo_adamw(1e-3, rank=8),
+    lambda: go.sharding_aware(optax.contrib.galore(1e-3, rank=8)),
+])
+def test_state_comes_back_in_the_containers_it_came_in(make):
+  # so that optax.apply_if_finite's lax.cond inside nnx.Optimizer sees one structure
+  tx = make()
+  grads = jax.tree.map(jnp.ones_like, PARAMS)
+  own = tx.init(PARAMS)
+  given = _as_nnx_containers(own)
+  assert jax.tree.structure(given) != jax.tree.structure(own)
+  updates, new = jax.jit(tx.update)(grads, given, PARAMS)
+  want_updates, want = tx.update(grads, own, PARAMS)
+  assert jax.tree.structure(new) == jax.tree.structure(given)
+  assert jax.tree.structure(updates) == jax.tree.structure(want_updates)
+  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(_as_nnx_containers(want))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-8)

@@ -23,6 +23,7 @@ import galore_optax as go
 from galore_optax.options import GaLoreOptions
 from galore_optax import adam_8bit
 from galore_optax import outputs
+from galore_optax import parts
 from galore_optax import plan as plan_lib
 from galore_optax import refresh_step
 
@@ -106,9 +107,9 @@ def test_refresh_batches_give_the_same_bases_whatever_the_budget(refresh, storag
       rank=6, refresh=refresh, projector_bits=storage if storage != "regenerated" else None,
       regenerate_projector=storage == "regenerated")
   leaves = jax.tree.leaves(grads)
-  plans = options.plan(grads)
+  plans = parts.plan(options, grads)
   todo = plan_lib.projected(plans)
-  storage = options.storage
+  storage = parts.storage(options)
   stored = [storage.init(p, g, None) for p, g in zip(plans, leaves)]
   if refresh == "power":  # warm-started: start from a first refresh
     stored = refresh_step.refresh_in_batches(

@@ -70,7 +70,7 @@ VARIANTS = {
 # Every optimizer plain, and the options that change the state (implemented
 # once, in the core) with a float, an 8-bit and a weight-normalized optimizer.
 # Moment realignment needs float Adam moments: the 8-bit optimizers and
-# Adafactor refuse it (tests/test_options.py).
+# Adafactor do not take it (tests/test_bad_input.py).
 PLAIN = [(name, "plain") for name in FACTORIES]
 CASES = PLAIN + [
     ("galore_adamw", "lazy+bits4+realign"), ("galore_adamw8bit", "lazy+bits4"),
