@@ -1,8 +1,9 @@
 import os
 import sys
 
-# The parity helpers in tests/reference.py are imported as a plain module.
-sys.path.insert(0, os.path.dirname(__file__))
+# The helpers in tests/support/ (references, workers, background jobs) are imported as
+# plain modules.
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "support"))
 
 import background  # noqa: E402  (after the path above)
 

@@ -17,7 +17,7 @@ runs through the same checks on a tree with a dense kernel, a scanned
   factory with the README's `static_args` gives the same steps.
 
 The Explicit-mesh `jax.jit(tx.init)` check on 8 virtual devices is in
-tests/sharding_checks.py (group explicit_init), as it needs its own process.
+tests/support/sharding_checks.py (group explicit_init), as it needs its own process.
 """
 
 import functools

@@ -18,7 +18,7 @@ import pytest
 import background
 import multihost_problem as problem
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support", "multihost_worker.py")
 ROOT = os.path.dirname(os.path.dirname(WORKER))
 TIMEOUT_S = 600
 

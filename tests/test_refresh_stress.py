@@ -31,7 +31,7 @@ import galore_optax as go
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-WORKER = os.path.join(HERE, "refresh_stress_worker.py")
+WORKER = os.path.join(HERE, "support", "refresh_stress_worker.py")
 
 # Every refresh method, the lazy schedule (one lax.cond per leaf) and
 # GradNormLoRP (which wraps scale_by_galore). With width 192 and 4 matrices

@@ -2,7 +2,7 @@
 
 The fast tests run in this process on its single device (an AbstractMesh stands
 in for larger meshes where only shardings are computed). The rest asserts on
-the measurements of tests/sharding_checks.py, run once per session in a
+the measurements of tests/support/sharding_checks.py, run once per session in a
 subprocess with 8 virtual CPU devices (the device count is fixed when jax
 starts, so it cannot run in this process).
 """
@@ -21,7 +21,7 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 import background
 import galore_optax as go
 
-CHECKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharding_checks.py")
+CHECKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support", "sharding_checks.py")
 ROOT = os.path.dirname(os.path.dirname(CHECKS))
 CHECKS_TIMEOUT_S = 900  # ~140 s alone on 2 cores; beside the other tests, under load, far more
 TOL = 1e-6  # float32 parity of sharded and single-device steps
@@ -181,7 +181,7 @@ def test_sharding_aware_is_transparent_without_a_mesh():
 
 
 # ----------------------------------------------------------------------------
-# 8 virtual devices (tests/sharding_checks.py in a subprocess).
+# 8 virtual devices (tests/support/sharding_checks.py in a subprocess).
 
 # The configurations sharding_checks.py measures (kept in step with it;
 # test_every_check_reported fails if they drift apart).
@@ -228,17 +228,17 @@ def checks():
   stdout, stderr = done.stdouts[0], done.stderrs[0]
   if done.timed_out:
     pytest.fail(
-        f"tests/sharding_checks.py did not finish in {CHECKS_TIMEOUT_S} s (a hang of "
+        f"tests/support/sharding_checks.py did not finish in {CHECKS_TIMEOUT_S} s (a hang of "
         f"the 8-device run? see the NPROC note there); stderr tail:\n{stderr[-3000:]}"
     )
   if done.returncodes[0] != 0:
     pytest.fail(
-        f"tests/sharding_checks.py exited with {done.returncodes[0]}; stderr tail:\n"
+        f"tests/support/sharding_checks.py exited with {done.returncodes[0]}; stderr tail:\n"
         f"{stderr[-4000:]}"
     )
   lines = stdout.strip().splitlines()
   if not lines:
-    pytest.fail(f"tests/sharding_checks.py printed nothing; stderr:\n{stderr[-4000:]}")
+    pytest.fail(f"tests/support/sharding_checks.py printed nothing; stderr:\n{stderr[-4000:]}")
   return json.loads(lines[-1])
 
 

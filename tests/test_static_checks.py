@@ -1,7 +1,7 @@
 """CI's static checks, run by the test command: lint, types, the API reference.
 
 * `ruff check galore_optax` with the configuration in pyproject.toml;
-* `pyright` (basic) on galore_optax/ and tests/typing_probe.py, whose calls with
+* `pyright` (basic) on galore_optax/ and tests/support/typing_probe.py, whose calls with
   misspelled or inapplicable arguments must be type errors;
 * `mkdocs build --strict`: the reference generated from the docstrings, with no
   broken link, no public name left out and no docstring the parser cannot read.

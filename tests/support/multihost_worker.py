@@ -1,6 +1,6 @@
 """One process of the two-process FSDP run of tests/test_multihost.py.
 
-    python tests/multihost_worker.py PROCESS_ID PORT OUT.npz
+    python tests/support/multihost_worker.py PROCESS_ID PORT OUT.npz
 
 Each process owns 4 virtual CPU devices; `jax.distributed.initialize` joins
 them into one 8-device mesh (gloo collectives). The README's multi-host recipe

@@ -13,8 +13,8 @@ For each case (optimizer × refresh method) it prints one line per step (so a
 hang shows where it stopped), then `RESULT <case> <first loss> <last loss>`,
 and `DONE` at the end.
 
-  python tests/refresh_stress_worker.py --steps 20
-  python tests/refresh_stress_worker.py --cases galore:randomized --steps 200 --width 128
+  python tests/support/refresh_stress_worker.py --steps 20
+  python tests/support/refresh_stress_worker.py --cases galore:randomized --steps 200 --width 128
 """
 
 from __future__ import annotations

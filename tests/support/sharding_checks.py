@@ -4,7 +4,7 @@ tests/test_sharding.py runs this file once and asserts on the JSON object it
 prints last: one entry per check, holding measured numbers (differences,
 counts, bytes, shardings found), not verdicts.
 
-    python tests/sharding_checks.py [group ...]   # explicit_init parity nnx orbax example
+    python tests/support/sharding_checks.py [group ...]   # explicit_init parity nnx orbax example
 
 The device count is fixed when jax starts, so this runs apart from the rest
 of the suite, which keeps its single device.
@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path.insert(0, ROOT)
 
 import galore_optax as go  # noqa: E402

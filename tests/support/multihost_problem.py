@@ -42,7 +42,7 @@ def fsdp_specs(tree):
 
 
 def optimizer():
-  # eps 1e-4: see the note on EPS in tests/sharding_checks.py.
+  # eps 1e-4: see the note on EPS in tests/support/sharding_checks.py.
   return go.galore_adamw(
       1e-2, rank=5, update_proj_gap=2, eps=1e-4, weight_decay=0.01,
       projected=go.path_mask(r"attn|mlp"),
