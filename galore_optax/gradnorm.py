@@ -27,6 +27,7 @@ from galore_optax import masking
 from galore_optax import matrix_view
 from galore_optax import nonfinite
 from galore_optax import parts
+from galore_optax import projection
 from galore_optax.adam import scale_by_adam_hf
 from galore_optax.adam_8bit import scale_by_adam_8bit
 from galore_optax import validation
@@ -40,8 +41,6 @@ from galore_optax.weight_decay import value_at
 from galore_optax.sharding import public
 
 
-# The largest float32, at which sums of huge gradients saturate.
-_FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
 
 class GradNormLoRPState(NamedTuple):
   """State of `gradnorm_lorp`.
@@ -169,7 +168,7 @@ def _split_gradient(w, grad, axes) -> _Split:
   # is kept bit for bit.
   k = math.prod(jnp.shape(w)[a] for a in axes).bit_length()
   scaled = jnp.sum((grad * 2.0**-k) * unit, axis=axes, keepdims=True) * 2.0**k
-  dg = jnp.where(jnp.isfinite(dg), dg, jnp.clip(scaled, -_FLOAT32_MAX, _FLOAT32_MAX))
+  dg = jnp.where(jnp.isfinite(dg), dg, projection.saturated(scaled))
   return split._replace(magnitude_grad=dg)
 
 
@@ -177,7 +176,7 @@ def _direction_grad(w, grad, split: _Split):
   """∂V = ∇W − V̂ ∂g, and 0 on zero rows."""
   # Both terms are finite; their difference may overflow to ±inf (never NaN): saturate it.
   d = grad - _unit_direction(w, grad, split) * split.magnitude_grad
-  return jnp.where(split.magnitude > 0, jnp.clip(d, -_FLOAT32_MAX, _FLOAT32_MAX), 0.0)
+  return jnp.where(split.magnitude > 0, projection.saturated(d), 0.0)
 
 
 @public

@@ -94,14 +94,6 @@ def _norms(x, axes):
   return jnp.sqrt(jnp.sum(x * x, axis=axes, keepdims=True))
 
 
-_FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
-
-
-def _saturated(x):
-  """float32 `x` with ±inf replaced by ±3.4e38 (NaN stays NaN)."""
-  return jnp.clip(x, -_FLOAT32_MAX, _FLOAT32_MAX)
-
-
 def scaling_factor(plan: LeafPlan, low_rank_grad, inner_update, per_channel: bool):
   """‖N‖ / (‖R‖ + 1e-8): per channel of the kept axis, or per matrix.
 
@@ -142,7 +134,7 @@ class NormGrowthLimiter(NamedTuple):
     """What a term of norm `norm` (*batch,) is divided by, and the new state."""
     # A norm beyond float32 (its sum of squares overflowed) saturates: stored
     # as inf, the next step's ratio would be inf/inf = NaN.
-    norm = jnp.minimum(norm, _FLOAT32_MAX)
+    norm = projection.saturated(norm)
     ratio = jnp.maximum(norm / (previous + _NORM_EPS), self.gamma) / self.gamma
     divisor = jnp.where(previous < 0, 1.0, ratio)
     return divisor, norm / divisor
@@ -180,14 +172,15 @@ class FiraResidual(NamedTuple):
     back = projection.project_back_leaf(
         low_rank_grad.astype(jnp.float32) * 2.0**-k, bases, view) * 2.0**k
     # Differences and products of finite values saturate: inf · (φ = 0) = NaN.
-    residual = _saturated(_saturated(g - scale * back) * matrix_view.from_matrix(phi, view))
+    residual = projection.saturated(
+        projection.saturated(g - scale * back) * matrix_view.from_matrix(phi, view))
     divisor, leaf_state = self.limiter.divisor(
         jnp.squeeze(_norms(residual, roles), roles), leaf_state)
     d = divisor[..., None, None]  # per matrix, against the (*batch, rows, cols) low-rank stack
     f32 = lambda x: x.astype(jnp.float32)
     low = scale * f32(inner_update) - (scale / d) * phi * f32(low_rank_grad)
     update = projection.project_back_leaf(low, bases, view)
-    scaled_grad = _saturated(g * matrix_view.from_matrix(phi, view))
+    scaled_grad = projection.saturated(g * matrix_view.from_matrix(phi, view))
     update = update + scaled_grad / jnp.expand_dims(divisor, roles)
     return update.astype(grad.dtype), leaf_state
 

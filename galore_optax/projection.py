@@ -93,7 +93,7 @@ def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
   return _accumulated(lambda t: jnp.matmul(a, b, preferred_element_type=t), a)
 
 
-def _saturated(r: jax.Array) -> jax.Array:
+def saturated(r: jax.Array) -> jax.Array:
   """`r` with ±inf replaced by the dtype's largest finite values (NaN stays)."""
   big = jnp.finfo(r.dtype).max
   return jnp.clip(r, -big, big)
@@ -114,9 +114,9 @@ def _without_overflow(product, basis: jax.Array, n: int) -> jax.Array:
   their sums cannot overflow).
   """
   if jnp.finfo(basis.dtype).maxexp < 128:
-    return _saturated(product(basis))
+    return saturated(product(basis))
   k = int(n).bit_length() + 3
-  return _saturated(product(basis * 2.0**-k) * 2.0**k)
+  return saturated(product(basis * 2.0**-k) * 2.0**k)
 
 
 def project(g: jax.Array, basis: dict[str, jax.Array]) -> jax.Array:
