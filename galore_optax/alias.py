@@ -17,8 +17,10 @@ import jax.numpy as jnp
 import optax
 
 from galore_optax import masking
+from galore_optax import nonfinite
 from galore_optax import parts
 from galore_optax import validation
+from galore_optax import weight_decay as weight_decay_lib
 from galore_optax.adafactor import add_adafactor_decayed_weights
 from galore_optax.adafactor import scale_by_adafactor_hf
 from galore_optax.adafactor import tree_rms
@@ -26,13 +28,11 @@ from galore_optax.adam import scale_by_adam_hf
 from galore_optax.adam_8bit import scale_by_adam_8bit
 from galore_optax.masking import MaskOrFn
 from galore_optax.options import AdamOptions, GaLoreOptions
+from galore_optax.realignment import MomentRealignment
 from galore_optax.refresh import RefreshFn
 from galore_optax.schedules import LazyRefresh
-from galore_optax.realignment import MomentRealignment
-from galore_optax.transform import galore_transform
-from galore_optax import nonfinite
-from galore_optax import weight_decay as weight_decay_lib
 from galore_optax.sharding import public
+from galore_optax.transform import galore_transform
 
 
 def _projected_and(options: GaLoreOptions, projected: bool, other: MaskOrFn):
