@@ -77,15 +77,16 @@ def rescaled(g: jax.Array) -> jax.Array:
   [0.5, 1): exact, so its bases are those of the ideal computation; any
   other matrix is left untouched, so ordinary bases do not change by a bit.
   """
-  g = g.astype(jnp.float32)
-  amax = jnp.max(jnp.abs(g), axis=(-2, -1), keepdims=True)
+  # The maximum is taken in g's own dtype (exact), so that the float32 copy below is made
+  # in one fused convert-and-scale: the only float32 copy of G a refresh holds.
+  amax = jnp.max(jnp.abs(g), axis=(-2, -1), keepdims=True).astype(jnp.float32)
   _, e = jnp.frexp(amax)  # amax = f · 2**e with f in [0.5, 1)
   plain = ((amax >= 2.0**-_PLAIN_EXPONENT) & (amax <= 2.0**_PLAIN_EXPONENT)
            | (amax == 0) | ~jnp.isfinite(amax))
   # Clipped so that 2**-e is a normal float32 (XLA:CPU flushes subnormals).
   e = jnp.where(plain, 0, jnp.clip(e, -125, 126)).astype(jnp.int32)
   two_to_minus_e = jax.lax.bitcast_convert_type((127 - e) << 23, jnp.float32)  # exact
-  return g * two_to_minus_e
+  return g.astype(jnp.float32) * two_to_minus_e
 
 
 def svd_refresh(g, rank, sides, previous=None, key=None):
