@@ -99,24 +99,29 @@ def saturated(r: jax.Array) -> jax.Array:
   return jnp.clip(r, -big, big)
 
 
-def _without_overflow(product, basis: jax.Array, n: int) -> jax.Array:
-  """`product(basis)`, linear in `basis`, whose vectors have `n` entries.
+def _without_overflow(product, basis: jax.Array, n: int, x: jax.Array) -> jax.Array:
+  """`product(basis)`, linear in `basis` (vectors of `n` entries) and in `x`.
 
-  A finite gradient can project to values beyond float32 (a row of 64
-  entries of 1e38), and a dot product's partial sums can then overflow both
-  ways, inf − inf = NaN, which no later step can repair. So the product is
-  taken with the basis times 2**-k, where 2**k exceeds any basis vector's L1
-  norm (≤ 8n, also for APOLLO's Gaussian ones): no partial sum can overflow,
-  and the result times 2**k saturates at the largest finite value. Scaling
-  by a power of two is exact, so other results do not change by a bit
-  (unless products below ~1e-33 are flushed to zero). float16 operands,
-  whose range 2**-k would leave, are only saturated (accumulated in float32,
-  their sums cannot overflow).
+  A finite `x` can project to values beyond float32 (a row of 64 entries of
+  1e38), and a dot product's partial sums can then overflow both ways,
+  inf − inf = NaN, which no later step can repair. No partial sum can
+  overflow while max|x| · 2**k fits the dtype, where 2**k exceeds any basis
+  vector's L1 norm (≤ 8n, also for APOLLO's Gaussian ones). Past that bound
+  (or for a non-finite `x`) the product is taken with the basis times 2**-k
+  and the result times 2**k, saturated at the largest finite value; powers of
+  two are exact, so the two forms agree wherever both are finite. The bound
+  is checked under `lax.cond` rather than scaling every product: a scaled
+  basis is a second copy of it beside the one the projection back reads
+  (XLA:CPU converts both to float32 for its dot, one stacked basis each).
+  float16 operands, whose range 2**-k would leave, are only saturated
+  (accumulated in float32, their sums cannot overflow).
   """
   if jnp.finfo(basis.dtype).maxexp < 128:
     return saturated(product(basis))
   k = int(n).bit_length() + 3
-  return saturated(product(basis * 2.0**-k) * 2.0**k)
+  bound = jnp.asarray(jnp.finfo(x.dtype).max, jnp.float32) * 2.0**-k
+  fits = jnp.max(jnp.abs(x)).astype(jnp.float32) <= bound
+  return jax.lax.cond(fits, product, lambda b: saturated(product(b * 2.0**-k) * 2.0**k), basis)
 
 
 def project(g: jax.Array, basis: dict[str, jax.Array]) -> jax.Array:
@@ -127,11 +132,11 @@ def project(g: jax.Array, basis: dict[str, jax.Array]) -> jax.Array:
   if OUTPUT_SIDE in basis:
     g = _without_overflow(
         lambda u: _matmul(jnp.swapaxes(u, -1, -2), g), basis[OUTPUT_SIDE].astype(g.dtype),
-        g.shape[-2])
+        g.shape[-2], g)
   if INPUT_SIDE in basis:
     g = _without_overflow(
         lambda vh: _matmul(g, jnp.swapaxes(vh, -1, -2)), basis[INPUT_SIDE].astype(g.dtype),
-        g.shape[-1])
+        g.shape[-1], g)
   return g
 
 
@@ -208,15 +213,15 @@ def project_leaf(
   nb = len(view.batch_shape)
   if OUTPUT_SIDE in basis:  # U_rᵀ G = (x U_r)ᵀ: (*batch, r, n)
     r = _without_overflow(lambda u: _dot(x, u, nb + 1, nb, nb),
-                          basis[OUTPUT_SIDE].astype(x.dtype), view.m)
+                          basis[OUTPUT_SIDE].astype(x.dtype), view.m, x)
     r = jnp.swapaxes(jax.lax.optimization_barrier(r), -1, -2)
     if INPUT_SIDE in basis:
       r = _without_overflow(lambda vh: _matmul(r, jnp.swapaxes(vh, -1, -2)),
-                            basis[INPUT_SIDE].astype(x.dtype), view.n)
+                            basis[INPUT_SIDE].astype(x.dtype), view.n, r)
     return r
   # G Vh_rᵀ = (Vh_r x)ᵀ: (*batch, m, r)
   r = _without_overflow(lambda vh: _dot(vh, x, nb + 1, nb, nb),
-                        basis[INPUT_SIDE].astype(x.dtype), view.n)
+                        basis[INPUT_SIDE].astype(x.dtype), view.n, x)
   return jnp.swapaxes(jax.lax.optimization_barrier(r), -1, -2)
 
 

@@ -43,3 +43,31 @@ def test_leaf_projection_equals_matrix_projection(shape, dn, proj_type):
   expected_back = matrix_view.from_matrix(projection.project_back(expected, basis), view)
   assert back.shape == shape
   np.testing.assert_allclose(back, expected_back, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "full"])
+@pytest.mark.parametrize("shape,dn", [((12, 7), FLAX), ((7, 12), TORCH), ((3, 12, 7), FLAX)],
+                         ids=["flax", "torch", "flax-stacked"])
+def test_projection_past_the_overflow_bound_is_the_same_product_scaled(shape, dn, proj_type):
+  """Beyond max|x| · 2**k ≤ max the product is taken in units of 2**k: the same bits, scaled.
+
+  With max|x| = 1, x · 2**123 crosses the bound (2**128 / 2**k, k ≤ 7 here) while its products
+  stay finite; a power of two is exact, so both branches must give the plain result times
+  2**123 exactly.
+  """
+  view = matrix_view.make_view(shape, dn, "w")
+  m, n, r = view.m, view.n, 4
+  sides = projection.sides_for(proj_type, m, n)
+  keys = jax.random.split(jax.random.key(1), 3)
+  basis = {}
+  if projection.OUTPUT_SIDE in sides:
+    basis["u"] = _orthonormal(keys[0], view.batch_shape + (m, r))
+  if projection.INPUT_SIDE in sides:
+    basis["vh"] = jnp.swapaxes(_orthonormal(keys[1], view.batch_shape + (n, r)), -1, -2)
+  x = jax.random.normal(keys[2], shape)
+  x = x / jnp.max(jnp.abs(x))
+  project = jax.jit(projection.project_leaf, static_argnums=2)
+  scale = 2.0**123
+  small, huge = project(x, basis, view), project(x * scale, basis, view)
+  assert float(jnp.max(jnp.abs(x * scale))) > float(jnp.finfo(jnp.float32).max) * 2.0**-7
+  np.testing.assert_array_equal(np.asarray(huge), np.asarray(small) * scale)
