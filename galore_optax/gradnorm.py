@@ -163,12 +163,13 @@ def _split_gradient(w, grad, axes) -> _Split:
   unit = _unit_direction(w, grad, split)
   dg = jnp.sum(grad * unit, axis=axes, keepdims=True)
   # ∂g sums a row of ∇W ⊙ V̂ (|V̂| ≤ 1): for entries of 1e38 its partial sums overflow both
-  # ways (inf − inf = NaN). Only there it is summed again in units of 2**k > the row's length
-  # (exact), where it cannot, and saturated at the largest float32; elsewhere the plain sum
-  # is kept bit for bit.
+  # ways (inf − inf = NaN). Only then (`lax.cond`: no second full-size pass otherwise) it is
+  # summed again in units of 2**k > the row's length (exact), where it cannot, and saturated
+  # at the largest float32; ordinary sums are kept bit for bit.
   k = math.prod(jnp.shape(w)[a] for a in axes).bit_length()
-  scaled = jnp.sum((grad * 2.0**-k) * unit, axis=axes, keepdims=True) * 2.0**k
-  dg = jnp.where(jnp.isfinite(dg), dg, projection.saturated(scaled))
+  in_units = lambda: jnp.sum((grad * 2.0**-k) * unit, axis=axes, keepdims=True) * 2.0**k
+  dg = jax.lax.cond(jnp.all(jnp.isfinite(dg)), lambda: dg,
+                    lambda: jnp.where(jnp.isfinite(dg), dg, projection.saturated(in_units())))
   return split._replace(magnitude_grad=dg)
 
 
