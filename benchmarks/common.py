@@ -11,10 +11,7 @@ import subprocess
 import sys
 import time
 
-import re
-
 import jax
-import optax
 
 
 # hidden, intermediate, heads, layers (Zhao et al. 2024, Table 2); vocab 32000.
@@ -26,6 +23,8 @@ LLAMA_SIZES = {
     "7b": (4096, 11008, 32, 32),
 }
 VOCAB = 32000
+# The repository root: the working directory of the benchmarks' child processes.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def llama_matrices(size: str, dtype=jax.numpy.float32) -> dict:
@@ -45,19 +44,11 @@ def llama_params(size: str, param_dtype: str = "float32") -> dict:
   `go.path_mask(r"attn|mlp")` selects as the paper does. Nothing is
   allocated: enough for `jax.eval_shape(tx.init, params)`.
   """
-  import llama_jax  # pylint: disable=import-outside-toplevel
+  from benchmarks import llama_jax  # pylint: disable=import-outside-toplevel
 
   hidden, inter, heads, layers = LLAMA_SIZES[size]
   dims = llama_jax.Dims(hidden=hidden, intermediate=inter, heads=heads, layers=layers, vocab=VOCAB)
   return llama_jax.param_shapes(dims, dtype=param_dtype)
-
-
-def write_json(path: str, value) -> None:
-  """Writes `value` as JSON through a temporary file, so readers never see half of it."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=1)
-  os.replace(tmp, path)
 
 
 def write_report(path: str, lines) -> str:
@@ -169,6 +160,28 @@ def power_law_matrix(m: int, n: int, seed: int = 0, dtype=jax.numpy.float32) -> 
   return ((u / jnp.arange(1, k + 1, dtype=jnp.float32)) @ v.T).astype(dtype)
 
 
+def argv_as_typed() -> list:
+  """`sys.argv` with the script as it was named: ["-m", "benchmarks.memory", ...] under -m.
+
+  Under `python -m`, `sys.argv[0]` is the module's file path, which does not run it.
+  """
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  if spec is not None and spec.name:
+    return ["-m", spec.name] + sys.argv[1:]
+  return list(sys.argv)
+
+
+def library_env(library: str) -> dict:
+  """The environment of a child that imports `galore_optax` from the checkout `library`.
+
+  The child (`python -m benchmarks.<name>` or `python -c`, with cwd=ROOT) finds the
+  library first, then this checkout's `benchmarks`; PYTHONSAFEPATH keeps the working
+  directory (this checkout, and its `galore_optax`) off its path. A `library` that has a
+  `benchmarks` package itself gives the child that checkout's benchmark code.
+  """
+  return dict(os.environ, PYTHONPATH=os.pathsep.join([library, ROOT]), PYTHONSAFEPATH="1")
+
+
 def environment(command: str | None = None) -> str:
   """Markdown bullet lines: date, command, device, versions, commit.
 
@@ -201,7 +214,7 @@ def environment(command: str | None = None) -> str:
     load = "unknown"
   return "\n".join([
       f"- date: {datetime.date.today().isoformat()}",
-      f"- command: `{command or 'python ' + ' '.join(sys.argv)}`",
+      f"- command: `{command or 'python ' + ' '.join(argv_as_typed())}`",
       f"- device: {jax.default_backend()} ({devices}), {jax.local_device_count()} device(s); "
       f"host CPU: {cpu}, `nproc` = {cores}; 1-min load average at start: {load}",
       f"- versions: python {platform.python_version()}, jax {jax.__version__}, optax {optax.__version__}, numpy {numpy.__version__}",
@@ -210,22 +223,3 @@ def environment(command: str | None = None) -> str:
          if os.environ.get(name)])
 
 
-def contrib_galore(learning_rate: float, rank: int, targets: str) -> optax.GradientTransformation:
-  """The peer, `optax.contrib.galore`, projecting the 2-D kernels whose path matches `targets`.
-
-  Adam inside with the reference's eps (1e-6), Flax (in, out) kernels.
-  """
-  pattern = re.compile(targets)
-
-  def dimension_numbers(params):
-    def pick(path, leaf):
-      if leaf.ndim == 2 and pattern.search(jax.tree_util.keystr(path, simple=True, separator="/")):
-        return optax.contrib.GaLoreDimensionNumbers(reduction_axis=0, output_axis=1)
-      return None
-
-    return jax.tree_util.tree_map_with_path(pick, params)
-
-  return optax.contrib.galore(
-      learning_rate, rank=rank, base_optimizer=optax.scale_by_adam(eps=1e-6),
-      weight_dimension_numbers=dimension_numbers,
-  )

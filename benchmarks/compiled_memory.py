@@ -16,8 +16,8 @@ than a memory-minimizing order would keep them. GPU compilers order for memory. 
 measurement therefore runs twice, in a child process per scheduler: XLA:CPU's default, and its
 memory-minimizing list scheduler (`--xla_cpu_enable_concurrency_optimized_scheduler=false`).
 
-  python benchmarks/memory.py --compiled          # all sizes and layouts, into results/memory.md
-  python benchmarks/compiled_memory.py --sizes 60m --layouts stacked --json /tmp/m.json
+  python -m benchmarks.memory --compiled          # all sizes and layouts, into results/memory.md
+  python -m benchmarks.compiled_memory --sizes 60m --layouts stacked --json /tmp/m.json
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import tempfile
 import time
 from typing import Callable, Optional
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+# The repository root: the working directory of the per-scheduler children.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEDULERS = {
     "xla_cpu_default": "",
     "memory": "--xla_cpu_enable_concurrency_optimized_scheduler=false",
@@ -52,31 +53,35 @@ class Row:
 
 
 def rows() -> list[Row]:
-  """The optimizers measured: the library's, optax.adamw and optax.contrib.galore."""
+  """The optimizers measured: optax.adamw, optax.contrib.galore and the library's (from the
+  repository's registry, `examples.optimizers`), GaLore also on the reverse side."""
   import optax  # pylint: disable=import-outside-toplevel
-  import common
-  import memory
-  import galore_optax as go
+  from benchmarks import memory
+  from examples import optimizers
 
   mask, lr = memory.MASK, memory.LR
-  rank = lambda size: memory.RANKS.get(size, TINY_RANK)
-  apollo_rank = lambda size: memory.APOLLO_RANKS.get(size, TINY_RANK)
-  return [
+
+  def rank(name, size):
+    ranks = memory.APOLLO_RANKS if name.startswith("apollo") else memory.RANKS
+    return ranks.get(size, TINY_RANK)
+
+  def library(name, **options):
+    return lambda s: optimizers.call_factory(name, lr, rank=rank(name, s), projected=mask,
+                                             **options)
+
+  measured = [
       Row("optax.adamw", lambda s: optax.adamw(lr), baseline=True),
-      Row("optax.contrib.galore", lambda s: common.contrib_galore(lr, rank(s), memory.TARGETS),
+      Row("optax.contrib.galore",
+          lambda s: optimizers.call_factory("optax_contrib_galore", lr, rank=rank("", s),
+                                            targets=memory.TARGETS),
           baseline=True, per_layer_only=True),
-      Row("adamw_8bit", lambda s: go.adamw_8bit(lr), baseline=True),
-      Row("galore_adamw", lambda s: go.galore_adamw(lr, rank=rank(s), projected=mask)),
-      Row("galore_adamw, reverse_std",
-          lambda s: go.galore_adamw(lr, rank=rank(s), projected=mask, proj_type="reverse_std")),
-      Row("galore_adamw8bit", lambda s: go.galore_adamw8bit(lr, rank=rank(s), projected=mask)),
-      Row("galore_adafactor", lambda s: go.galore_adafactor(lr, rank=rank(s), projected=mask)),
-      Row("gradnorm_lorp", lambda s: go.gradnorm_lorp(lr, rank=rank(s), projected=mask)),
-      Row("fira_adamw", lambda s: go.fira_adamw(lr, rank=rank(s), projected=mask)),
-      Row("apollo_adamw", lambda s: go.apollo_adamw(lr, rank=apollo_rank(s), projected=mask)),
-      Row("apollo_adamw8bit", lambda s: go.apollo_adamw8bit(lr, rank=apollo_rank(s), projected=mask)),
-      Row("apollo_mini", lambda s: go.apollo_mini(lr, projected=mask)),
   ]
+  for spec in optimizers.library():
+    measured.append(Row(spec.name, library(spec.name), baseline=not spec.projects))
+    if spec.name == "galore_adamw":  # the memory-minimal side, the side optax.contrib picks
+      measured.append(
+          Row("galore_adamw, reverse_std", library("galore_adamw", proj_type="reverse_std")))
+  return measured
 
 
 def measure(tx, params, heads: int, batch=BATCH, step: bool = True) -> dict:
@@ -94,7 +99,7 @@ def measure(tx, params, heads: int, batch=BATCH, step: bool = True) -> dict:
   """
   import jax  # pylint: disable=import-outside-toplevel
   import optax
-  import llama_jax
+  from benchmarks import llama_jax
   import galore_optax as go
 
   state = jax.eval_shape(tx.init, params)
@@ -128,7 +133,7 @@ TINY_RANK = 64
 def measure_fused(tx, params, heads: int, batch=BATCH) -> dict:
   """The step of `measure` with the update fused into the backward scan (stacked params)."""
   import jax  # pylint: disable=import-outside-toplevel
-  import llama_jax
+  from benchmarks import llama_jax
   import galore_optax as go
 
   step = go.fused_scan_step(*llama_jax.fused_parts(heads), tx)
@@ -143,8 +148,8 @@ def measure_fused(tx, params, heads: int, batch=BATCH) -> dict:
 def model(size: str, layout: str):
   """(abstract bf16 params, heads) of a LLaMA size ("tiny" or a paper size) in a layout."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import common
-  import llama_jax
+  from benchmarks import common
+  from benchmarks import llama_jax
 
   hidden, inter, heads, layers = TINY if size == "tiny" else common.LLAMA_SIZES[size]
   dims = llama_jax.Dims(hidden, inter, heads, layers, vocab=common.VOCAB)
@@ -153,9 +158,8 @@ def model(size: str, layout: str):
 
 def worker(sizes, layouts, names, path: str) -> None:
   """Measures every (size, layout, row) into the JSON file `path`, saved after each."""
-  sys.path.insert(0, _HERE)
-  sys.path.insert(1, os.path.dirname(_HERE))
-  import common  # pylint: disable=import-outside-toplevel
+  from benchmarks import common  # pylint: disable=import-outside-toplevel
+  from examples import fileio
 
   import warnings  # pylint: disable=import-outside-toplevel
   # Donating the gradients of `update` is the issue's convention; XLA says it cannot use them.
@@ -181,24 +185,25 @@ def worker(sizes, layouts, names, path: str) -> None:
             raise
           results[key] = {"refused": str(e).split(":")[0]}
           common.log(f"{key}: refused")
-          common.write_json(path, results)
+          fileio.write_json(path, results, sort_keys=False)
           continue
         results[key]["seconds"] = time.perf_counter() - start
         common.log(f"{key}: step peak {results[key]['step_peak'] / GIB:.2f} GiB")
-        common.write_json(path, results)
+        fileio.write_json(path, results, sort_keys=False)
 
 
 def run_schedulers(sizes, layouts, names=(), workdir: Optional[str] = None) -> dict:
   """{scheduler: results}, each scheduler's measurements in its own child process (both at once)."""
-  workdir = workdir or tempfile.mkdtemp(prefix="compiled_memory_")
+  # Absolute: the children run in _ROOT.
+  workdir = os.path.abspath(workdir or tempfile.mkdtemp(prefix="compiled_memory_"))
   os.makedirs(workdir, exist_ok=True)
   children = {}
   for scheduler, flags in SCHEDULERS.items():
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
     path = os.path.join(workdir, f"{scheduler}.json")
-    cmd = [sys.executable, os.path.abspath(__file__), "--sizes", *sizes, "--layouts", *layouts,
-           "--json", path] + (["--rows", *names] if names else [])
-    children[scheduler] = (subprocess.Popen(cmd, env=env), path)
+    cmd = [sys.executable, "-m", "benchmarks.compiled_memory", "--sizes", *sizes,
+           "--layouts", *layouts, "--json", path] + (["--rows", *names] if names else [])
+    children[scheduler] = (subprocess.Popen(cmd, env=env, cwd=_ROOT), path)
   results = {}
   for scheduler, (child, path) in children.items():
     if child.wait() != 0:

@@ -7,26 +7,24 @@ each layer in its backward scan and updates it there; with `clip_norm` it runs o
 to sum the squared gradients first. Medians over rounds in which every variant runs once in turn
 (`common.interleaved_medians`), ratios to the usual step of the same optimizer.
 
-  python benchmarks/fused_steps.py            # ~5 min on 2 cores
+  python -m benchmarks.fused_steps            # ~5 min on 2 cores
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import optax
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-sys.path.insert(1, os.path.dirname(_HERE))
-import common  # noqa: E402
-import llama_jax  # noqa: E402
+from benchmarks import common
+from benchmarks import llama_jax
 
-import galore_optax as go  # noqa: E402
+import galore_optax as go
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 CLIP = 1.0
 

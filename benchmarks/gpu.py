@@ -1,8 +1,8 @@
 """GPU evidence in one command: projector refresh, optimizer step, 7B peak memory, 60M quality.
 
-  python benchmarks/gpu.py                            # all four parts, about 8 min on one H100/H200
-  python benchmarks/gpu.py --part refresh,step        # a subset
-  python benchmarks/gpu.py --smoke --out /tmp/gpu.md  # the same code with tiny sizes (CPU, < 60 s)
+  python -m benchmarks.gpu                            # all four parts, about 8 min on one H100/H200
+  python -m benchmarks.gpu --part refresh,step        # a subset
+  python -m benchmarks.gpu --smoke --out /tmp/gpu.md  # the same code with tiny sizes (CPU, < 60 s)
 
 Writes benchmarks/results/gpu.md (or --out) with gpu.png and gpu.json beside it; docs/gpu.md
 says how to run it on a GPU machine and what to watch for.
@@ -44,16 +44,15 @@ from typing import Optional
 
 _CHILD_ENV = dict(os.environ)  # what children start from (main() changes this process's)
 
+from benchmarks import common  # noqa: E402
+from examples import fileio  # noqa: E402
+from benchmarks import gpu_report  # noqa: E402
+from benchmarks.gpu_spec import (COMPARE_FLAGS, FULL, GAP, GIB, OPTIMIZERS, PAPER_LR,  # noqa: E402
+                                 PARTS, QUALITY_OPTIMIZERS, SMOKE, Sizes)
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
-sys.path.insert(0, _HERE)
-sys.path.insert(1, _ROOT)
-import common  # noqa: E402
-import gpu_report  # noqa: E402
-from gpu_spec import (COMPARE_FLAGS, FULL, GAP, GIB, OPTIMIZERS, PAPER_LR, PARTS,  # noqa: E402
-                      QUALITY_OPTIMIZERS, SMOKE, Sizes)
-
-CHILD = os.path.join(_HERE, "gpu_children.py")
+CHILD = "benchmarks.gpu_children"  # run as `python -m` from _ROOT
 
 
 @dataclasses.dataclass
@@ -92,8 +91,8 @@ def _spawn(run: Run, name: str, task: dict, memory: bool = False):
   task_path = os.path.join(run.workdir, f"{task.get('tag', name)}.task.json")
   task["result"] = task_path.replace(".task.json", ".result.json")
   task["log_start"] = common.log_start()
-  common.write_json(task_path, task)
-  proc = subprocess.Popen([sys.executable, CHILD, "--worker", name, "--task", task_path],
+  fileio.write_json(task_path, task, sort_keys=False)
+  proc = subprocess.Popen([sys.executable, "-m", CHILD, "--worker", name, "--task", task_path],
                           env=run.env(memory), cwd=_ROOT)
   return proc, task
 
@@ -357,7 +356,7 @@ def write_outputs(run: Run) -> None:
     run.report["plot_error"] = f"{type(e).__name__}: {e}"
   with open(run.out, "w") as f:
     f.write(gpu_report.render(run.report, run.sizes, run.smoke))
-  common.write_json(stem + ".json", run.report)
+  fileio.write_json(stem + ".json", run.report, sort_keys=False)
 
 
 def _parse_budgets(text: Optional[str], defaults: dict) -> dict:
@@ -413,8 +412,7 @@ def main(argv=None) -> int:
   if args.compile_threads < 1:
     parser.error("--compile-threads must be at least 1")
   sizes = SMOKE if args.smoke else FULL
-  shown = [os.path.relpath(os.path.abspath(__file__), os.getcwd())] + list(
-      sys.argv[1:] if argv is None else argv)
+  shown = ["-m", "benchmarks.gpu"] + list(sys.argv[1:] if argv is None else argv)
   try:
     budgets = _parse_budgets(args.budget, sizes.budgets)
   except ValueError as e:

@@ -1,6 +1,6 @@
 """The measurements of `benchmarks/gpu.py`, each run in a child process of its own.
 
-  python benchmarks/gpu_children.py --worker step --task TASK.json
+  python -m benchmarks.gpu_children --worker step --task TASK.json
 
 The task file holds the sizes, the time budget and where to write the result (JSON,
 rewritten as rows complete, so a child stopped at its time limit leaves what it measured).
@@ -23,13 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-import common  # noqa: E402
-import gpu_report  # noqa: E402
-import llama_jax  # noqa: E402
-from gpu_spec import EXACT, GAP, OPTIMIZERS, REFRESH_METHODS, TARGETS, build  # noqa: E402
+from benchmarks import common
+from examples import fileio
+from benchmarks import gpu_report
+from benchmarks import llama_jax
+from benchmarks.gpu_spec import EXACT, GAP, OPTIMIZERS, REFRESH_METHODS, TARGETS, build
 
-import galore_optax as go  # noqa: E402
+import galore_optax as go
 
 
 def _deadline(task: dict) -> float:
@@ -351,7 +351,7 @@ def worker_main(name: str, task_path: str) -> int:
   task = common.read_json(task_path)
   common.set_log_start(task["log_start"])
   result = {"status": "started"}
-  save = lambda: common.write_json(task["result"], result)
+  save = lambda: fileio.write_json(task["result"], result, sort_keys=False)
   try:
     WORKERS[name](task, result, save)
     result["status"] = "ok"

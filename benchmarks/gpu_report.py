@@ -6,9 +6,9 @@ import math
 from typing import Optional
 
 import galore_optax as go
-from gpu_spec import (ADAMW, ANCHORS, CONTRIB, EXACT, GAP, GIB, OPTIMIZERS, PAPER_LR, PARTS,
-                      TARGET_AMORTIZED, TARGET_ENERGY, TARGET_PEAK_GIB, TARGET_PLAIN,
-                      TARGET_PPL_GAP, TARGET_SPEEDUP, Sizes)
+from benchmarks.gpu_spec import (ADAMW, ANCHORS, CONTRIB, EXACT, GAP, GIB, OPTIMIZERS, PAPER_LR,
+                                 PARTS, TARGET_AMORTIZED, TARGET_ENERGY, TARGET_PEAK_GIB,
+                                 TARGET_PLAIN, TARGET_PPL_GAP, TARGET_SPEEDUP, Sizes)
 
 
 def seconds(s: Optional[float]) -> str:
@@ -182,7 +182,7 @@ def render_step(part: dict, sizes: Sizes) -> list:
 def _not_measured(part: dict, name: str) -> list:
   lines = []
   for key, why in (("skipped", "not measured (time budget); run them with a larger budget, "
-                    f"e.g. `python benchmarks/gpu.py --part {name} --budget {name}=400 --merge`"),
+                    f"e.g. `python -m benchmarks.gpu --part {name} --budget {name}=400 --merge`"),
                    ("left_out", "left out of the smoke run")):
     if part.get(key):
       lines += ["", f"{', '.join(f'`{n}`' for n in part[key])}: {why}."]

@@ -10,8 +10,8 @@ from typing import Any, Callable, Optional
 
 import optax
 
-import common
-import llama_jax
+from benchmarks import llama_jax
+from examples import optimizers
 
 import galore_optax as go
 
@@ -55,6 +55,11 @@ class Optimizer:
     return self.library and not self.fused and self.refresh in (None, EXACT, RANDOM)
 
 
+def _member(name: str, galore: bool, **options):
+  """`build(rank, mask)` of the library's optimizer `name` (the repository's registry)."""
+  return lambda r, m: optimizers.call_factory(name, _lr(galore), rank=r, projected=m, **options)
+
+
 def _lr(galore: bool) -> float:
   return 1e-2 if galore else 1e-3  # the paper's recipe; no effect on time or memory
 
@@ -66,51 +71,52 @@ def _lr(galore: bool) -> float:
 OPTIMIZERS = {
     "optax.adamw": Optimizer(lambda r, m: optax.adamw(_lr(False)), step=True, memory=True,
                              library=False),
-    "optax.contrib.galore": Optimizer(lambda r, m: common.contrib_galore(_lr(True), r, TARGETS),
-                                      step=True, memory=True, library=False, refresh=EXACT),
+    "optax.contrib.galore": Optimizer(
+        lambda r, m: optimizers.call_factory("optax_contrib_galore", _lr(True), rank=r,
+                                             targets=TARGETS),
+        step=True, memory=True, library=False, refresh=EXACT),
     "galore_adamw, randomized": Optimizer(
-        lambda r, m: go.galore_adamw(_lr(True), rank=r, projected=m, refresh="randomized"), step=True,
+        _member("galore_adamw", True, refresh="randomized"), step=True,
         refresh="randomized"),
     "galore_adamw, power": Optimizer(
-        lambda r, m: go.galore_adamw(_lr(True), rank=r, projected=m, refresh="power"), step=True,
+        _member("galore_adamw", True, refresh="power"), step=True,
         refresh="power (warm)"),
     "galore_adamw8bit, randomized": Optimizer(
-        lambda r, m: go.galore_adamw8bit(_lr(True), rank=r, projected=m, refresh="randomized"),
+        _member("galore_adamw8bit", True, refresh="randomized"),
         step=True, refresh="randomized"),
     "galore_adafactor, randomized": Optimizer(
-        lambda r, m: go.galore_adafactor(_lr(True), rank=r, projected=m, refresh="randomized"),
+        _member("galore_adafactor", True, refresh="randomized"),
         step=True, refresh="randomized"),
     "gradnorm_lorp, randomized": Optimizer(
-        lambda r, m: go.gradnorm_lorp(_lr(True), rank=r, projected=m, refresh="randomized"), step=True,
+        _member("gradnorm_lorp", True, refresh="randomized"), step=True,
         refresh="randomized"),
     "gradnorm_lorp8bit, randomized": Optimizer(
-        lambda r, m: go.gradnorm_lorp8bit(_lr(True), rank=r, projected=m, refresh="randomized"),
+        _member("gradnorm_lorp8bit", True, refresh="randomized"),
         step=True, refresh="randomized"),
-    "adamw_8bit": Optimizer(lambda r, m: go.adamw_8bit(_lr(False)), step=True),
-    "apollo_adamw": Optimizer(lambda r, m: go.apollo_adamw(_lr(True), rank=r, projected=m),
+    "adamw_8bit": Optimizer(_member("adamw_8bit", False), step=True),
+    "apollo_adamw": Optimizer(_member("apollo_adamw", True),
                               step=True, memory=True, refresh=RANDOM),
-    "apollo_mini": Optimizer(lambda r, m: go.apollo_mini(_lr(True), projected=m), step=True,
+    "apollo_mini": Optimizer(_member("apollo_mini", True), step=True,
                              memory=True, refresh=RANDOM),
     "fira_adamw, randomized": Optimizer(
-        lambda r, m: go.fira_adamw(_lr(True), rank=r, projected=m, refresh="randomized"), step=True,
+        _member("fira_adamw", True, refresh="randomized"), step=True,
         refresh="randomized"),
-    "galore_adamw8bit": Optimizer(lambda r, m: go.galore_adamw8bit(_lr(True), rank=r, projected=m),
+    "galore_adamw8bit": Optimizer(_member("galore_adamw8bit", True),
                                   memory=True, refresh=EXACT),
     "galore_adamw8bit, projector_bits=4": Optimizer(
-        lambda r, m: go.galore_adamw8bit(_lr(True), rank=r, projected=m, projector_bits=4), memory=True,
+        _member("galore_adamw8bit", True, projector_bits=4), memory=True,
         refresh=EXACT),
     "galore_adamw8bit, reverse_std, projector_bits=4": Optimizer(
-        lambda r, m: go.galore_adamw8bit(_lr(True), rank=r, projected=m, proj_type="reverse_std",
-                                         projector_bits=4), refresh=EXACT),
-    "galore_adafactor": Optimizer(lambda r, m: go.galore_adafactor(_lr(True), rank=r, projected=m),
+        _member("galore_adamw8bit", True, proj_type="reverse_std", projector_bits=4), refresh=EXACT),
+    "galore_adafactor": Optimizer(_member("galore_adafactor", True),
                                   refresh=EXACT),
-    "galore_adamw, svd": Optimizer(lambda r, m: go.galore_adamw(_lr(True), rank=r, projected=m),
+    "galore_adamw, svd": Optimizer(_member("galore_adamw", True),
                                    step=True, memory=True, refresh=EXACT),
     # The library's answer to "7B on one GPU": the update inside the backward scan.
     "galore_adamw8bit, fused": Optimizer(
-        lambda r, m: go.galore_adamw8bit(_lr(True), rank=r, projected=m), memory=True, refresh=EXACT,
+        _member("galore_adamw8bit", True), memory=True, refresh=EXACT,
         fused=True),
-    "apollo_mini, fused": Optimizer(lambda r, m: go.apollo_mini(_lr(True), projected=m), memory=True,
+    "apollo_mini, fused": Optimizer(_member("apollo_mini", True), memory=True,
                                     refresh=RANDOM, fused=True),
     "optax.adamw, fused": Optimizer(lambda r, m: optax.adamw(_lr(False)), memory=True,
                                     library=False, fused=True),

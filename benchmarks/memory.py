@@ -7,9 +7,9 @@ head, norms and all decoder layers; attention and MLP kernels projected via
 everything in that state: moments (with their 8-bit block scales), projectors
 (with their quantization scales and zero points), step counters.
 
-  python benchmarks/memory.py                  # all sizes, writes results/memory.{md,png}
-  python benchmarks/memory.py --sizes 60m 7b --out /tmp/memory
-  python benchmarks/memory.py --compiled       # + the compiled train step (compiled_memory.py):
+  python -m benchmarks.memory                  # all sizes, writes results/memory.{md,png}
+  python -m benchmarks.memory --sizes 60m 7b --out /tmp/memory
+  python -m benchmarks.memory --compiled       # + the compiled train step (compiled_memory.py):
                                                #   60M, 1B, 7B, per-layer and stacked, ~1 h on 2 cores
 """
 
@@ -18,19 +18,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 from typing import Callable, Optional
 
 import jax
 import optax
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-sys.path.insert(1, os.path.dirname(_HERE))  # the repository root
-import common  # noqa: E402
-import compiled_memory  # noqa: E402
+from benchmarks import common
+from benchmarks import compiled_memory
+from examples import optimizers
 
-import galore_optax as go  # noqa: E402
+import galore_optax as go
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 # GaLore ranks of the paper (Zhao et al. 2024, Table 2 and Section 5); Fira's
 # scripts use the same ones up to 1B (and rank 64 at 7B).
@@ -59,8 +58,10 @@ class Row:
 FULL_RANK = {s: "–" for s in RANKS}  # rows that project nothing
 
 
-def _galore(fn, **kwargs):
-  return lambda rank: fn(LR, rank=rank, projected=MASK, **kwargs)
+def _member(label, name, ranks=None, **options) -> Row:
+  """A bf16 row of the library's optimizer `name` (the repository's registry) with `options`."""
+  build = lambda rank: optimizers.call_factory(name, LR, rank=rank, projected=MASK, **options)
+  return Row(label, "bfloat16", build, f"`go.{name}`", ranks)
 
 
 def rows() -> list[Row]:
@@ -69,38 +70,30 @@ def rows() -> list[Row]:
       Row("AdamW, fp32 states", "float32", lambda r: optax.adamw(LR), "`optax.adamw`", FULL_RANK),
       Row("AdamW, bf16 states (baseline)", bf16, lambda r: optax.adamw(LR), "`optax.adamw`",
           FULL_RANK),
-      Row("8-bit AdamW", bf16, lambda r: go.adamw_8bit(LR), "`go.adamw_8bit`", FULL_RANK),
-      Row("optax.contrib.galore", bf16, lambda r: common.contrib_galore(LR, r, TARGETS),
+      _member("8-bit AdamW", "adamw_8bit", FULL_RANK),
+      Row("optax.contrib.galore", bf16,
+          lambda r: optimizers.call_factory("optax_contrib_galore", LR, rank=r, targets=TARGETS),
           "`optax.contrib.galore`, scale_by_adam inside"),
-      Row("GaLore AdamW, std", bf16, _galore(go.galore_adamw), "`go.galore_adamw`"),
-      Row("GaLore AdamW, reverse_std (memory-minimal side)", bf16,
-          _galore(go.galore_adamw, proj_type="reverse_std"), "`go.galore_adamw`"),
-      Row("GaLore AdamW, std, int8 projectors", bf16,
-          _galore(go.galore_adamw, projector_bits=8), "`go.galore_adamw`"),
-      Row("GaLore AdamW8bit, std", bf16, _galore(go.galore_adamw8bit), "`go.galore_adamw8bit`"),
-      Row("GaLore AdamW8bit, std, int8 projectors", bf16,
-          _galore(go.galore_adamw8bit, projector_bits=8), "`go.galore_adamw8bit`"),
-      Row("GaLore AdamW8bit, std, int4 projectors", bf16,
-          _galore(go.galore_adamw8bit, projector_bits=4), "`go.galore_adamw8bit`"),
-      Row("GaLore AdamW8bit, reverse_std, int8 projectors", bf16,
-          _galore(go.galore_adamw8bit, proj_type="reverse_std", projector_bits=8),
-          "`go.galore_adamw8bit`"),
-      Row("GaLore AdamW8bit, reverse_std, int4 projectors", bf16,
-          _galore(go.galore_adamw8bit, proj_type="reverse_std", projector_bits=4),
-          "`go.galore_adamw8bit`"),
-      Row("GaLore Adafactor, std", bf16, _galore(go.galore_adafactor), "`go.galore_adafactor`"),
-      Row("GradNormLoRP", bf16, _galore(go.gradnorm_lorp), "`go.gradnorm_lorp`"),
-      Row("GradNormLoRP 8-bit", bf16, _galore(go.gradnorm_lorp8bit), "`go.gradnorm_lorp8bit`"),
-      Row("Fira", bf16, _galore(go.fira_adamw), "`go.fira_adamw`"),
-      Row("APOLLO (paper's ranks)", bf16, _galore(go.apollo_adamw), "`go.apollo_adamw`",
-          APOLLO_RANKS),
-      Row("APOLLO, regenerated projector", bf16,
-          _galore(go.apollo_adamw, regenerate_projector=True), "`go.apollo_adamw`",
-          APOLLO_RANKS),
-      Row("APOLLO 8-bit (paper's ranks)", bf16, _galore(go.apollo_adamw8bit),
-          "`go.apollo_adamw8bit`", APOLLO_RANKS),
-      Row("APOLLO-Mini", bf16, lambda r: go.apollo_mini(LR, projected=MASK), "`go.apollo_mini`",
-          {s: 1 for s in RANKS}),
+      _member("GaLore AdamW, std", "galore_adamw"),
+      _member("GaLore AdamW, reverse_std (memory-minimal side)", "galore_adamw",
+              proj_type="reverse_std"),
+      _member("GaLore AdamW, std, int8 projectors", "galore_adamw", projector_bits=8),
+      _member("GaLore AdamW8bit, std", "galore_adamw8bit"),
+      _member("GaLore AdamW8bit, std, int8 projectors", "galore_adamw8bit", projector_bits=8),
+      _member("GaLore AdamW8bit, std, int4 projectors", "galore_adamw8bit", projector_bits=4),
+      _member("GaLore AdamW8bit, reverse_std, int8 projectors", "galore_adamw8bit",
+              proj_type="reverse_std", projector_bits=8),
+      _member("GaLore AdamW8bit, reverse_std, int4 projectors", "galore_adamw8bit",
+              proj_type="reverse_std", projector_bits=4),
+      _member("GaLore Adafactor, std", "galore_adafactor"),
+      _member("GradNormLoRP", "gradnorm_lorp"),
+      _member("GradNormLoRP 8-bit", "gradnorm_lorp8bit"),
+      _member("Fira", "fira_adamw"),
+      _member("APOLLO (paper's ranks)", "apollo_adamw", APOLLO_RANKS),
+      _member("APOLLO, regenerated projector", "apollo_adamw", APOLLO_RANKS,
+              regenerate_projector=True),
+      _member("APOLLO 8-bit (paper's ranks)", "apollo_adamw8bit", APOLLO_RANKS),
+      _member("APOLLO-Mini", "apollo_mini", {s: 1 for s in RANKS}),
   ]
 
 

@@ -7,8 +7,8 @@ temporaries per device (`memory_analysis()`), the number of SVDs each device run
 calls in its program and their batch), and the median wall time of a refresh step, against the
 same step with the library given by `--library` (e.g. an older checkout) in a second process.
 
-  python benchmarks/mesh_refresh.py                                  # this checkout
-  python benchmarks/mesh_refresh.py --compare /path/to/old/checkout  # and another, side by side
+  python -m benchmarks.mesh_refresh                                  # this checkout
+  python -m benchmarks.mesh_refresh --compare /path/to/old/checkout  # and another, side by side
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def measure(layout: str, rounds: int) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp
   from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-  import common
-  import llama_jax
+  from benchmarks import common
+  from benchmarks import llama_jax
   import galore_optax as go
 
   hidden, inter, heads, layers = common.LLAMA_SIZES["60m"]
@@ -94,11 +94,13 @@ def svds_per_device(hlo: str) -> tuple[int, int]:
 
 
 def child(library: str, rounds: int) -> dict:
-  env = dict(os.environ, PYTHONPATH=library,
+  from benchmarks import common  # pylint: disable=import-outside-toplevel
+  env = dict(common.library_env(library),
              XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}",
              NPROC=str(2 * DEVICES), OPENBLAS_NUM_THREADS="1")
-  out = subprocess.run([sys.executable, __file__, "--worker", "--rounds", str(rounds)],
-                       env=env, capture_output=True, text=True, check=True)
+  out = subprocess.run([sys.executable, "-m", "benchmarks.mesh_refresh", "--worker", "--rounds",
+                        str(rounds)], env=env, capture_output=True, text=True, check=True,
+                       cwd=common.ROOT)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -110,13 +112,11 @@ def main():
   parser.add_argument("--compare", help="another checkout's root, measured the same way")
   parser.add_argument("--out", default=os.path.join(_HERE, "results", "mesh_refresh.md"))
   args = parser.parse_args()
-  sys.path.insert(0, _HERE)
   if args.worker:
     print(json.dumps({layout: measure(layout, args.rounds) for layout in ("per_layer", "stacked")}))
     return
-  import common  # pylint: disable=import-outside-toplevel
-  root = os.path.dirname(_HERE)
-  runs = {"this checkout": child(root, args.rounds)}
+  from benchmarks import common  # pylint: disable=import-outside-toplevel
+  runs = {"this checkout": child(common.ROOT, args.rounds)}
   if args.compare:
     try:
       label = "commit " + subprocess.check_output(

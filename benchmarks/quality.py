@@ -1,8 +1,8 @@
 """Training quality of every optimizer at its own tuned learning rate, over seeds and corpora.
 
-  python benchmarks/quality.py                     # both corpora, all optimizers (hours on CPU)
-  python benchmarks/quality.py --corpora stdlib --optimizers adamw,galore_adamw --steps 200
-  python benchmarks/quality.py --report-only       # re-render from the saved runs
+  python -m benchmarks.quality                     # both corpora, all optimizers (hours on CPU)
+  python -m benchmarks.quality --corpora stdlib --optimizers adamw,galore_adamw --steps 200
+  python -m benchmarks.quality --report-only       # re-render from the saved runs
 
 Setup: the second corpus is the Python documentation's reStructuredText sources, which
 Debian's `python3.11-doc` package installs::
@@ -28,19 +28,17 @@ import shlex
 import sys
 import time
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(_HERE))  # the repository root, for `examples`
+from examples import compare  # (sets the CPU thread-pool defaults first)
+from examples import configs
+from examples import fileio
+from examples import optimizers
+from examples import report
+from examples import train
+from examples import tuning
+from examples.errors import ExampleError
 
-from examples import compare  # noqa: E402  (sets the CPU thread-pool defaults first)
-from examples import configs  # noqa: E402
-from examples import fileio  # noqa: E402
-from examples import optimizers  # noqa: E402
-from examples import report  # noqa: E402
-from examples import train  # noqa: E402
-from examples import tuning  # noqa: E402
-from examples.errors import ExampleError  # noqa: E402
-import galore_optax as go  # noqa: E402
-import optax  # noqa: E402
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 RESULTS_DIR = os.path.join(_HERE, "results")
 PYTHON_DOCS = "/usr/share/doc/python3.11/html/_sources"
@@ -57,20 +55,7 @@ TARGET_STEPS = 1000
 DEFAULT_OPTIMIZERS = ("adamw", "adamw_8bit", "galore_adamw", "galore_adamw8bit",
                       "galore_adafactor", "gradnorm_lorp", "optax_contrib_galore")
 KNOWN_BEFORE = DEFAULT_OPTIMIZERS + ("gradnorm_lorp8bit",)
-SCALED_ADAMW = "adamw_scaled"
-
-
-def _scaled_adamw(learning_rate, cfg):
-  """AdamW whose attention/MLP updates are multiplied by GaLore's scale: GaLore's step sizes
-  per parameter group without its projection (a diagnostic row, not an optimizer to use)."""
-  return optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
-                     optax.masked(optax.scale(cfg.scale), go.path_mask(cfg.targets)),
-                     optax.scale_by_learning_rate(learning_rate))
-
-
-optimizers.REGISTRY.setdefault(SCALED_ADAMW, optimizers.OptimizerSpec(
-    SCALED_ADAMW, "AdamW with attention/MLP updates x GaLore's scale (diagnostic)", 1e-2,
-    _scaled_adamw, projects=False))
+SCALED_ADAMW = "adamw_scaled"  # the registry's diagnostic row: AdamW with GaLore's step sizes
 
 
 def entries_for(names):
@@ -245,7 +230,7 @@ def main(argv=None):
                  help="render the results files from the saved runs without training")
   args = p.parse_args(argv)
   started = datetime.datetime.now(datetime.timezone.utc)
-  args.command = "python benchmarks/quality.py" + ("" if not argv else " " + shlex.join(argv))
+  args.command = "python -m benchmarks.quality" + ("" if not argv else " " + shlex.join(argv))
   log = lambda message: print(message, flush=True)
   try:
     args.seeds = compare.parse_seeds(args.seeds)

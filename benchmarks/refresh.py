@@ -22,8 +22,8 @@ Timings are medians over rounds in which every method runs once in turn
 (`common.interleaved_medians`), which spreads the load of a shared machine
 over all methods alike.
 
-  python benchmarks/refresh.py                                    # CPU defaults, ~5 min
-  python benchmarks/refresh.py --m 4096 --n 11008 --rank 1024 --tree 1b --tree-rank 512
+  python -m benchmarks.refresh                                    # CPU defaults, ~5 min
+  python -m benchmarks.refresh --m 4096 --n 11008 --rank 1024 --tree 1b --tree-rank 512
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 import time
 
 # XLA's CPU runtime runs independent LAPACK calls (SVD, QR) at the same time,
@@ -45,19 +44,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-sys.path.insert(1, os.path.dirname(_HERE))  # the repository root, for `examples`
-import common  # noqa: E402
+from benchmarks import common
+from examples import optimizers as registry
 
-import galore_optax as go  # noqa: E402
-from galore_optax import masking  # noqa: E402
-from galore_optax import projection  # noqa: E402
-from galore_optax import refresh as refresh_lib  # noqa: E402
+import galore_optax as go
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 TARGETS = r"attn|mlp"
-DEFAULT_RANDOMIZED = refresh_lib.randomized_refresh()
-DEFAULT_POWER = refresh_lib.power_refresh()
+DEFAULT_RANDOMIZED = go.randomized_refresh()
+DEFAULT_POWER = go.power_refresh()
 
 
 def _defaults(fn) -> str:
@@ -68,13 +64,13 @@ def _defaults(fn) -> str:
 def method_table():
   """Refresh methods compared on single matrices: name -> (fn, warm?)."""
   return {
-      "svd (exact)": (refresh_lib.svd_refresh, False),
-      f"randomized (default: {_defaults(refresh_lib.randomized_refresh)})": (DEFAULT_RANDOMIZED, False),
-      "randomized, oversample=8, power_iters=0": (refresh_lib.randomized_refresh(8, 0), False),
-      "randomized, oversample=8, power_iters=2": (refresh_lib.randomized_refresh(8, 2), False),
-      "randomized, oversample=32, power_iters=1": (refresh_lib.randomized_refresh(32, 1), False),
-      f"power, warm (default: {_defaults(refresh_lib.power_refresh)})": (DEFAULT_POWER, True),
-      "power, warm, power_iters=0": (refresh_lib.power_refresh(power_iters=0), True),
+      "svd (exact)": (go.svd_refresh, False),
+      f"randomized (default: {_defaults(go.randomized_refresh)})": (DEFAULT_RANDOMIZED, False),
+      "randomized, oversample=8, power_iters=0": (go.randomized_refresh(8, 0), False),
+      "randomized, oversample=8, power_iters=2": (go.randomized_refresh(8, 2), False),
+      "randomized, oversample=32, power_iters=1": (go.randomized_refresh(32, 1), False),
+      f"power, warm (default: {_defaults(go.power_refresh)})": (DEFAULT_POWER, True),
+      "power, warm, power_iters=0": (go.power_refresh(power_iters=0), True),
       "power, cold (first refresh)": (DEFAULT_POWER, False),
   }
 
@@ -89,13 +85,30 @@ def power_law_matrix(m, n, seed=0):
 
 def energy(g, bases) -> np.ndarray:
   """‖PᵀG‖²/‖G‖² per matrix of the stack."""
-  return np.asarray(jnp.sum(projection.project(g, bases) ** 2, axis=(-2, -1))
+  low = jnp.swapaxes(bases["u"], -1, -2) @ g if "u" in bases else g
+  low = low @ jnp.swapaxes(bases["vh"], -1, -2) if "vh" in bases else low
+  return np.asarray(jnp.sum(low ** 2, axis=(-2, -1))
                     / jnp.sum(g**2, axis=(-2, -1)))
 
 
 def _zeros(g, rank, sides):
   batch, m, n = g.shape
-  return {s: jnp.zeros(shape) for s, shape in projection.basis_shapes((batch,), m, n, rank, sides).items()}
+  shapes = {"u": (batch, m, rank), "vh": (batch, rank, n)}
+  return {s: jnp.zeros(shapes[s]) for s in sides}
+
+
+def _paths(tree):
+  """'a/b/kernel' for every leaf of `tree`."""
+  return [jax.tree_util.keystr(p, simple=True, separator="/")
+          for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def std_sides(m, n):
+  """The side(s) GaLore's default proj_type keeps for an (out m × in n) gradient, as the
+  library decides it: read off the state of a (in, out) kernel."""
+  kernel = jax.ShapeDtypeStruct((n, m), jnp.float32)
+  state = jax.eval_shape(go.scale_by_galore(rank=1).init, {"w": kernel})
+  return tuple(state.projectors["w"])
 
 
 # ----------------------------------------------------------------------------- part 1
@@ -106,9 +119,9 @@ def single_matrix(m, n, rank, rounds):
   # The gradient at the previous refresh: the same spectrum, plus an
   # independent one of half its norm (the subspace has moved substantially).
   previous_g = g + 0.5 * power_law_matrix(m, n, seed=1)
-  sides = projection.sides_for("std", m, n)
+  sides = std_sides(m, n)
   key = jax.random.key(0)
-  exact_previous = refresh_lib.svd_refresh(previous_g, rank, sides)
+  exact_previous = go.svd_refresh(previous_g, rank, sides)
   fns, outputs = {}, {}
   for name, (method, warm) in method_table().items():
     jitted = jax.jit(lambda g, prev, method=method: method(g, rank, sides, prev, key))
@@ -128,7 +141,8 @@ def single_matrix_steps(m, n, rank, rounds):
   # The path matches TARGETS, so optax.contrib.galore projects it too.
   params = {"mlp": {"kernel": jnp.zeros((n, m), jnp.float32)}}
   grads = {"mlp": {"kernel": jnp.swapaxes(power_law_matrix(m, n)[0], 0, 1)}}
-  optimizers = {"optax.contrib.galore (exact SVD)": common.contrib_galore(1e-2, rank, TARGETS)}
+  optimizers = {"optax.contrib.galore (exact SVD)": registry.call_factory(
+      "optax_contrib_galore", 1e-2, rank=rank, targets=TARGETS)}
   # refresh='svd' costs what the exact SVD row above costs; left out to keep the run short.
   for name in ("randomized", "power"):
     optimizers[f"galore_adamw, refresh='{name}'"] = go.galore_adamw(1e-2, rank=rank, refresh=name)
@@ -192,7 +206,7 @@ def real_gradients(steps, gap, batch_size, seq_len, layers, max_docs, accumulate
       total = nnx.to_pure_dict(total)
       snapshots[s] = {
           path: jnp.swapaxes(leaf, 0, 1) / accumulate  # (in, out) -> (out, in)
-          for path, leaf in zip(masking.leaf_paths(total), jax.tree.leaves(total))
+          for path, leaf in zip(_paths(total), jax.tree.leaves(total))
           if leaf.ndim == 2 and pattern.search(path)
       }
     params, opt_state = apply(params, opt_state, g)
@@ -216,9 +230,9 @@ def real_gradient_energy(previous, current, rank):
     g = jnp.stack([current[n] for n in names])
     prev_g = jnp.stack([previous[n] for n in names])
     m, n = shape
-    r = projection.effective_rank(rank, m, n)
-    sides = projection.sides_for("std", m, n)
-    warm_start = refresh_lib.svd_refresh(prev_g, r, sides)
+    r = min(rank, m, n)  # a thin SVD has at most min(m, n) vectors
+    sides = std_sides(m, n)
+    warm_start = go.svd_refresh(prev_g, r, sides)
     norms = np.asarray(jnp.sum(g**2, axis=(-2, -1)))
     for name, (method, warm) in method_table().items():
       prev = warm_start if warm else _zeros(g, r, sides)
@@ -244,10 +258,11 @@ def tree_steps(size, rank, rounds):
   keys = iter(jax.random.split(jax.random.key(0), 2 * len(jax.tree.leaves(shapes))))
   params = jax.tree.map(lambda s: 0.02 * jax.random.normal(next(keys), s.shape, s.dtype), shapes)
   grads = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape, p.dtype), params)
-  mask = masking.path_mask(TARGETS)
+  mask = go.path_mask(TARGETS)
   optimizers = {
       "optax.adamw": optax.adamw(1e-3),
-      "optax.contrib.galore (exact SVD)": common.contrib_galore(1e-2, rank, TARGETS),
+      "optax.contrib.galore (exact SVD)": registry.call_factory(
+          "optax_contrib_galore", 1e-2, rank=rank, targets=TARGETS),
   }
   for name in ("svd", "randomized", "power"):
     optimizers[f"galore_adamw, refresh='{name}'"] = go.galore_adamw(
@@ -272,7 +287,7 @@ def tree_steps(size, rank, rounds):
     refresh, plain = times[name + " |refresh"][0], times[name + " |plain"][0]
     rows.append([name, refresh, plain, (refresh + 199 * plain) / 200, times[name + " |plain"]])
   adamw = rows[0][2]
-  n_matrices = sum(masking.resolve_mask(mask, params))
+  n_matrices = sum(jax.tree.leaves(mask(params)))
   return [r + [r[2] / adamw, r[3] / adamw] for r in rows], n_matrices, sum(x.size for x in jax.tree.leaves(params))
 
 

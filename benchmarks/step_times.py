@@ -5,7 +5,7 @@ float32, attention and MLP at rank 128, `jit(tx.update)` at a refresh step and a
 medians of interleaved rounds) in a process of its own, optax.adamw beside every optimizer in
 that process; the checkouts run one after the other, so compare ratios, not milliseconds.
 
-  python benchmarks/step_times.py --compare /path/to/older/checkout
+  python -m benchmarks.step_times --compare /path/to/older/checkout
 """
 
 from __future__ import annotations
@@ -16,16 +16,29 @@ import os
 import subprocess
 import sys
 
+from benchmarks import common
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def child(library: str, size: str, rank: int, rounds: int) -> dict:
-  env = dict(os.environ, PYTHONPATH=library)
-  code = ("import json, sys; sys.path.insert(0, %r); import refresh; "
-          "rows, _, _ = refresh.tree_steps(%r, %d, %d); "
-          "print(json.dumps({r[0]: r[1:4] for r in rows}))" % (_HERE, size, rank, rounds))
+def child(checkout: str, size: str, rank: int, rounds: int) -> dict:
+  """`refresh.tree_steps` of `checkout`, run by that checkout's own benchmark code and library.
+
+  Each checkout measures itself: the optimizers' arguments change between versions of the
+  library (e.g. `projected`, once `mask`), so one checkout's benchmark code cannot drive
+  another's library.
+  """
+  call = ("rows, _, _ = refresh.tree_steps(%r, %d, %d); "
+          "print(json.dumps({r[0]: r[1:4] for r in rows}))" % (size, rank, rounds))
+  if os.path.exists(os.path.join(checkout, "benchmarks", "__init__.py")):
+    code, cwd = "import json; from benchmarks import refresh; " + call, checkout
+  else:  # from before benchmarks/ was a package: its scripts import their siblings by name
+    code, cwd = "import json, refresh; " + call, os.path.join(checkout, "benchmarks")
+  # `python -c` puts its working directory first on the path; the library comes next.
+  env = dict(os.environ, PYTHONPATH=checkout)
+  env.pop("PYTHONSAFEPATH", None)
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       check=True, cwd=_HERE)
+                       check=True, cwd=cwd)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -38,15 +51,12 @@ def main():
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--out", default=os.path.join(_HERE, "results", "step_times.md"))
   args = parser.parse_args()
-  sys.path.insert(0, _HERE)
-  import common  # pylint: disable=import-outside-toplevel
-
   try:
     other = "commit " + subprocess.check_output(
         ["git", "-C", args.compare, "rev-parse", "--short", "HEAD"], text=True).strip()
   except (OSError, subprocess.CalledProcessError):
     other = args.compare
-  runs = {"this checkout": child(os.path.dirname(_HERE), args.size, args.rank, args.rounds),
+  runs = {"this checkout": child(common.ROOT, args.size, args.rank, args.rounds),
           other: child(os.path.abspath(args.compare), args.size, args.rank, args.rounds)}
   lines = ["# Step times against an earlier checkout", "", common.environment(), "",
            __doc__.split("\n\n")[1].replace("\n", " "), "",

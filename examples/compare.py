@@ -154,12 +154,8 @@ def parse_pinned(items: Optional[Sequence[str]], entries: Sequence[Entry]) -> Di
     if name not in labels:
       raise ExampleError(f"--lr {item!r}: {name} is not in --optimizers "
                          f"({', '.join(labels)}); add it there or drop this --lr")
-    try:
-      lr = float(value)
-    except ValueError:
-      raise ExampleError(f"--lr {item!r}: {value!r} is not a number") from None
-    if not (lr > 0 and math.isfinite(lr)):
-      raise ExampleError(f"--lr {item!r}: the learning rate must be positive")
+    lr = tuning_lib.parse_positive(value, f"--lr {item!r}: {value!r} is not a number",
+                                   f"--lr {item!r}: the learning rate must be positive")
     if name in pinned:
       raise ExampleError(f"--lr gives {name} twice")
     pinned[name] = lr
@@ -664,41 +660,39 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = _parser().parse_args(argv)
+  return main_lib.exit_status(lambda: _compare(args, argv))
+
+
+def _compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
+  """Tunes, trains and writes the report; 1 when an optimizer failed, else 0."""
   started = datetime.datetime.now(datetime.timezone.utc)
   t0 = time.perf_counter()
+  if args.timing_rounds < 0 or args.timing_steps < 0:
+    raise ExampleError("--timing-rounds and --timing-steps must be >= 0")
   try:
-    if args.timing_rounds < 0 or args.timing_steps < 0:
-      raise ExampleError("--timing-rounds and --timing-steps must be >= 0")
-    try:
-      import matplotlib  # pylint: disable=import-outside-toplevel,unused-import
-    except ImportError:
-      raise ExampleError("the loss-curve plot needs matplotlib (pip install matplotlib)") from None
-    out_dir = os.path.abspath(args.out)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-      raise ExampleError(f"--out {args.out} exists and is not a folder")
-    entries = parse_optimizers(args.optimizers)
-    pinned = parse_pinned(args.lr, entries)
-    factors = tuning_lib.parse_factors(args.lr_grid)
-    seeds = parse_seeds(args.seeds)
-    base = main_lib.config_from_args(args, seed=seeds[0])
-    validate(base, entries, seeds=seeds, factors=factors, tune_steps=args.tune_steps,
-             pinned=pinned)
-    dataset = train_lib.load_dataset(base)
-    print(f"{len(entries)} optimizers on {base.model} ({dataset.describe()}): tuning "
-          f"{args.tune_steps}-step runs at × {args.lr_grid} of each default peak learning "
-          f"rate, then {base.steps} steps × seeds {args.seeds}; logs under {out_dir}",
-          file=sys.stderr)
-    outcomes = run_comparison(base, entries, out_dir, seeds=seeds, factors=factors,
-                              tune_steps=args.tune_steps, pinned=pinned, dataset=dataset,
-                              timing_rounds=args.timing_rounds,
-                              timing_steps=args.timing_steps, progress=not args.no_progress,
-                              log=lambda m: print(m, file=sys.stderr))
-  except ExampleError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    print("error: interrupted", file=sys.stderr)
-    return 130
+    import matplotlib  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    raise ExampleError("the loss-curve plot needs matplotlib (pip install matplotlib)") from None
+  out_dir = os.path.abspath(args.out)
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ExampleError(f"--out {args.out} exists and is not a folder")
+  entries = parse_optimizers(args.optimizers)
+  pinned = parse_pinned(args.lr, entries)
+  factors = tuning_lib.parse_factors(args.lr_grid)
+  seeds = parse_seeds(args.seeds)
+  base = main_lib.config_from_args(args, seed=seeds[0])
+  validate(base, entries, seeds=seeds, factors=factors, tune_steps=args.tune_steps,
+           pinned=pinned)
+  dataset = train_lib.load_dataset(base)
+  print(f"{len(entries)} optimizers on {base.model} ({dataset.describe()}): tuning "
+        f"{args.tune_steps}-step runs at × {args.lr_grid} of each default peak learning "
+        f"rate, then {base.steps} steps × seeds {args.seeds}; logs under {out_dir}",
+        file=sys.stderr)
+  outcomes = run_comparison(base, entries, out_dir, seeds=seeds, factors=factors,
+                            tune_steps=args.tune_steps, pinned=pinned, dataset=dataset,
+                            timing_rounds=args.timing_rounds,
+                            timing_steps=args.timing_steps, progress=not args.no_progress,
+                            log=lambda m: print(m, file=sys.stderr))
 
   baseline = baseline_of(outcomes)
   command = "python -m examples.compare" + ("" if not argv else " " + shlex.join(argv))

@@ -31,5 +31,7 @@ def write_text(path: str, text: str) -> None:
       f.write(text)
 
 
-def write_json(path: str, obj: Any) -> None:
-  write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def write_json(path: str, obj: Any, sort_keys: bool = True) -> None:
+  """Writes `obj` as JSON through a temporary file, so readers never see half of it; keys
+  sorted unless their order is part of the record (`sort_keys=False`)."""
+  write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")

@@ -68,6 +68,13 @@ def default_cache_dir() -> str:
   return os.path.join(base, "galore-optax-examples")
 
 
+def _cache_path(cache_dir: Optional[str], stem: str, *depends_on) -> str:
+  """The cache file ``<stem>-<key>.json``: the key hashes the cache format and everything the
+  cached content ``depends_on``, so a change of any of them misses the old file."""
+  key = hashlib.sha256("|".join(map(str, (_CACHE_VERSION, *depends_on))).encode()).hexdigest()
+  return os.path.join(cache_dir or default_cache_dir(), f"{stem}-{key[:16]}.json")
+
+
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
               "turtledemo", "ensurepip"}
 _MIN_DOCSTRING_CHARS = 40
@@ -103,9 +110,7 @@ def embedded_corpus(cache_dir: Optional[str] = None, use_cache: bool = True) -> 
   stdlib = sysconfig.get_paths()["stdlib"]
   if not os.path.isdir(stdlib):
     raise ExampleError(f"the Python standard library folder {stdlib} does not exist")
-  key = hashlib.sha256(
-      f"{_CACHE_VERSION}|{sys.version}|{stdlib}|{_MIN_DOCSTRING_CHARS}".encode()).hexdigest()[:16]
-  path = os.path.join(cache_dir or default_cache_dir(), f"stdlib-docstrings-{key}.json")
+  path = _cache_path(cache_dir, "stdlib-docstrings", sys.version, stdlib, _MIN_DOCSTRING_CHARS)
   if use_cache and os.path.exists(path):
     try:
       with open(path, encoding="utf-8") as f:
@@ -329,9 +334,7 @@ def train_bpe_tokenizer(documents: Sequence[str], vocab_size: int,
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
   if vocab_size < 300:
     raise ExampleError(f"BPE vocabulary size {vocab_size} is too small (at least 300)")
-  key = hashlib.sha256(
-      f"{_CACHE_VERSION}|{vocab_size}|{corpus_hash(documents)}".encode()).hexdigest()[:16]
-  path = os.path.join(cache_dir or default_cache_dir(), f"bpe-{vocab_size}-{key}.json")
+  path = _cache_path(cache_dir, f"bpe-{vocab_size}", vocab_size, corpus_hash(documents))
   if use_cache and os.path.exists(path):
     try:
       return _wrap_hf_tokenizer(Tokenizer.from_file(path), f"byte-level BPE {vocab_size}")

@@ -14,6 +14,7 @@ import argparse
 import inspect
 import os
 import sys
+from typing import Callable
 
 from examples import configs as configs_lib
 from examples import input_pipeline
@@ -101,6 +102,23 @@ def config_from_args(args: argparse.Namespace, **extra) -> configs_lib.TrainConf
       dtype=dtype, param_dtype=param_dtype, progress=not args.no_progress, **extra)
 
 
+def exit_status(command: Callable[[], int]) -> int:
+  """Runs a command's body (examples.main, examples.compare); returns its exit status.
+
+  An ExampleError (bad arguments, data or configuration, a diverged run) is one
+  ``error: ...`` line and status 2, Ctrl-C status 130; anything else is a bug and keeps its
+  traceback.
+  """
+  try:
+    return command()
+  except ExampleError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("error: interrupted", file=sys.stderr)
+    return 130
+
+
 def _drop_orbax_read_noise() -> None:
   """Keeps a failed checkpoint read to the command's one error line.
 
@@ -144,24 +162,22 @@ def main(argv=None, prog: str = "python -m examples.main") -> int:
                       "data=2,fsdp=4 (missing axes 1); default: one device")
   p.add_argument("--list-optimizers", action="store_true", help="print the optimizers")
   args = p.parse_args(argv)
-  try:
-    if args.list_optimizers:
-      for name, spec in optimizers_lib.REGISTRY.items():
-        print(f"{name:22s} peak lr {spec.default_lr:<6g} {spec.description}")
-      return 0
-    config = config_from_args(args, optimizer=args.optimizer, learning_rate=args.lr,
-                              seed=args.seed, resume=args.resume,
-                              checkpoint_every=args.checkpoint_every,
-                              keep_checkpoints=args.keep_checkpoints, stop_after=args.stop_after,
-                              mesh=args.mesh)
-    workdir = args.workdir or os.path.join("runs", f"{args.config}_{args.optimizer}")
-    train_lib.train_and_evaluate(config, workdir)
-  except ExampleError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    print("error: interrupted", file=sys.stderr)
-    return 130
+  return exit_status(lambda: _list_or_train(args))
+
+
+def _list_or_train(args: argparse.Namespace) -> int:
+  """Prints the optimizers (--list-optimizers) or runs the training the arguments describe."""
+  if args.list_optimizers:
+    for name, spec in optimizers_lib.REGISTRY.items():
+      print(f"{name:22s} peak lr {spec.default_lr:<6g} {spec.description}")
+    return 0
+  config = config_from_args(args, optimizer=args.optimizer, learning_rate=args.lr,
+                            seed=args.seed, resume=args.resume,
+                            checkpoint_every=args.checkpoint_every,
+                            keep_checkpoints=args.keep_checkpoints, stop_after=args.stop_after,
+                            mesh=args.mesh)
+  workdir = args.workdir or os.path.join("runs", f"{args.config}_{args.optimizer}")
+  train_lib.train_and_evaluate(config, workdir)
   return 0
 
 

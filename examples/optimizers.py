@@ -7,9 +7,13 @@ decay to 10% of the peak. Only the attention and MLP matrices are projected
 (``go.path_mask(r"attn|mlp")``); embeddings, norms and the LM head go through the same Adam
 update at full size.
 
-``REGISTRY`` maps each name to an ``OptimizerSpec`` whose ``build`` calls one function with
-explicit keyword arguments, so a misspelt or removed option fails at once. Adding an optimizer
-is one ``OptimizerSpec`` in the list below (see ``fira_adamw`` for an example).
+``REGISTRY`` is the repository's one list of optimizers: each name maps to an ``OptimizerSpec``
+holding the factory (a ``galore_optax`` optimizer, or an optax baseline) and the keyword
+arguments the recipe gives it, written out, so a misspelt or removed option fails at once. The
+examples, the contract and bad-input tests, the GPU suite and the memory and quality benchmarks
+read their optimizers from it (``library()`` lists the library's own, ``call_factory`` builds
+one with the options a test or benchmark sets). Adding an optimizer is one ``OptimizerSpec`` in
+the list below (see ``fira_adamw`` for an example).
 
 The learning rate comes with every update as the extra argument ``learning_rate`` (the
 training step computes it from the schedule), so it is not a constant of the compiled program:
@@ -22,14 +26,13 @@ gradients hold a NaN or an infinity changes neither the weights nor the optimize
 
 import dataclasses
 import functools
+import inspect
 import re
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Optional
 
 import galore_optax as go
 import jax
 import optax
-from galore_optax.projection import PROJ_TYPES
-from galore_optax.refresh import REFRESH_METHODS
 
 from examples.errors import ExampleError
 
@@ -55,7 +58,7 @@ class OptimizerConfig:
   max_consecutive_nonfinite: int = 10
 
 
-Builder = Callable[[optax.ScalarOrSchedule, OptimizerConfig], optax.GradientTransformation]
+Factory = Callable[..., optax.GradientTransformation]  # factory(learning_rate, **options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,38 +66,63 @@ class OptimizerSpec:
   """One registry entry.
 
   Attributes:
-    name: the name used on the command line.
+    name: the name used on the command line (the factory's own name for the library's).
+    factory: ``factory(learning_rate, **options) -> optax.GradientTransformation``.
     description: one line for ``--list-optimizers`` and the docs.
     default_lr: the peak learning rate of the paper's recipe (the centre of the tuning grid).
-    build: ``build(learning_rate, config) -> optax.GradientTransformation``; the learning
-      rate is a scalar (a traced one inside the step).
+    options: ``options(config) -> dict``, the factory's keyword arguments for a config.
     projects: True when the optimizer takes GaLore's options (rank, proj_type, refresh).
-    proj_types: the ``proj_type`` values it supports.
-    refresh_methods: the ``refresh`` values it supports.
+    proj_types: the ``proj_type`` values it supports; None: those its factory accepts (the
+      library checks them and says which it refuses, e.g. Fira's 'full').
+    refresh_methods: the ``refresh`` values it supports; None: those its factory accepts.
     stacked_kernels: False when it cannot project (layers, in, out) kernels (--scan-layers).
     fixed_rank: the optimizer's own rank, which ``rank`` does not change (APOLLO-Mini: 1).
   """
 
   name: str
+  factory: Factory
   description: str
   default_lr: float
-  build: Builder
+  options: Callable[[OptimizerConfig], dict[str, Any]]
   projects: bool = True
-  proj_types: Tuple[str, ...] = tuple(PROJ_TYPES)
-  refresh_methods: Tuple[str, ...] = tuple(REFRESH_METHODS)
+  proj_types: Optional[tuple[str, ...]] = None
+  refresh_methods: Optional[tuple[str, ...]] = None
   stacked_kernels: bool = True
   fixed_rank: Optional[int] = None
 
+  def build(self, learning_rate, cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """The optimizer with the recipe's options for ``cfg``; the learning rate is a scalar
+    (a traced one inside the step)."""
+    return self.factory(learning_rate, **self.options(cfg))
 
-def galore_options(cfg: OptimizerConfig) -> Dict[str, Any]:
+  @property
+  def library(self) -> bool:
+    """One of galore_optax's own optimizers (not a baseline from optax)."""
+    return self.factory.__module__.startswith("galore_optax")
+
+  @property
+  def eight_bit(self) -> bool:
+    """Blockwise 8-bit states (the factory takes a ``block_size``)."""
+    return "block_size" in _parameters(self.factory)
+
+
+def _parameters(factory: Factory) -> dict[str, inspect.Parameter]:
+  return dict(inspect.signature(factory).parameters)
+
+
+def galore_options(cfg: OptimizerConfig) -> dict[str, Any]:
   """The GaLore keyword arguments every galore_optax optimizer takes."""
   return dict(rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale,
               proj_type=cfg.proj_type, projected=go.path_mask(cfg.targets))
 
 
-def _contrib_galore(learning_rate, cfg: OptimizerConfig) -> optax.GradientTransformation:
+def _galore_recipe(cfg: OptimizerConfig) -> dict[str, Any]:
+  return dict(galore_options(cfg), weight_decay=cfg.weight_decay, refresh=cfg.refresh)
+
+
+def _contrib_galore(learning_rate, rank, targets, update_proj_gap=200, scale=1.0, weight_decay=0.0):
   """The peer baseline ``optax.contrib.galore`` on the same matrices (exact SVD, 2-D only)."""
-  pattern = re.compile(cfg.targets)
+  pattern = re.compile(targets)
 
   def dimension_numbers(params):
     def pick(path, leaf):
@@ -105,68 +133,93 @@ def _contrib_galore(learning_rate, cfg: OptimizerConfig) -> optax.GradientTransf
     return jax.tree_util.tree_map_with_path(pick, params)
 
   return optax.contrib.galore(
-      learning_rate, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale,
+      learning_rate, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
       base_optimizer=optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-6),
-      weight_decay=cfg.weight_decay, weight_dimension_numbers=dimension_numbers)
+      weight_decay=weight_decay, weight_dimension_numbers=dimension_numbers)
 
 
-# Fira's and APOLLO's per-channel factors need one projected side.
-_ONE_SIDED = tuple(p for p in PROJ_TYPES if p != "full")
+def _scaled_adamw(learning_rate, scale, targets):
+  """AdamW whose attention/MLP updates are multiplied by GaLore's scale: GaLore's step sizes
+  per parameter group without its projection (a diagnostic row, not an optimizer to use)."""
+  return optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+                     optax.masked(optax.scale(scale), go.path_mask(targets)),
+                     optax.scale_by_learning_rate(learning_rate))
 
-REGISTRY: Dict[str, OptimizerSpec] = {spec.name: spec for spec in [
+
+# APOLLO: its own random projection (--refresh does not apply) and scale 1, as its scripts.
+_APOLLO = dict(refresh_methods=("svd",))
+
+
+def _apollo_recipe(cfg: OptimizerConfig) -> dict[str, Any]:
+  return dict(galore_options(cfg), weight_decay=cfg.weight_decay, scale=1.0)
+
+
+REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
     OptimizerSpec(
-        "adamw", "optax.adamw (full-rank baseline)", 1e-3,
-        lambda lr, c: optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=c.weight_decay),
+        "adamw", optax.adamw, "optax.adamw (full-rank baseline)", 1e-3,
+        lambda c: dict(b1=0.9, b2=0.999, eps=1e-8, weight_decay=c.weight_decay),
         projects=False),
     OptimizerSpec(
-        "adamw_8bit", "galore_optax.adamw_8bit (blockwise 8-bit states)", 1e-3,
-        lambda lr, c: go.adamw_8bit(lr, weight_decay=c.weight_decay),
-        projects=False),
+        "adamw_8bit", go.adamw_8bit, "galore_optax.adamw_8bit (blockwise 8-bit states)", 1e-3,
+        lambda c: dict(weight_decay=c.weight_decay), projects=False),
+    OptimizerSpec("galore_adamw", go.galore_adamw, "galore_optax.galore_adamw", 1e-2,
+                  _galore_recipe),
+    OptimizerSpec("galore_adamw8bit", go.galore_adamw8bit, "galore_optax.galore_adamw8bit",
+                  1e-2, _galore_recipe),
     OptimizerSpec(
-        "galore_adamw", "galore_optax.galore_adamw", 1e-2,
-        lambda lr, c: go.galore_adamw(lr, weight_decay=c.weight_decay, refresh=c.refresh,
-                                      **galore_options(c))),
-    OptimizerSpec(
-        "galore_adamw8bit", "galore_optax.galore_adamw8bit", 1e-2,
-        lambda lr, c: go.galore_adamw8bit(lr, weight_decay=c.weight_decay, refresh=c.refresh,
-                                          **galore_options(c))),
-    OptimizerSpec(
-        "galore_adafactor", "galore_optax.galore_adafactor", 1e-2,
+        "galore_adafactor", go.galore_adafactor, "galore_optax.galore_adafactor", 1e-2,
         # The learning rate as is, as transformers documents for Adafactor with a schedule:
         # scale_parameter would multiply it by each weight's RMS (~0.02 at init).
-        lambda lr, c: go.galore_adafactor(lr, weight_decay=c.weight_decay, refresh=c.refresh,
-                                          scale_parameter=False, relative_step=False,
-                                          **galore_options(c))),
+        lambda c: dict(_galore_recipe(c), scale_parameter=False, relative_step=False)),
+    OptimizerSpec("gradnorm_lorp", go.gradnorm_lorp, "galore_optax.gradnorm_lorp", 1e-2,
+                  _galore_recipe),
+    OptimizerSpec("gradnorm_lorp8bit", go.gradnorm_lorp8bit, "galore_optax.gradnorm_lorp8bit",
+                  1e-2, _galore_recipe),
     OptimizerSpec(
-        "gradnorm_lorp", "galore_optax.gradnorm_lorp", 1e-2,
-        lambda lr, c: go.gradnorm_lorp(lr, weight_decay=c.weight_decay, refresh=c.refresh,
-                                       **galore_options(c))),
+        "fira_adamw", go.fira_adamw, "galore_optax.fira_adamw (GaLore + the rescaled residual)",
+        1e-2, _galore_recipe),
     OptimizerSpec(
-        "gradnorm_lorp8bit", "galore_optax.gradnorm_lorp8bit", 1e-2,
-        lambda lr, c: go.gradnorm_lorp8bit(lr, weight_decay=c.weight_decay, refresh=c.refresh,
-                                           **galore_options(c))),
+        "apollo_adamw", go.apollo_adamw,
+        "galore_optax.apollo_adamw (random projection, channel-wise scaling)", 1e-2,
+        _apollo_recipe, **_APOLLO),
     OptimizerSpec(
-        "fira_adamw", "galore_optax.fira_adamw (GaLore + the rescaled residual)", 1e-2,
-        lambda lr, c: go.fira_adamw(lr, weight_decay=c.weight_decay, refresh=c.refresh,
-                                    **galore_options(c)),
-        proj_types=_ONE_SIDED),
-    # APOLLO: its own random projection (--refresh does not apply) and scale 1, as its scripts.
+        "apollo_adamw8bit", go.apollo_adamw8bit,
+        "galore_optax.apollo_adamw8bit (APOLLO with blockwise 8-bit moments)", 1e-2,
+        _apollo_recipe, **_APOLLO),
     OptimizerSpec(
-        "apollo_adamw", "galore_optax.apollo_adamw (random projection, channel-wise scaling)",
-        1e-2,
-        lambda lr, c: go.apollo_adamw(lr, weight_decay=c.weight_decay,
-                                      **dict(galore_options(c), scale=1.0)),
-        proj_types=_ONE_SIDED, refresh_methods=("svd",)),
+        "apollo_mini", go.apollo_mini,
+        "galore_optax.apollo_mini (rank 1, tensor-wise scaling, scale 128)", 1e-2,
+        lambda c: dict(weight_decay=c.weight_decay, update_proj_gap=c.update_proj_gap,
+                       proj_type=c.proj_type, projected=go.path_mask(c.targets)),
+        fixed_rank=1, **_APOLLO),
     OptimizerSpec(
-        "apollo_mini", "galore_optax.apollo_mini (rank 1, tensor-wise scaling, scale 128)", 1e-2,
-        lambda lr, c: go.apollo_mini(lr, weight_decay=c.weight_decay,
-                                     update_proj_gap=c.update_proj_gap, proj_type=c.proj_type,
-                                     projected=go.path_mask(c.targets)),
-        proj_types=_ONE_SIDED, refresh_methods=("svd",), fixed_rank=1),
-    OptimizerSpec(
-        "optax_contrib_galore", "optax.contrib.galore (peer baseline)", 1e-2, _contrib_galore,
+        "optax_contrib_galore", _contrib_galore, "optax.contrib.galore (peer baseline)", 1e-2,
+        lambda c: dict(rank=c.rank, update_proj_gap=c.update_proj_gap, scale=c.scale,
+                       weight_decay=c.weight_decay, targets=c.targets),
         proj_types=("std",), refresh_methods=("svd",), stacked_kernels=False),
+    OptimizerSpec(
+        "adamw_scaled", _scaled_adamw,
+        "AdamW with attention/MLP updates x GaLore's scale (diagnostic)", 1e-2,
+        lambda c: dict(scale=c.scale, targets=c.targets), projects=False),
 ]}
+
+
+def library() -> list[OptimizerSpec]:
+  """The library's own optimizers, in registry order."""
+  return [spec for spec in REGISTRY.values() if spec.library]
+
+
+def call_factory(name: str, learning_rate, **options) -> optax.GradientTransformation:
+  """The factory of ``name`` called with those of ``options`` it takes.
+
+  For tests and benchmarks that set one configuration for a whole family: options a factory
+  has no use for are left out (``rank`` for APOLLO-Mini, ``block_size`` for float states, Adam's
+  ``eps`` for Adafactor, whose eps is a pair).
+  """
+  factory = REGISTRY[name].factory
+  params = _parameters(factory)
+  takes = lambda k: k in params and not (k == "eps" and isinstance(params[k].default, tuple))
+  return factory(learning_rate, **{k: v for k, v in options.items() if takes(k)})
 
 
 def get_spec(name: str) -> OptimizerSpec:
@@ -204,10 +257,10 @@ def check_config(name: str, cfg: OptimizerConfig, *, stacked_kernels: bool = Fal
     raise ExampleError(f"rank must be positive, got {cfg.rank}")
   if cfg.update_proj_gap < 1:
     raise ExampleError(f"update_proj_gap must be positive, got {cfg.update_proj_gap}")
-  if cfg.proj_type not in spec.proj_types:
+  if spec.proj_types is not None and cfg.proj_type not in spec.proj_types:
     raise ExampleError(f"{name} does not support proj_type {cfg.proj_type!r} "
                        f"(choose from: {', '.join(spec.proj_types)})")
-  if cfg.refresh not in spec.refresh_methods:
+  if spec.refresh_methods is not None and cfg.refresh not in spec.refresh_methods:
     raise ExampleError(f"{name} does not support refresh {cfg.refresh!r} "
                        f"(choose from: {', '.join(spec.refresh_methods)})")
   if stacked_kernels and not spec.stacked_kernels:
@@ -240,7 +293,11 @@ def build_optimizer(name: str, cfg: OptimizerConfig):
   peak = check_config(name, cfg)
   schedule_free = dataclasses.replace(cfg, learning_rate=None, total_steps=0,
                                       warmup_fraction=0.0, min_lr_ratio=0.0)
-  return _build(name, schedule_free), learning_rate_schedule(peak, cfg), peak
+  try:
+    tx = _build(name, schedule_free)
+  except ValueError as e:  # the library's own check of an option (e.g. Fira's 'full')
+    raise ExampleError(f"{name}: {e}") from None
+  return tx, learning_rate_schedule(peak, cfg), peak
 
 
 @functools.lru_cache(maxsize=64)
@@ -276,7 +333,7 @@ def _learning_rate_argument(
   return optax.GradientTransformationExtraArgs(placeholder.init, update)
 
 
-def nonfinite_counts(opt_state) -> Optional[Tuple[Any, Any]]:
+def nonfinite_counts(opt_state) -> Optional[tuple[Any, Any]]:
   """(consecutive, total) skipped steps of an ``apply_if_finite`` state or of a fused step's
   (``go.FusedState``; zeros unless it skips); None without one."""
   if isinstance(opt_state, (optax.ApplyIfFiniteState, go.FusedState)):

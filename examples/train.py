@@ -202,28 +202,6 @@ def compiled_step_peak(model, optimizer, batch: np.ndarray) -> Optional[int]:
   return go.planned_peak_bytes(lowered.compile())
 
 
-def settle_state_containers(optimizer: nnx.Optimizer) -> None:
-  """Puts the optimizer state into the containers it has after its first update.
-
-  ``nnx.Optimizer`` turns a dict or NamedTuple held by a state Variable (galore_optax's
-  projectors, 8-bit and factored moments) into an ``nnx.State`` at the first update, so the
-  train step would see a second input structure at step 2 and be traced and compiled again.
-  Converting them up front compiles it once.
-  """
-  def convert(value):
-    fields = getattr(value, "_fields", None) if isinstance(value, tuple) else None
-    if isinstance(value, dict) or fields:
-      items = value.items() if isinstance(value, dict) else zip(fields, value)
-      return nnx.State({k: convert(v) for k, v in items})
-    return value
-  for _, node in nnx.iter_graph(optimizer):
-    if isinstance(node, nnx.Variable):
-      value = node.get_value()
-      settled = convert(value)
-      if settled is not value:
-        node.set_value(settled)
-
-
 def evaluate(model: models.Llama, batches) -> Dict[str, float]:
   """Mean loss and perplexity over ``batches``."""
   metrics = nnx.MultiMetric(loss=nnx.metrics.Average("loss"))
@@ -614,7 +592,6 @@ def _train_and_evaluate(config, workdir, dataset, log, on_step, t_start, model_c
       tx = go.sharding_aware(tx)
       step_fn = sharded_train_step
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    settle_state_containers(optimizer)
   opt_state_bytes = go.tree_bytes(optimizer.opt_state)
   per_device = None
   if mesh is not None:

@@ -20,6 +20,21 @@ DEFAULT_FACTORS = (1 / 3, 1.0, 3.0)
 MAX_EXTENSIONS = 2
 
 
+def parse_positive(text: str, not_a_number: str, not_positive: str) -> float:
+  """``text`` as a positive, finite number: a learning rate, or a factor of one.
+
+  Raises:
+    ExampleError: with the message ``not_a_number`` or ``not_positive``, whichever applies.
+  """
+  try:
+    value = float(text)
+  except ValueError:
+    raise ExampleError(not_a_number) from None
+  if not (value > 0 and math.isfinite(value)):
+    raise ExampleError(not_positive)
+  return value
+
+
 def parse_factors(text: str) -> List[float]:
   """Grid factors from ``"0.333,1,3"``: positive, finite, distinct, at least one.
 
@@ -32,12 +47,8 @@ def parse_factors(text: str) -> List[float]:
                        "rate such as 0.333,1,3")
   factors = []
   for item in items:
-    try:
-      factor = float(item)
-    except ValueError:
-      raise ExampleError(f"--lr-grid entry {item!r} is not a number (e.g. 0.333,1,3)") from None
-    if not (factor > 0 and math.isfinite(factor)):
-      raise ExampleError(f"--lr-grid entry {item!r} must be a positive factor")
+    factor = parse_positive(item, f"--lr-grid entry {item!r} is not a number (e.g. 0.333,1,3)",
+                            f"--lr-grid entry {item!r} must be a positive factor")
     if factor in factors:
       raise ExampleError(f"--lr-grid lists {item} twice")
     factors.append(factor)

@@ -22,12 +22,11 @@ import pytest
 
 import galore_optax as go
 from galore_optax.options import AdamOptions, GaLoreOptions
+from examples import optimizers as registry
 
-FACTORIES = [
-    "scale_by_galore", "galore", "galore_adamw", "galore_adamw8bit", "galore_adafactor",
-    "fira_adamw", "apollo_adamw", "apollo_adamw8bit", "apollo_mini", "gradnorm_lorp",
-    "gradnorm_lorp8bit", "adamw_8bit", "scale_by_adam_8bit",
-]
+# The library's optimizers (the repository's registry) and the public parts they are built of.
+FACTORIES = ["scale_by_galore", "galore", "scale_by_adam_8bit"] + [
+    spec.name for spec in registry.library()]
 # Defaults that differ from GaLoreOptions/AdamOptions on purpose; each docstring says why.
 OWN_DEFAULTS = {
     ("fira_adamw", "scale"): 0.25,  # fira's scripts

@@ -9,7 +9,9 @@
   optimizer: the documented policy holds and no weight is ever collapsed.
 """
 
+import functools
 import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import galore_optax as go
+from examples import optimizers as registry
 
 PARAMS = {"w": jnp.ones((16, 8)), "b": jnp.zeros(8)}
 NAN = float("nan")
@@ -181,25 +184,16 @@ def test_any_leaf_trains_correctly_or_raises_clearly(shape, dtype, rank):
 
 # --- non-finite gradients -----------------------------------------------------
 
+# Every optimizer of the library (the repository's registry), rank 2, refreshes every 2 steps.
 OPTIMIZERS = {
-    "galore_adamw": lambda: go.galore_adamw(1e-2, rank=2, update_proj_gap=2),
-    "galore_adamw8bit": lambda: go.galore_adamw8bit(
-        1e-2, rank=2, update_proj_gap=2, min_8bit_size=16, block_size=16),
-    "galore_adafactor": lambda: go.galore_adafactor(1e-2, rank=2, update_proj_gap=2),
-    "gradnorm_lorp": lambda: go.gradnorm_lorp(1e-2, rank=2, update_proj_gap=2),
-    "gradnorm_lorp8bit": lambda: go.gradnorm_lorp8bit(
-        1e-2, rank=2, update_proj_gap=2, min_8bit_size=16, block_size=16),
-    "fira_adamw": lambda: go.fira_adamw(1e-2, rank=2, update_proj_gap=2),
-    "apollo_adamw": lambda: go.apollo_adamw(1e-2, rank=2, update_proj_gap=2),
-    "apollo_adamw8bit": lambda: go.apollo_adamw8bit(
-        1e-2, rank=2, update_proj_gap=2, min_8bit_size=16, block_size=16),
-    "apollo_mini": lambda: go.apollo_mini(1e-2, update_proj_gap=2),
-    "adamw_8bit": lambda: go.adamw_8bit(1e-2, min_8bit_size=16, block_size=16),
+    spec.name: functools.partial(registry.call_factory, spec.name, 1e-2, rank=2,
+                                 update_proj_gap=2, min_8bit_size=16, block_size=16)
+    for spec in registry.library()
 }
 # The 8-bit optimizers treat a non-finite element as zero (it would poison a
 # whole block of 8-bit state for good); the others let it through, so the
 # failure shows (optax.apply_if_finite skips such steps).
-ZEROING = {"galore_adamw8bit", "gradnorm_lorp8bit", "apollo_adamw8bit", "adamw_8bit"}
+ZEROING = {spec.name for spec in registry.library() if spec.eight_bit}
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))

@@ -27,10 +27,9 @@ from galore_optax import parts
 from galore_optax import plan as plan_lib
 from galore_optax import refresh_step
 
+from benchmarks import compiled_memory
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "compiled_memory.py")
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import compiled_memory  # noqa: E402  pylint: disable=wrong-import-position
 
 PROJECTED = ("galore_adamw", "galore_adamw8bit", "fira_adamw", "apollo_adamw", "apollo_mini")
 
@@ -38,7 +37,8 @@ PROJECTED = ("galore_adamw", "galore_adamw8bit", "fira_adamw", "apollo_adamw", "
 def _command(scratch):
   env = dict(os.environ, XLA_FLAGS=compiled_memory.SCHEDULERS["memory"])
   return [background.Command(
-      [sys.executable, SCRIPT, "--sizes", "tiny", "--json", os.path.join(scratch, "m.json"),
+      [sys.executable, "-m", "benchmarks.compiled_memory", "--sizes", "tiny", "--json",
+       os.path.join(scratch, "m.json"),
        "--rows", "optax.adamw", *PROJECTED], cwd=ROOT, env=env)]
 
 

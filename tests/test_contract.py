@@ -33,34 +33,35 @@ import pytest
 from flax import nnx
 
 import galore_optax as go
+from examples import optimizers as registry
 
 LR = 1e-2
 COMMON = dict(rank=3, update_proj_gap=2)  # refreshes at steps 0 and 2
 ADAM = dict(COMMON, eps=1e-4)
 EIGHT = dict(ADAM, eps=1e-3, block_size=32, min_8bit_size=64)
 
+# The library's optimizers, from the repository's one registry, and go.galore: go.scale_by_galore
+# with its default (galore-torch) Adam, chained with the learning rate.
 FACTORIES = {
-    # go.galore is go.scale_by_galore with its default (galore-torch) Adam.
-    "galore": lambda lr, **kw: optax.chain(
-        go.galore(**kw), optax.scale_by_learning_rate(lr)),
-    "galore_adamw": lambda lr, **kw: go.galore_adamw(lr, weight_decay=0.1, **kw),
-    "galore_adamw8bit": lambda lr, **kw: go.galore_adamw8bit(lr, weight_decay=0.1, **kw),
-    "galore_adafactor": lambda lr, **kw: go.galore_adafactor(lr, weight_decay=0.1, **kw),
-    "gradnorm_lorp": lambda lr, **kw: go.gradnorm_lorp(lr, weight_decay=0.1, **kw),
-    "gradnorm_lorp8bit": lambda lr, **kw: go.gradnorm_lorp8bit(lr, weight_decay=0.1, **kw),
-    "adamw_8bit": lambda lr, **kw: go.adamw_8bit(lr, weight_decay=0.1, **kw),
-    "fira_adamw": lambda lr, **kw: go.fira_adamw(lr, weight_decay=0.1, **kw),
-    "apollo_adamw": lambda lr, **kw: go.apollo_adamw(lr, weight_decay=0.1, **kw),
-    "apollo_adamw8bit": lambda lr, **kw: go.apollo_adamw8bit(lr, weight_decay=0.1, **kw),
-    "apollo_mini": lambda lr, **kw: go.apollo_mini(lr, weight_decay=0.1, **kw),
+    "galore": lambda lr, **kw: optax.chain(go.galore(**kw), optax.scale_by_learning_rate(lr)),
+    **{spec.name: functools.partial(spec.factory, weight_decay=0.1)
+       for spec in registry.library()},
 }
-BASE = {
-    "galore": ADAM, "galore_adamw": ADAM,
-    "galore_adamw8bit": EIGHT, "galore_adafactor": COMMON, "gradnorm_lorp": ADAM,
-    "gradnorm_lorp8bit": EIGHT, "adamw_8bit": dict(eps=1e-3, block_size=32, min_8bit_size=64),
-    "fira_adamw": ADAM, "apollo_adamw": ADAM, "apollo_adamw8bit": EIGHT,
-    "apollo_mini": dict(update_proj_gap=2, eps=1e-4),  # rank 1 by definition
-}
+
+
+def base_options(name):
+  """The test's options that `name` takes: 8-bit sizes for 8-bit states, Adam's eps."""
+  if name == "galore":
+    return ADAM
+  spec = registry.REGISTRY[name]
+  params = inspect.signature(spec.factory).parameters
+  options = dict(EIGHT if spec.eight_bit else ADAM)
+  if not isinstance(params["eps"].default, float):  # Adafactor's (eps1, eps2)
+    del options["eps"]
+  return {k: v for k, v in options.items() if k in params}
+
+
+BASE = {name: base_options(name) for name in FACTORIES}
 LAZY = dict(lazy_refresh=go.LazyRefresh(queue_size=1, threshold=0.0))
 VARIANTS = {
     "plain": {},

@@ -28,6 +28,7 @@ from galore_optax import projection
 from galore_optax import quantization
 from galore_optax import refresh as refresh_lib
 from galore_optax import validation
+from examples import optimizers as registry
 
 LR = 1e-3
 STEPS = 5
@@ -37,25 +38,19 @@ GAP = 2  # refreshes at steps 0, 2, 4
 STEP_BOUND = 10 * LR
 F32_MAX = float(np.finfo(np.float32).max)
 
-# Rank 32 makes the low-rank moments of the (128, 64) matrix 4096 entries: 8-bit.
+# Rank 32 makes the low-rank moments of the (128, 64) matrix 4096 entries: 8-bit. Every
+# optimizer of the library (the repository's registry), GaLore's other refreshes and go.galore.
 OPTIMIZERS = {
-    "galore_adamw": lambda: go.galore_adamw(LR, rank=8, update_proj_gap=GAP),
+    **{spec.name: functools.partial(registry.call_factory, spec.name, LR,
+                                    rank=32 if spec.eight_bit else 8, update_proj_gap=GAP)
+       for spec in registry.library()},
     "galore_adamw_randomized": lambda: go.galore_adamw(
         LR, rank=8, update_proj_gap=GAP, refresh="randomized"),
     "galore_adamw_power": lambda: go.galore_adamw(LR, rank=8, update_proj_gap=GAP, refresh="power"),
-    "galore_adamw8bit": lambda: go.galore_adamw8bit(LR, rank=32, update_proj_gap=GAP),
-    "galore_adafactor": lambda: go.galore_adafactor(LR, rank=8, update_proj_gap=GAP),
-    "gradnorm_lorp": lambda: go.gradnorm_lorp(LR, rank=8, update_proj_gap=GAP),
-    "gradnorm_lorp8bit": lambda: go.gradnorm_lorp8bit(LR, rank=32, update_proj_gap=GAP),
-    "fira_adamw": lambda: go.fira_adamw(LR, rank=8, update_proj_gap=GAP),
-    "apollo_adamw": lambda: go.apollo_adamw(LR, rank=8, update_proj_gap=GAP),
-    "apollo_adamw8bit": lambda: go.apollo_adamw8bit(LR, rank=32, update_proj_gap=GAP),
-    "apollo_mini": lambda: go.apollo_mini(LR, update_proj_gap=GAP),
-    "adamw_8bit": lambda: go.adamw_8bit(LR),
     "galore_chain": lambda: optax.chain(
         go.galore(rank=8, update_proj_gap=GAP), optax.scale_by_learning_rate(LR)),
 }
-EIGHT_BIT = ("galore_adamw8bit", "gradnorm_lorp8bit", "apollo_adamw8bit", "adamw_8bit")
+EIGHT_BIT = tuple(spec.name for spec in registry.library() if spec.eight_bit)
 
 # One factor ‖N‖/‖R‖ per matrix: with a huge entry it is ~1e-38 even in exact
 # arithmetic, so the ordinary entries of a 'mixed' gradient hardly move.

@@ -14,25 +14,24 @@ import pytest
 
 import background
 
+from benchmarks import gpu
+from benchmarks import gpu_report
+from benchmarks import gpu_spec as spec
+
+import galore_optax as go
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "gpu.py")
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-import gpu  # noqa: E402  pylint: disable=wrong-import-position
-import gpu_report  # noqa: E402  pylint: disable=wrong-import-position
-import gpu_spec as spec  # noqa: E402  pylint: disable=wrong-import-position
-
-import galore_optax as go  # noqa: E402
+SCRIPT = ["-m", "benchmarks.gpu"]  # run from ROOT
 
 
 def _run(*args, timeout=300):
-  return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True,
+  return subprocess.run([sys.executable, *SCRIPT, *args], cwd=ROOT, capture_output=True,
                         text=True, timeout=timeout)
 
 
 def _smoke_command(scratch):
   out = os.path.join(scratch, "gpu.md")
-  return [background.Command([sys.executable, SCRIPT, "--smoke", "--part", "refresh,step,memory",
+  return [background.Command([sys.executable, *SCRIPT, "--smoke", "--part", "refresh,step,memory",
                               "--out", out], cwd=ROOT)]
 
 

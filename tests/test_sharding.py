@@ -249,6 +249,11 @@ def entry(checks, key):
   return value
 
 
+def assert_none(e, key, what):
+  """The check lists every offender under `key`; there must be none (the failure names them)."""
+  assert e[key] == [], f"{what}: {e[key]}"
+
+
 @pytest.mark.slow
 def test_every_check_reported(checks):
   assert checks["devices"] == 8
@@ -271,11 +276,10 @@ def test_every_check_reported(checks):
 @pytest.mark.parametrize("key", PARITY)
 def test_sharded_steps_match_one_device(checks, key):
   e = entry(checks, f"parity/{key}")
-  assert e["init_sharding_mismatches"] == [], (
-      f"tx.init under out_shardings=opt_state_shardings(...) gave other shardings: "
-      f"{e['init_sharding_mismatches']}")
-  assert e["step_sharding_mismatches"] == [], (
-      f"the state or params changed sharding during the steps: {e['step_sharding_mismatches']}")
+  assert_none(e, "init_sharding_mismatches",
+              "tx.init under out_shardings=opt_state_shardings(...) gave other shardings")
+  assert_none(e, "step_sharding_mismatches",
+              "the state or params changed sharding during the steps")
   assert e["counts_equal"], "integer state (step counts) differs from the one-device step"
   # Each sharded step against the one-device step from the same inputs.
   assert max(e["one_step_max_diff"]) <= TOL, (
@@ -342,15 +346,13 @@ def test_each_device_decomposes_its_share_of_the_matrices(checks, method):
 @pytest.mark.parametrize("key", NNX)
 def test_nnx_optimizer_on_sharded_model(checks, key):
   e = entry(checks, f"nnx/{key}")
-  assert e["init_spec_mismatches"] == [], (
-      f"nnx.Optimizer state metadata differs from opt_state_shardings: "
-      f"{e['init_spec_mismatches']}")
+  assert_none(e, "init_spec_mismatches",
+              "nnx.Optimizer state metadata differs from opt_state_shardings")
   assert e["sharded_state_leaves"] >= 7, "hardly any state leaf is sharded"
   losses = e["losses"]
   assert all(l == l and abs(l) < float("inf") for l in losses), losses
   assert losses[-1] < losses[0], f"loss did not decrease: {losses}"
-  assert e["step_spec_mismatches"] == [], (
-      f"state shardings changed during training: {e['step_spec_mismatches']}")
+  assert_none(e, "step_spec_mismatches", "state shardings changed during training")
   # The gradients come from a sharded forward pass, so they differ from the
   # one-device ones in the last bits, and an 8-bit moment near a code boundary
   # may round to the neighbouring code. Such a flip is one code step of one
@@ -372,11 +374,10 @@ def test_orbax_round_trip_then_resume_is_bit_exact(checks, name):
   e = entry(checks, f"orbax/{name}")
   assert e["zero_size_leaves"] == 0
   assert e["restored_equal"], "restored state differs from the saved one"
-  assert e["restored_sharding_mismatches"] == [], (
-      f"restored into other shardings than the target's: {e['restored_sharding_mismatches']}")
-  assert e["resumed_unequal_leaves"] == [], (
-      f"resumed run differs from the uninterrupted one (max {e['resumed_max_diff']}) in "
-      f"{e['resumed_unequal_leaves']}")
+  assert_none(e, "restored_sharding_mismatches",
+              "restored into other shardings than the target's")
+  assert_none(e, "resumed_unequal_leaves",
+              f"resumed run differs from the uninterrupted one (max {e['resumed_max_diff']}) in")
 
 
 @pytest.mark.slow
@@ -384,9 +385,9 @@ def test_orbax_round_trip_then_resume_is_bit_exact(checks, name):
 def test_jit_init_under_an_explicit_mesh_shards_the_state(checks, name):
   """FSDP params, Explicit 8-device mesh, plain jax.jit(tx.init): no helper."""
   e = entry(checks, f"explicit_init/{name}")
-  assert e["replicated_but_divisible"] == [], (
-      f"state leaves of >= 1 KiB left whole on every device: {e['replicated_but_divisible']}")
-  assert e["helper_mismatches"] == [], e["helper_mismatches"]
+  assert_none(e, "replicated_but_divisible",
+              "state leaves of >= 1 KiB left whole on every device")
+  assert_none(e, "helper_mismatches", "jit(tx.init) shardings != opt_state_shardings")
   assert e["sharded_bytes"] >= 0.95 * e["total_bytes"], (e["sharded_bytes"], e["total_bytes"])
 
 

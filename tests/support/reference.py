@@ -38,6 +38,12 @@ def canonical_svd():
     torch.linalg.svd = original
 
 
+def _galore_group(rank, update_proj_gap, scale, proj_type) -> dict:
+  """The keys of galore-torch's GaLore parameter group (what it reads besides "params")."""
+  return {"rank": rank, "update_proj_gap": update_proj_gap, "scale": scale,
+          "proj_type": proj_type}
+
+
 def run_galore_adamw(
     weight: np.ndarray,
     bias: np.ndarray,
@@ -54,16 +60,8 @@ def run_galore_adamw(
   """Steps GaLoreAdamW on an (out × in) weight (projected) and a bias (plain)."""
   w = torch.nn.Parameter(torch.tensor(weight, dtype=torch.float32).to(dtype))
   b = torch.nn.Parameter(torch.tensor(bias, dtype=torch.float32).to(dtype))
-  groups = [
-      {"params": [b]},
-      {
-          "params": [w],
-          "rank": rank,
-          "update_proj_gap": update_proj_gap,
-          "scale": scale,
-          "proj_type": proj_type,
-      },
-  ]
+  galore = _galore_group(rank, update_proj_gap, scale, proj_type)
+  groups = [{"params": [b]}, {"params": [w], **galore}]
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     opt = GaLoreAdamW(groups, lr=lr, weight_decay=weight_decay)
@@ -197,12 +195,8 @@ def run_galore_adamw8bit(
   Returns (final params, optimizer, torch parameters by name).
   """
   return _run_reference(
-      _GaLoreAdamW8bitIntendedArgs,
-      params,
-      grads,
-      projected,
-      {"rank": rank, "update_proj_gap": update_proj_gap, "scale": scale,
-       "proj_type": proj_type},
+      _GaLoreAdamW8bitIntendedArgs, params, grads, projected,
+      _galore_group(rank, update_proj_gap, scale, proj_type),
       {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
        "min_8bit_size": min_8bit_size},
       dtype,
@@ -220,14 +214,8 @@ def run_galore_adafactor(
   Returns (final params, optimizer, torch parameters by name).
   """
   return _run_reference(
-      GaLoreAdafactor,
-      params,
-      grads,
-      projected,
-      {"rank": rank, "update_proj_gap": update_proj_gap, "scale": scale,
-       "proj_type": proj_type},
-      adafactor_options,
-      dtype,
+      GaLoreAdafactor, params, grads, projected,
+      _galore_group(rank, update_proj_gap, scale, proj_type), adafactor_options, dtype,
   )
 
 

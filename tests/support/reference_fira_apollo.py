@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Required, Sequence, TypedDict, Unpack
 import warnings
 
 import numpy as np
@@ -199,6 +199,56 @@ def _tensors(params, names, dtype):
   }
 
 
+class AdamWSettings(TypedDict, total=False):
+  """The keyword arguments run_fira and run_apollo share (defaults as in `_run_adamw`).
+
+  lr, weight_decay, betas, eps: the AdamW constructor arguments of both references.
+  dtype: torch dtype of parameters and gradients (float32 or bfloat16).
+  canonical_signs: give SVD bases the project's canonical signs (False runs the
+    reference's own LAPACK signs; only for checking the harness).
+  """
+
+  lr: Required[float]
+  weight_decay: float
+  betas: tuple[float, float]
+  eps: float
+  dtype: torch.dtype
+  canonical_signs: bool
+
+
+def _run_adamw(
+    make_optimizer: Callable[..., torch.optim.Optimizer],
+    params: dict[str, np.ndarray],
+    grads: list[dict[str, np.ndarray]],
+    plain: list[str],
+    lowrank: list[str],
+    options: dict,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-6,
+    dtype: torch.dtype = torch.float32,
+    canonical_signs: bool = True,
+) -> ReferenceRun:
+  """Builds the parameter groups and the optimizer, and steps it through `grads`.
+
+  `plain` and `lowrank` are the names as `_ordered` returns them; the low-rank
+  group gets the keys `options`. `make_optimizer(groups, tensors, lr=, betas=,
+  eps=, weight_decay=)` returns the reference optimizer over the torch `tensors`.
+  """
+  tensors = _tensors(params, plain + lowrank, dtype)
+  groups = []
+  if plain:
+    groups.append({"params": [tensors[k] for k in plain]})
+  if lowrank:
+    groups.append({"params": [tensors[k] for k in lowrank], **options})
+  optimizer = make_optimizer(groups, tensors, lr=lr, betas=betas, eps=eps,
+                             weight_decay=weight_decay)
+  trajectory = _step_through(optimizer, tensors, grads, dtype, canonical_signs)
+  return ReferenceRun(trajectory, optimizer, tensors)
+
+
 def run_fira(
     params: dict[str, np.ndarray],
     grads: list[dict[str, np.ndarray]],
@@ -208,12 +258,7 @@ def run_fira(
     update_proj_gap: int,
     alpha: float,
     proj_type: str = "std",
-    lr: float,
-    weight_decay: float = 0.0,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-6,
-    dtype: torch.dtype = torch.float32,
-    canonical_signs: bool = True,
+    **settings: Unpack[AdamWSettings],
 ) -> ReferenceRun:
   """Steps fira.FiraAdamW; `projected` leaves get the Fira group.
 
@@ -223,10 +268,7 @@ def run_fira(
     projected: names of the matrices in the group with rank/alpha/... .
     rank, update_proj_gap, alpha, proj_type: the Fira group's keys (fira has
       no defaults for them; its scripts use alpha 0.25, or 0.0625 at 1B+).
-    lr, weight_decay, betas, eps: FiraAdamW's constructor arguments.
-    dtype: torch dtype of parameters and gradients (float32 or bfloat16).
-    canonical_signs: give SVD bases the project's canonical signs (False runs
-      the reference's own LAPACK signs; only for checking the harness).
+    **settings: lr, weight_decay, betas, eps, dtype, canonical_signs (AdamWSettings).
 
   Returns:
     A ReferenceRun with the trajectory after every step.
@@ -252,23 +294,20 @@ def run_fira(
           f"rank={rank} is too large for {name!r} {out_dim}x{in_dim} with proj_type="
           f"{proj_type!r}: fira 1.0.2 would take channel norms along the kept axis"
       )
-  tensors = _tensors(params, plain + lowrank, dtype)
-  groups = []
-  if plain:
-    groups.append({"params": [tensors[k] for k in plain]})
-  if lowrank:
-    groups.append({
-        "params": [tensors[k] for k in lowrank],
-        "rank": rank,
-        "update_proj_gap": update_proj_gap,
-        "alpha": alpha,
-        "proj_type": proj_type,
-    })
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # FiraAdamW's deprecation warning
-    optimizer = FiraAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-  trajectory = _step_through(optimizer, tensors, grads, dtype, canonical_signs)
-  return ReferenceRun(trajectory, optimizer, tensors)
+  options = {
+      "rank": rank,
+      "update_proj_gap": update_proj_gap,
+      "alpha": alpha,
+      "proj_type": proj_type,
+  }
+
+  def make_optimizer(groups, tensors, **adamw):
+    del tensors
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # FiraAdamW's deprecation warning
+      return FiraAdamW(groups, **adamw)
+
+  return _run_adamw(make_optimizer, params, grads, plain, lowrank, options, **settings)
 
 
 def run_apollo(
@@ -285,18 +324,12 @@ def run_apollo(
     scale_front: bool = False,
     disable_nl: bool = False,
     random_matrices: dict[str, Sequence[np.ndarray]] | None = None,
-    lr: float,
-    weight_decay: float = 0.0,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-6,
-    dtype: torch.dtype = torch.float32,
-    canonical_signs: bool = True,
+    **settings: Unpack[AdamWSettings],
 ) -> ReferenceRun:
   """Steps apollo_torch.APOLLOAdamW; `projected` leaves get the APOLLO group.
 
   Args:
-    params, grads, projected, lr, weight_decay, betas, eps, dtype,
-      canonical_signs: as run_fira.
+    params, grads, projected, **settings: as run_fira.
     rank, update_proj_gap, scale, proj, proj_type, scale_type: the APOLLO
       group's keys (no defaults in apollo-torch; APOLLO-Mini is rank 1,
       scale_type 'tensor', scale 128).
@@ -340,10 +373,6 @@ def run_apollo(
       raise ValueError(
           f"random_matrices has no entry for projected parameters {sorted(missing)}"
       )
-  tensors = _tensors(params, plain + lowrank, dtype)
-  groups = []
-  if plain:
-    groups.append({"params": [tensors[k] for k in plain]})
   options = {
       "rank": rank,
       "update_proj_gap": update_proj_gap,
@@ -352,19 +381,17 @@ def run_apollo(
       "proj_type": proj_type,
       "scale_type": scale_type,
   }
-  if lowrank:
-    groups.append({"params": [tensors[k] for k in lowrank], **options})
-  optimizer = APOLLOAdamW(
-      groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-      scale_front=scale_front, disable_nl=disable_nl,
-  )
-  if random_matrices is not None:
-    # APOLLOAdamW creates a parameter's projector on its first step unless
-    # one is there already.
-    for name in lowrank:
-      optimizer.state[tensors[name]]["projector"] = _InjectedProjector(
-          random_matrices[name], name, rank=rank, update_proj_gap=update_proj_gap,
-          scale=scale, proj_type=proj_type,
-      )
-  trajectory = _step_through(optimizer, tensors, grads, dtype, canonical_signs)
-  return ReferenceRun(trajectory, optimizer, tensors)
+
+  def make_optimizer(groups, tensors, **adamw):
+    optimizer = APOLLOAdamW(groups, **adamw, scale_front=scale_front, disable_nl=disable_nl)
+    if random_matrices is not None:
+      # APOLLOAdamW creates a parameter's projector on its first step unless
+      # one is there already.
+      for name in lowrank:
+        optimizer.state[tensors[name]]["projector"] = _InjectedProjector(
+            random_matrices[name], name, rank=rank, update_proj_gap=update_proj_gap,
+            scale=scale, proj_type=proj_type,
+        )
+    return optimizer
+
+  return _run_adamw(make_optimizer, params, grads, plain, lowrank, options, **settings)

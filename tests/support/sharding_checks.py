@@ -42,6 +42,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path.insert(0, ROOT)
 
 import galore_optax as go  # noqa: E402
+from examples import optimizers as registry  # noqa: E402
 
 RANK = 5  # odd: divides no mesh axis, so the rank axis must stay replicated
 GAP = 2  # refreshes at steps 0, 2, 4, ...
@@ -128,27 +129,17 @@ EPS_8BIT = 3e-3
 
 
 def optimizer(name, rank=RANK):
+  """An optimizer of the library (the repository's registry) or a variant of galore_adamw."""
   common = dict(rank=rank, update_proj_gap=GAP, projected=MASK)
   adam = dict(common, eps=EPS)
-  eight = dict(block_size=BLOCK, min_8bit_size=1024, eps=EPS_8BIT)
-  factories = {
-      "galore_adamw": lambda: go.galore_adamw(1e-2, weight_decay=0.01, **adam),
-      "galore_adamw8bit": lambda: go.galore_adamw8bit(
-          1e-2, weight_decay=0.01, **dict(adam, **eight)
-      ),
-      "galore_adafactor": lambda: go.galore_adafactor(1e-2, weight_decay=0.01, **common),
-      "gradnorm_lorp": lambda: go.gradnorm_lorp(1e-2, weight_decay=0.01, **adam),
-      "gradnorm_lorp8bit": lambda: go.gradnorm_lorp8bit(
-          1e-2, weight_decay=0.01, **dict(adam, **eight)
-      ),
-      "galore_adamw_projector_bits8": lambda: go.galore_adamw(
-          1e-2, projector_bits=8, **adam
-      ),
-      "galore_lazy_refresh": lambda: optax.chain(
-          go.galore(lazy_refresh=True, **adam), optax.scale_by_learning_rate(1e-2)
-      ),
-  }
-  return factories[name]()
+  if name == "galore_adamw_projector_bits8":
+    return go.galore_adamw(1e-2, projector_bits=8, **adam)
+  if name == "galore_lazy_refresh":
+    return optax.chain(go.galore(lazy_refresh=True, **adam), optax.scale_by_learning_rate(1e-2))
+  eight_bit = registry.REGISTRY[name].eight_bit
+  return registry.call_factory(name, 1e-2, weight_decay=0.01, **common,
+                               eps=EPS_8BIT if eight_bit else EPS, block_size=BLOCK,
+                               min_8bit_size=1024)
 
 
 def grads_at(params, step):
@@ -731,22 +722,16 @@ def check_example(results):
       }
 
 
-# Every optimizer of the library, as a user writes it, for the Explicit-init check.
+# Every optimizer of the library, as a user writes it, and its parts, for the Explicit-init check.
 EXPLICIT_INIT = {
     **{name: (lambda name=name: optimizer(name)) for name in (
-        "galore_adamw", "galore_adamw8bit", "galore_adafactor", "gradnorm_lorp",
-        "gradnorm_lorp8bit", "galore_adamw_projector_bits8", "galore_lazy_refresh")},
+        *(spec.name for spec in registry.library()), "galore_adamw_projector_bits8",
+        "galore_lazy_refresh")},
     "galore": lambda: go.galore(rank=RANK, projected=MASK),
     "scale_by_galore_bits4_lazy_realigned": lambda: go.scale_by_galore(
         rank=RANK, projected=MASK, projector_bits=4, lazy_refresh=True, realign_moments=True),
-    "adamw_8bit": lambda: go.adamw_8bit(1e-2, block_size=BLOCK, min_8bit_size=1024),
     "scale_by_adam_8bit": lambda: go.scale_by_adam_8bit(block_size=BLOCK, min_8bit_size=1024),
     "scale_by_adafactor_hf": lambda: go.scale_by_adafactor_hf(1e-2, scale_parameter=False),
-    "fira_adamw": lambda: go.fira_adamw(1e-2, rank=RANK, projected=MASK),
-    "apollo_adamw": lambda: go.apollo_adamw(1e-2, rank=RANK, projected=MASK),
-    "apollo_adamw8bit": lambda: go.apollo_adamw8bit(
-        1e-2, rank=RANK, projected=MASK, block_size=BLOCK, min_8bit_size=1024),
-    "apollo_mini": lambda: go.apollo_mini(1e-2, projected=MASK),
 }
 
 
