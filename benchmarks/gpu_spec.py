@@ -81,18 +81,9 @@ OPTIMIZERS = {
     "galore_adamw, power": Optimizer(
         _member("galore_adamw", True, refresh="power"), step=True,
         refresh="power (warm)"),
-    "galore_adamw8bit, randomized": Optimizer(
-        _member("galore_adamw8bit", True, refresh="randomized"),
-        step=True, refresh="randomized"),
-    "galore_adafactor, randomized": Optimizer(
-        _member("galore_adafactor", True, refresh="randomized"),
-        step=True, refresh="randomized"),
-    "gradnorm_lorp, randomized": Optimizer(
-        _member("gradnorm_lorp", True, refresh="randomized"), step=True,
-        refresh="randomized"),
-    "gradnorm_lorp8bit, randomized": Optimizer(
-        _member("gradnorm_lorp8bit", True, refresh="randomized"),
-        step=True, refresh="randomized"),
+    **{f"{name}, randomized": Optimizer(_member(name, True, refresh="randomized"), step=True,
+                                        refresh="randomized")
+       for name in ("galore_adamw8bit", "galore_adafactor", "gradnorm_lorp", "gradnorm_lorp8bit")},
     "adamw_8bit": Optimizer(_member("adamw_8bit", False), step=True),
     "apollo_adamw": Optimizer(_member("apollo_adamw", True),
                               step=True, memory=True, refresh=RANDOM),

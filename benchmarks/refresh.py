@@ -136,6 +136,19 @@ def single_matrix(m, n, rank, rounds):
   return rows, float(exact), sides
 
 
+def _update_times(optimizers, params, grads, rounds):
+  """Interleaved medians of each `jit(tx.update)` at a refresh step (count 0) and at a plain
+  one (count 1), keyed "<name> |refresh" and "<name> |plain"."""
+  fns = {}
+  for name, tx in optimizers.items():
+    step = jax.jit(tx.update)
+    state0 = tx.init(params)
+    state1 = step(grads, state0, params)[1]  # count 1: a plain (non-refresh) step
+    fns[name + " |refresh"] = lambda step=step, s=state0: jax.block_until_ready(step(grads, s, params))
+    fns[name + " |plain"] = lambda step=step, s=state1: jax.block_until_ready(step(grads, s, params))
+  return common.interleaved_medians(fns, rounds)
+
+
 def single_matrix_steps(m, n, rank, rounds):
   """Whole update at a refresh and a plain step, one (in=n, out=m) Flax kernel."""
   # The path matches TARGETS, so optax.contrib.galore projects it too.
@@ -146,14 +159,7 @@ def single_matrix_steps(m, n, rank, rounds):
   # refresh='svd' costs what the exact SVD row above costs; left out to keep the run short.
   for name in ("randomized", "power"):
     optimizers[f"galore_adamw, refresh='{name}'"] = go.galore_adamw(1e-2, rank=rank, refresh=name)
-  fns = {}
-  for name, tx in optimizers.items():
-    step = jax.jit(tx.update)
-    state0 = tx.init(params)
-    state1 = step(grads, state0, params)[1]
-    fns[name + " |refresh"] = lambda step=step, s=state0: jax.block_until_ready(step(grads, s, params))
-    fns[name + " |plain"] = lambda step=step, s=state1: jax.block_until_ready(step(grads, s, params))
-  times = common.interleaved_medians(fns, rounds)
+  times = _update_times(optimizers, params, grads, rounds)
   rows = []
   for name in optimizers:
     refresh, plain = times[name + " |refresh"][0], times[name + " |plain"][0]
@@ -274,14 +280,7 @@ def tree_steps(size, rank, rounds):
   optimizers["apollo_adamw (random, projector regenerated)"] = go.apollo_adamw(
       1e-2, rank=rank, projected=mask, regenerate_projector=True)
   optimizers["apollo_mini"] = go.apollo_mini(1e-2, projected=mask)
-  fns = {}
-  for name, tx in optimizers.items():
-    step = jax.jit(tx.update)
-    state0 = tx.init(params)
-    state1 = step(grads, state0, params)[1]  # count 1: a plain (non-refresh) step
-    fns[name + " |refresh"] = lambda step=step, s=state0: jax.block_until_ready(step(grads, s, params))
-    fns[name + " |plain"] = lambda step=step, s=state1: jax.block_until_ready(step(grads, s, params))
-  times = common.interleaved_medians(fns, rounds)
+  times = _update_times(optimizers, params, grads, rounds)
   rows = []
   for name in optimizers:
     refresh, plain = times[name + " |refresh"][0], times[name + " |plain"][0]

@@ -8,10 +8,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "support"))
 import background  # noqa: E402  (after the path above)
 
 
-def pytest_collection_modifyitems(config, items):
-  """Starts the background job of every selected test's fixture that names one."""
-  if config.option.collectonly:
-    return
-  for name in dict.fromkeys(f for item in items for f in getattr(item, "fixturenames", ())):
+def pytest_runtestloop(session):
+  """Starts, as the tests begin to run, the background job of every selected test's fixture
+  that names one (nothing at collection: `--collect-only` starts nothing)."""
+  if session.config.option.collectonly:
+    return None
+  names = (f for item in session.items for f in getattr(item, "fixturenames", ()))
+  for name in dict.fromkeys(names):
     if background.is_registered(name):
       background.start(name)
+  return None  # the usual loop runs the tests

@@ -527,7 +527,6 @@ def test_fused_run_takes_the_steps_of_the_usual_run(nano2, small_dataset, tmp_pa
   assert isinstance(fused.optimizer, train.FusedOptimizer) and fused.summary["fused"]
   a = nnx.state(usual.model, nnx.Param)
   b = nnx.state(fused.model, nnx.Param)
-  moved = 0.0
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     x, y = np.asarray(x), np.asarray(y)
     assert np.max(np.abs(x - y)) <= 1e-5 * max(1.0, np.max(np.abs(x))), name

@@ -2,13 +2,13 @@
 
 The slowest checks run in child processes (the 8-device sharding checks, the
 two-process multi-host run, gpu.py's smoke run) and spend most of their time
-compiling on one thread. Started as soon as collection shows their tests are
-selected, they run beside the in-process tests instead of after them: the
-suite's wall time, not its work, is what shrinks.
+compiling on one thread. Started when the tests begin to run (never at
+collection), for the selected tests only, they run beside the in-process tests
+instead of after them: the suite's wall time, not its work, is what shrinks.
 
 A test module registers a job under the name of the fixture that reads it;
-conftest starts the jobs of the selected tests' fixtures right after
-collection, and the fixture calls ``result(name)``, which starts the job if
+conftest starts the jobs of the selected tests' fixtures as the run begins
+(`pytest_runtestloop`), and the fixture calls ``result(name)``, which starts the job if
 nothing did. A job lives in a folder shared by the session's pytest-xdist
 workers (every worker collects every test): the first worker to create the
 folder starts it, and whichever worker runs the test reads its output files.
