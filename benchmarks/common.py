@@ -5,9 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -183,41 +181,22 @@ def library_env(library: str) -> dict:
 
 
 def environment(command: str | None = None) -> str:
-  """Markdown bullet lines: date, command, device, versions, commit.
+  """Markdown bullet lines: date, command, machine, versions, commit (`examples.report`'s).
 
   Args:
     command: the command line to show; default: this process's.
   """
-  cpu = platform.processor() or "unknown"
-  try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  import numpy, optax
-  devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
-  try:
-    commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                     stderr=subprocess.DEVNULL).strip()
-  except (OSError, subprocess.CalledProcessError):
-    # A copy of the tree without .git (e.g. on a lent GPU machine): the caller may say.
-    commit = os.environ.get("GALORE_OPTAX_COMMIT", "unknown")
-  try:
-    cores = len(os.sched_getaffinity(0))
-  except AttributeError:
-    cores = os.cpu_count()
-  try:
-    load = open("/proc/loadavg").read().split()[0]
-  except OSError:
-    load = "unknown"
+  from examples import report  # pylint: disable=import-outside-toplevel
+  versions = report.versions()
+  # A copy of the tree without .git (e.g. on a lent GPU machine): the caller may say.
+  commit = versions.pop("git commit", os.environ.get("GALORE_OPTAX_COMMIT", "unknown"))
+  load = report.load_average()
   return "\n".join([
       f"- date: {datetime.date.today().isoformat()}",
       f"- command: `{command or 'python ' + ' '.join(argv_as_typed())}`",
-      f"- device: {jax.default_backend()} ({devices}), {jax.local_device_count()} device(s); "
-      f"host CPU: {cpu}, `nproc` = {cores}; 1-min load average at start: {load}",
-      f"- versions: python {platform.python_version()}, jax {jax.__version__}, optax {optax.__version__}, numpy {numpy.__version__}",
+      f"- device: {report.machine()}, {jax.local_device_count()} device(s); 1-min load average "
+      f"at start: {'unknown' if load is None else f'{load[0]:.2f}'}",
+      "- versions: " + ", ".join(f"{name} {v}" for name, v in versions.items()),
       f"- galore-optax commit: {commit}",
   ] + [f"- {name}={os.environ[name]}" for name in ("OPENBLAS_NUM_THREADS", "XLA_FLAGS")
          if os.environ.get(name)])

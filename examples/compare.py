@@ -210,11 +210,6 @@ def validate(base: configs_lib.TrainConfig, entries: Sequence[Entry], *, seeds: 
                                            seed=seeds[0], split="validation"))
 
 
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 def run_comparison(base: configs_lib.TrainConfig, entries: Sequence[Entry], out_dir: str, *,
                    seeds: Sequence[int] = DEFAULT_SEEDS,
                    factors: Sequence[float] = tuning_lib.DEFAULT_FACTORS,
@@ -294,7 +289,7 @@ def run_comparison(base: configs_lib.TrainConfig, entries: Sequence[Entry], out_
       except (KeyboardInterrupt, ExampleError):
         raise
       except Exception as e:  # pylint: disable=broad-except  (report it, compare the rest)
-        outcome.error = _first_line(e)
+        outcome.error = train_lib.first_line(e)
       if outcome.error:
         log(f"warning: {entry.label} failed: {outcome.error}")
       outcome.wall_s = time.perf_counter() - t0
@@ -363,7 +358,7 @@ def _time_side_by_side(outcomes, dataset, base, rounds, steps, log) -> None:
       o.step_peak = train_lib.compiled_step_peak(o.result.model, o.result.optimizer,
                                                  sampler(base.steps))
     except Exception as e:  # pylint: disable=broad-except
-      log(f"{o.name}: no compiled memory figure ({_first_line(e)})")
+      log(f"{o.name}: no compiled memory figure ({train_lib.first_line(e)})")
   if not (timed and rounds > 0 and steps > 0):
     return
   log(f"timing {len(timed)} optimizers side by side: {rounds} rounds x {steps} steps")
@@ -375,7 +370,7 @@ def _time_side_by_side(outcomes, dataset, base, rounds, steps, log) -> None:
             o.result.model, o.result.optimizer, batches,
             learning_rate=o.tuning.chosen_lr * base.min_lr_ratio)  # where the schedule ended
       except Exception as e:  # pylint: disable=broad-except
-        o.error = f"timing failed: {_first_line(e)}"
+        o.error = f"timing failed: {train_lib.first_line(e)}"
 
 
 # ------------------------------------------------------------------------------ statistics

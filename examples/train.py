@@ -239,7 +239,8 @@ def _read_metrics(path: str, up_to_step: int) -> List[str]:
 # ------------------------------------------------------------------------------ checkpoints
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+  """The exception's type and the first line of its message, for one-line errors and logs."""
   text = str(e).strip().splitlines()
   return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
@@ -309,7 +310,7 @@ class Checkpoints:
         meta = self.manager.restore(
             step, args=self._ocp.args.Composite(run=self._ocp.args.JsonRestore()))["run"]
       except Exception as e:  # pylint: disable=broad-except  (missing or unreadable item)
-        raise ExampleError(f"{where} has no readable run settings ({_first_line(e)}); it was "
+        raise ExampleError(f"{where} has no readable run settings ({first_line(e)}); it was "
                            "written by another version of this example or is damaged; "
                            "start a new --workdir") from None
       written = meta.get("run", {}) if isinstance(meta, dict) else {}
@@ -337,7 +338,7 @@ class Checkpoints:
       jax.block_until_ready(restored)
     except Exception as e:  # pylint: disable=broad-except  (damaged files, other layout)
       # TensorStore appends a long dump of its spec: the first sentence says what failed.
-      reason = _first_line(e).split(". See full TensorStore details")[0]
+      reason = first_line(e).split(". See full TensorStore details")[0]
       raise ExampleError(f"cannot read {where}: {reason}") from None
     if set(restored) != set(abstract):
       raise ExampleError(f"{where} holds other arrays than this run's state")
