@@ -13,14 +13,18 @@ from examples import optimizers as registry
 
 L, H, V = 3, 16, 12
 MASK = go.path_mask(r"w|v")
-# optax.adamw and the library's optimizers (the repository's registry) but Adafactor, whose
-# update of one layer depends on the others; rank 4, refreshes at steps 0 and 2 of the 3.
+# optax.adamw and the library's optimizers (the repository's registry), rank 4, refreshes at
+# steps 0 and 2 of the 3, but two whose fused state is not the usual one by design: Adafactor,
+# whose update of one layer depends on the others (go.fused_init refuses it), and
+# gradnorm_lorp8bit, whose per-row magnitude moments of a stacked leaf (3 × 32 entries) are
+# 8-bit over the stack but float32 per layer (32 < min_8bit_size): 2e-4 apart after 3 steps.
+NOT_THE_SAME_STATE = ("galore_adafactor", "gradnorm_lorp8bit")
 OPTIMIZERS = {
     "optax.adamw": lambda: optax.adamw(1e-2, weight_decay=0.1),
     **{spec.name: functools.partial(
         registry.call_factory, spec.name, 1e-2, rank=4, update_proj_gap=2, projected=MASK,
         weight_decay=0.1, block_size=32, min_8bit_size=64)
-       for spec in registry.library() if spec.name != "galore_adafactor"},
+       for spec in registry.library() if spec.name not in NOT_THE_SAME_STATE},
 }
 ELEMENTWISE = ("optax.adamw", "adamw_8bit")
 
@@ -101,10 +105,7 @@ def test_fused_steps_equal_the_usual_steps(name, dtype):
     if name in ELEMENTWISE or dtype == jnp.bfloat16 and name == "optax.adamw":
       np.testing.assert_array_equal(a, b)
     elif dtype == jnp.float32:  # relative to the leaf's largest weight
-      # 8-bit moments: a gradient summed in another order can land one code away
-      # (gradnorm_lorp8bit, whose 8-bit magnitude moments see per-row sums: 6.5e-6).
-      tol = 1e-5 if name in registry.REGISTRY and registry.REGISTRY[name].eight_bit else 1e-6
-      assert np.max(np.abs(a - b)) <= tol * np.max(np.abs(a)), name
+      assert np.max(np.abs(a - b)) <= 1e-6 * np.max(np.abs(a)), name
     else:  # bf16: a differently fused product may round one way or the other
       assert np.max(np.abs(a - b)) <= 2 ** -7 * max(1.0, np.max(np.abs(a))), name
   for l1, l2 in losses:
