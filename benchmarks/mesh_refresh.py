@@ -5,7 +5,7 @@ On 8 virtual CPU devices (`--xla_force_host_platform_device_count=8`), the LLaMA
 along its largest axis, FSDP style) under an Explicit mesh: the compiled refresh step's
 temporaries per device (`memory_analysis()`), the number of SVDs each device runs (the LAPACK
 calls in its program and their batch), and the median wall time of a refresh step, against the
-same step with the library given by `--library` (e.g. an older checkout) in a second process.
+same step with the library given by `--compare` (e.g. an older checkout) in a second process.
 
   python -m benchmarks.mesh_refresh                                  # this checkout
   python -m benchmarks.mesh_refresh --compare /path/to/old/checkout  # and another, side by side
