@@ -271,6 +271,10 @@ def check_config(name: str, cfg: OptimizerConfig, *, stacked_kernels: bool = Fal
   except re.error as e:
     raise ExampleError(f"galore targets {cfg.targets!r} is not a regular expression: {e}"
                        ) from None
+  try:  # the library checks its own options at construction (no arrays): before any data
+    spec.build(peak, cfg)
+  except ValueError as e:  # e.g. Fira's 'full'
+    raise ExampleError(f"{name}: {e}") from None
   return peak
 
 
@@ -293,11 +297,7 @@ def build_optimizer(name: str, cfg: OptimizerConfig):
   peak = check_config(name, cfg)
   schedule_free = dataclasses.replace(cfg, learning_rate=None, total_steps=0,
                                       warmup_fraction=0.0, min_lr_ratio=0.0)
-  try:
-    tx = _build(name, schedule_free)
-  except ValueError as e:  # the library's own check of an option (e.g. Fira's 'full')
-    raise ExampleError(f"{name}: {e}") from None
-  return tx, learning_rate_schedule(peak, cfg), peak
+  return _build(name, schedule_free), learning_rate_schedule(peak, cfg), peak
 
 
 @functools.lru_cache(maxsize=64)

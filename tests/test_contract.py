@@ -69,14 +69,11 @@ VARIANTS = {
     "lazy+bits4+realign": dict(LAZY, projector_bits=4, realign_moments=True),
 }
 # Every optimizer plain, and the options that change the state (implemented
-# once, in the core) with a float, an 8-bit and a weight-normalized optimizer.
+# once, in the core, which GradNormLoRP runs too) with a float and an 8-bit optimizer.
 # Moment realignment needs float Adam moments: the 8-bit optimizers and
 # Adafactor do not take it (tests/test_bad_input.py).
 PLAIN = [(name, "plain") for name in FACTORIES]
-CASES = PLAIN + [
-    ("galore_adamw", "lazy+bits4+realign"), ("galore_adamw8bit", "lazy+bits4"),
-    ("gradnorm_lorp", "lazy+bits4+realign"),
-]
+CASES = PLAIN + [("galore_adamw", "lazy+bits4+realign"), ("galore_adamw8bit", "lazy+bits4")]
 
 
 def make(name, variant, lr=LR):

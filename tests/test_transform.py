@@ -257,7 +257,7 @@ def test_non_bool_mask_entry_is_named():
 # --- property test -------------------------------------------------------------
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
     batch=st.lists(st.integers(1, 3), max_size=2),
     m=st.integers(1, 9),
