@@ -113,8 +113,10 @@ def _without_overflow(product, basis: jax.Array, n: int, x: jax.Array) -> jax.Ar
   is checked under `lax.cond` rather than scaling every product: a scaled
   basis is a second copy of it beside the one the projection back reads
   (XLA:CPU converts both to float32 for its dot, one stacked basis each).
-  float16 operands, whose range 2**-k would leave, are only saturated
-  (accumulated in float32, their sums cannot overflow).
+  Under `jax.vmap` of the update the condition is batched and both products
+  run (a select): the same results at twice the projection's cost. float16
+  operands, whose range 2**-k would leave, are only saturated (accumulated in
+  float32, their sums cannot overflow).
   """
   if jnp.finfo(basis.dtype).maxexp < 128:
     return saturated(product(basis))
