@@ -21,6 +21,7 @@ from galore_optax.adam_8bit import ScaleByAdam8bitState, adamw_8bit, scale_by_ad
 from galore_optax.alias import galore, galore_adafactor, galore_adamw, galore_adamw8bit
 from galore_optax.fira_apollo import apollo_adamw, apollo_adamw8bit, apollo_mini, fira_adamw
 from galore_optax.fused import FusedState, fused_init, fused_scan_step
+from galore_optax.golore import golore_adamw
 from galore_optax.gradnorm import GradNormLoRPState, gradnorm_lorp, gradnorm_lorp8bit
 from galore_optax.masking import path_mask
 from galore_optax.matrix_view import DimensionNumbers
@@ -36,13 +37,15 @@ from galore_optax.quantization import (
     dynamic_map,
     quantize_blockwise,
 )
-from galore_optax.realignment import MomentRealignment
+from galore_optax.realignment import FirstMomentTransport, MomentRealignment
 from galore_optax.refresh import (
     canonical_signs,
     power_refresh,
+    random_orthonormal_refresh,
     random_refresh,
     randomized_refresh,
     svd_refresh,
+    switch_refresh,
 )
 from galore_optax.memory_analysis import planned_peak_bytes
 from galore_optax.schedules import LazyRefresh, LazyRefreshState
@@ -58,6 +61,7 @@ __all__ = (
     "AddAdafactorDecayedWeightsState",
     "DimensionNumbers",
     "FactoredMoment",
+    "FirstMomentTransport",
     "FusedState",
     "GaLoreState",
     "GradNormLoRPState",
@@ -89,6 +93,7 @@ __all__ = (
     "galore_adafactor",
     "galore_adamw",
     "galore_adamw8bit",
+    "golore_adamw",
     "gradnorm_lorp",
     "gradnorm_lorp8bit",
     "opt_state_shardings",
@@ -97,6 +102,7 @@ __all__ = (
     "power_refresh",
     "quantize_blockwise",
     "quantize_projector",
+    "random_orthonormal_refresh",
     "random_refresh",
     "randomized_refresh",
     "scale_by_adafactor_hf",
@@ -106,5 +112,6 @@ __all__ = (
     "scale_by_galore",
     "sharding_aware",
     "svd_refresh",
+    "switch_refresh",
     "tree_bytes",
 )

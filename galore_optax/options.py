@@ -66,8 +66,10 @@ class GaLoreOptions:
       leading singular vector stays put. Leaves then refresh independently.
     realign_moments: None, True or a `go.MomentRealignment(b1, b2)`: at each
       refresh, map the inner Adam's moments into the new basis (LDAdam).
-      `True` uses the optimizer's own b1 and b2. Needs float `mu`/`nu`
-      moments in the inner state (not 8-bit, not Adafactor).
+      `True` uses the optimizer's own b1 and b2. A
+      `go.FirstMomentTransport(persistent)` maps the first moment only
+      (GoLore). Both need float `mu`/`nu` moments in the inner state (not
+      8-bit, not Adafactor).
   """
 
   rank: int = 128
@@ -124,7 +126,8 @@ def _check_refresh(value) -> None:
   """A refresh function takes (g, rank, sides, ...); a factory of one does not."""
   method = refresh_lib.get_refresh_method(value)
   try:
-    inspect.signature(method).bind(None, None, None)
+    step = {"step": None} if getattr(method, "reads_step", False) else {}
+    inspect.signature(method).bind(None, None, None, **step)
   except TypeError:
     name = getattr(method, "__name__", repr(method))
     raise TypeError(
@@ -140,10 +143,17 @@ def _check_refresh(value) -> None:
 def _check_realignment(value) -> None:
   if value is None or isinstance(value, bool):
     return
+  if isinstance(value, realignment.FirstMomentTransport):
+    if not isinstance(value.persistent, bool):
+      raise TypeError(
+          f"realign_moments=FirstMomentTransport(persistent={value.persistent!r}): "
+          "persistent must be a bool.")
+    return
   if not isinstance(value, realignment.MomentRealignment):
     raise TypeError(
-        f"realign_moments={value!r}: pass None, True or "
-        "go.MomentRealignment(b1=..., b2=...) with the inner Adam's decays."
+        f"realign_moments={value!r}: pass None, True, "
+        "go.MomentRealignment(b1=..., b2=...) with the inner Adam's decays, or "
+        "go.FirstMomentTransport(persistent=...)."
     )
   validation.decay(value.b1, "realign_moments.b1")
   validation.decay(value.b2, "realign_moments.b2")

@@ -56,7 +56,8 @@ def storage(options: GaLoreOptions):
   if options.regenerate_projector and (regenerate is None or options.projector_bits is not None):
     raise ValueError(
         "regenerate_projector=True needs a data-independent refresh "
-        "(refresh='random') and no projector_bits: other bases cannot be "
+        "(refresh='random' or 'random_orthonormal'; for go.golore_adamw, "
+        "random_from_step=0) and no projector_bits: other bases cannot be "
         "drawn again from their keys."
     )
   return projector_storage.storage_for(

@@ -2,15 +2,20 @@
 
 By default nothing: GaLore and galore-torch carry the moments over into the
 new basis unchanged. `MomentRealignment` maps Adam's moments into the new
-subspace instead (LDAdam). A realignment has two methods:
+subspace instead (LDAdam); `FirstMomentTransport` maps the first moment only
+(GoLore). A realignment has these methods:
 
   check(inner_state, plans)            raises at `init` if it cannot apply
   apply(inner_state, plans, previous, new, moved, count) -> inner_state
+  restore(updated, before, plans, moved, count) -> inner_state
+                                       (only where a `restores` attribute is True)
 
 where `previous` and `new` are each projected leaf's float32 bases before
 and after the refresh (by flat index; as stored, so quantization error is
 included), `moved` flags the matrices that were refreshed and `count` is
-the GaLore step count.
+the GaLore step count. `apply` runs before the inner update of a refresh
+step; `restore`, where a realignment has it, after that update, given the
+inner state before `apply`.
 """
 
 from __future__ import annotations
@@ -76,6 +81,77 @@ class MomentRealignment(NamedTuple):
       flat[slots.mu[i]] = matrix_view.select_matrices(flags, new_m, m)
       flat[slots.nu[i]] = matrix_view.select_matrices(flags, new_v, v)
     return treedef.unflatten(flat)
+
+
+class FirstMomentTransport(NamedTuple):
+  """Carries Adam's first moment into the new basis at each refresh (GoLore).
+
+  With C = P_newᵀ P_old (`projection.change_of_basis`): m ← C m; the second
+  moment is left as it is. This is GoLore's official code, where the two
+  paths that carry the moment differ in whether the carried moment is kept:
+
+  * `persistent=True` (the default): it replaces the stored moment, as the
+    official ReLoRA-style training (`GoLore.py`, the repository's README)
+    does.
+  * `persistent=False`: official `golore_torch.AdamW` (what `Go_pt.sh`
+    runs): C m is used for the refresh step's update only, and the stored
+    moment keeps its value from before the refresh step (neither decayed
+    nor given that step's gradient), to be read in the new basis from the
+    next step on. `docs/golore_reference.md` calls this a likely bug; it is
+    here for step-for-step parity.
+
+  Needs float `mu`/`nu` moments in the inner state, as `MomentRealignment`.
+
+  Attributes:
+    persistent: whether the carried first moment is stored.
+
+  References:
+    He et al., Subspace Optimization for Large Language Models with
+    Convergence Guarantees (GoLore), ICML 2025.
+    https://arxiv.org/abs/2410.11289
+  """
+
+  persistent: bool = True
+
+  def check(self, inner_state, plans) -> None:
+    _moment_slots(inner_state, plans)
+
+  def apply(self, inner_state, plans, previous, new, moved, count):
+    flat, treedef = jax.tree.flatten(inner_state)
+    slots = _moment_slots(inner_state, plans)
+    for plan in plans:
+      if plan is None:
+        continue
+      i = plan.index
+      m = flat[slots.mu[i]]
+      c = projection.change_of_basis(new[i], previous[i])
+      carried = projection.rebase(m.astype(jnp.float32), c).astype(m.dtype)
+      flags = _after_first_refresh(moved[i], count, plan)
+      flat[slots.mu[i]] = matrix_view.select_matrices(flags, carried, m)
+    return treedef.unflatten(flat)
+
+  @property
+  def restores(self) -> bool:
+    """Whether the refresh step's inner update is followed by `restore`."""
+    return not self.persistent
+
+  def restore(self, updated, before, plans, moved, count):
+    """The stored first moments of the matrices moved now, as before `apply`."""
+    flat, treedef = jax.tree.flatten(updated)
+    old = jax.tree.leaves(before)
+    slots = _moment_slots(updated, plans)
+    for plan in plans:
+      if plan is None:
+        continue
+      j = slots.mu[plan.index]
+      flags = _after_first_refresh(moved[plan.index], count, plan)
+      flat[j] = matrix_view.select_matrices(flags, old[j], flat[j])
+    return treedef.unflatten(flat)
+
+
+def _after_first_refresh(moved, count, plan):
+  """Matrices refreshed now that had a basis before (every refresh but step 0's)."""
+  return jnp.broadcast_to(moved & (count > 0), plan.batch_shape)
 
 
 def _path_entry_name(entry) -> Optional[str]:
@@ -172,7 +248,7 @@ def _realign_adam(m, v, c, t, config: MomentRealignment):
   return new_m.astype(m.dtype), new_v.astype(v.dtype)
 
 
-def realignment_for(realign_moments) -> Optional[MomentRealignment]:
+def realignment_for(realign_moments) -> Optional[MomentRealignment | FirstMomentTransport]:
   """The realignment the `realign_moments` option asks for (None: none)."""
   if realign_moments is None or realign_moments is False:
     return None

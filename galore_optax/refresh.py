@@ -10,7 +10,8 @@ transformation can swap them and batch equal-shaped matrices into one call:
 `previous` holds the bases from the last refresh (zeros before the first),
 for warm-started methods; a method that never reads them says so with an
 attribute `reads_previous = False`, and then receives None (a refresh need not
-decode the stored projectors). `key` is a PRNG key for randomized ones: either one
+decode the stored projectors). A method with an attribute `reads_step = True`
+also receives the 0-based step of the refresh as the keyword `step`. `key` is a PRNG key for randomized ones: either one
 key, or one per matrix (shape (B,)), which is what `scale_by_galore` passes,
 so that a matrix's random draws do not depend on which other matrices share
 its batched call.
@@ -234,6 +235,74 @@ random_refresh.regenerate = random_bases
 random_refresh.reads_previous = False
 
 
+def random_orthonormal_bases(key, batch_shape, m: int, n: int, rank: int, sides) -> dict:
+  """GoLore's projection: bases drawn uniformly (Haar) from the orthonormal ones.
+
+  The Q factor of a Gaussian matrix, with the signs of R's diagonal moved
+  into Q, is uniformly distributed on the Stiefel manifold (Mezzadri, 2007);
+  its columns (output side, (m, r)) or rows (input side, (r, n)) are
+  orthonormal to float32 round-off. Each side draws from its own key.
+  """
+  bases = {}
+  for position, side in enumerate((OUTPUT_SIDE, INPUT_SIDE)):
+    if side not in sides:
+      continue
+    side_key = jax.random.fold_in(key, position) if key.ndim == 0 else jax.vmap(
+        lambda k: jax.random.fold_in(k, position))(key)
+    z = gaussian(side_key, batch_shape, (m if side == OUTPUT_SIDE else n, rank))
+    q, r = jnp.linalg.qr(z)
+    signs = jnp.where(jnp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0)
+    q = q * signs[..., None, :]
+    bases[side] = q if side == OUTPUT_SIDE else jnp.swapaxes(q, -1, -2)
+  return bases
+
+
+def random_orthonormal_refresh(g, rank, sides, previous=None, key=None):
+  """A random orthonormal projection (GoLore): uniform on the Stiefel manifold.
+
+  The gradient is not read. Unlike GaLore's SVD basis, which can lock onto
+  directions the gradient's noise no longer follows, a fresh uniform basis
+  at each refresh keeps every direction reachable in expectation,
+  E[P Pᵀ] = (r/m) I, which is what GoLore's convergence proof needs. A
+  refresh costs one QR of an (m × r) or (n × r) Gaussian matrix.
+  """
+  del previous
+  return random_orthonormal_bases(key, g.shape[:-2], g.shape[-2], g.shape[-1], rank, sides)
+
+
+random_orthonormal_refresh.regenerate = random_orthonormal_bases
+random_orthonormal_refresh.reads_previous = False
+
+
+def switch_refresh(at_step: int, before: Any = "svd",
+                   after: Any = "random_orthonormal") -> RefreshFn:
+  """One refresh method before step `at_step`, another from it on (GoLore's switch).
+
+  A refresh at 0-based step t uses `after` if t ≥ `at_step`, else `before`;
+  the choice is made under `lax.cond`, so one trace serves both. GoLore's
+  official code refreshes with the SVD until `rand_epoch`, then at random.
+
+  Args:
+    at_step: the first step whose refresh uses `after` (an int ≥ 0).
+    before: a refresh method (name or function) for earlier refreshes.
+    after: a refresh method (name or function) for refreshes from `at_step`.
+
+  Returns:
+    A refresh method for `scale_by_galore(refresh=...)`; it reads the step
+    (`reads_step`), which the refresh passes as the keyword `step`.
+  """
+  first, then = get_refresh_method(before), get_refresh_method(after)
+  reads_previous = any(getattr(f, "reads_previous", True) for f in (first, then))
+
+  def refresh(g, rank, sides, previous=None, key=None, *, step):
+    call = lambda method: lambda: method(g, rank, sides, previous, key)
+    return jax.lax.cond(step >= at_step, call(then), call(first))
+
+  refresh.reads_previous = reads_previous
+  refresh.reads_step = True
+  return refresh
+
+
 def one_matrix_at_a_time_on_cpu(refresh: RefreshFn) -> RefreshFn:
   """`refresh` run on a (B, m, n) stack one matrix at a time on CPU, batched elsewhere.
 
@@ -245,14 +314,14 @@ def one_matrix_at_a_time_on_cpu(refresh: RefreshFn) -> RefreshFn:
   one, with its own key, so its bases are those of the batched call.
   """
 
-  def per_matrix(g, rank, sides, previous, keys):
-    batched = lambda: refresh(g, rank, sides, previous, keys)
+  def per_matrix(g, rank, sides, previous, keys, **step):
+    batched = lambda: refresh(g, rank, sides, previous, keys, **step)
     if g.shape[0] == 1:
       return batched()
 
     def one(matrix_previous_key):
       g1, previous1, key1 = jax.tree.map(lambda x: x[None], matrix_previous_key)
-      return jax.tree.map(lambda x: x[0], refresh(g1, rank, sides, previous1, key1))
+      return jax.tree.map(lambda x: x[0], refresh(g1, rank, sides, previous1, key1, **step))
 
     looped = lambda: jax.lax.map(one, (g, previous, keys))
     return jax.lax.platform_dependent(cpu=looped, default=batched)
@@ -265,6 +334,7 @@ REFRESH_METHODS: dict[str, RefreshFn] = {
     "randomized": randomized_refresh(),
     "power": power_refresh(),
     "random": random_refresh,
+    "random_orthonormal": random_orthonormal_refresh,
 }
 
 # Root of the keys of random refresh methods; each matrix folds in its leaf's

@@ -115,7 +115,7 @@ def _refresh_packed(batch: RefreshBatch, grads, stored, due, count, options, mes
                               num_matrices=p.num_matrices)
       for p in plans
   ])
-  bases = _decompose(options, matrices, first, previous, keys, mesh)
+  bases = _decompose(options, matrices, first, previous, keys, count, mesh)
   out, offset = [], 0
   for p, g, s, d in zip(plans, grads, stored, due):
     mine = {side: b[offset : offset + p.num_matrices].reshape(p.basis_shapes[side])
@@ -150,7 +150,7 @@ def _refresh_looped(batch: RefreshBatch, grad, stored, due, count, options, mesh
     keys = refresh_lib.matrix_keys(
         plan.index, jnp.full((size,), count, jnp.int32), first=start,
         num_matrices=plan.num_matrices)
-    bases = _decompose(options, matrices, plan, previous, keys, mesh)
+    bases = _decompose(options, matrices, plan, previous, keys, count, mesh)
     new = _encode(bases, part, grad.dtype, count, take(flat_due, start), old, options)
     return jax.tree.map(
         lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v, start, 0), flat_stored, new)
@@ -167,7 +167,7 @@ def _encode(bases, plan: LeafPlan, leaf_dtype, count, due, old, options):
   return matrix_view.select_matrices(due, new, old)
 
 
-def _decompose(options, matrices, plan: LeafPlan, previous, keys, mesh=None) -> dict:
+def _decompose(options, matrices, plan: LeafPlan, previous, keys, count, mesh=None) -> dict:
   """The refresh method's bases of the sides `plan` keeps (a user's may return more).
 
   With a `mesh`, the (B, m, n) stack is padded with zero matrices to a
@@ -175,19 +175,26 @@ def _decompose(options, matrices, plan: LeafPlan, previous, keys, mesh=None) -> 
   device decomposes B / devices matrices, not all B, and no gradient is
   gathered whole on every device (GaLore 2's distributed refresh).
   """
-  method = refresh_lib.one_matrix_at_a_time_on_cpu(parts.refresh_fn(options))
-  call = lambda g, p, k: {s: b for s, b in method(g, plan.rank, plan.sides, p, k).items()
-                          if s in plan.sides}
+  refresh = parts.refresh_fn(options)
+  method = refresh_lib.one_matrix_at_a_time_on_cpu(refresh)
+  reads_step = getattr(refresh, "reads_step", False)
+
+  def call(g, p, k, step):
+    bases = method(g, plan.rank, plan.sides, p, k, **({"step": step} if reads_step else {}))
+    return {s: b for s, b in bases.items() if s in plan.sides}
+
   if mesh is None:
-    return call(matrices, previous, keys)
+    return call(matrices, previous, keys, count)
   total = matrices.shape[0]
   pad = -total % mesh.size
   padded = lambda x: jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)) if pad else x
   if pad:  # the padding's keys are never used for a kept basis
     keys = jnp.concatenate([keys] + [keys[:1]] * pad)
   spread = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
-  bases = jax.shard_map(call, mesh=mesh, in_specs=spread, out_specs=spread, check_vma=False)(
-      padded(matrices), jax.tree.map(padded, previous), keys)
+  everywhere = jax.sharding.PartitionSpec()
+  bases = jax.shard_map(call, mesh=mesh, in_specs=(spread, spread, spread, everywhere),
+                        out_specs=spread, check_vma=False)(
+      padded(matrices), jax.tree.map(padded, previous), keys, count)
   return jax.tree.map(lambda b: b[:total], bases)
 
 

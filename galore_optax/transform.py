@@ -28,7 +28,7 @@ from galore_optax import projection
 from galore_optax import refresh_step
 from galore_optax.adam import scale_by_adam_hf
 from galore_optax.options import GaLoreOptions
-from galore_optax.realignment import MomentRealignment
+from galore_optax.realignment import FirstMomentTransport, MomentRealignment
 from galore_optax.refresh import RefreshFn
 from galore_optax.schedules import LazyRefresh
 from galore_optax.masking import MaskOrFn
@@ -77,7 +77,7 @@ def scale_by_galore(
     projector_bits: Optional[int] = None,
     regenerate_projector: bool = False,
     lazy_refresh: Union[None, bool, LazyRefresh] = None,
-    realign_moments: Union[None, bool, MomentRealignment] = None,
+    realign_moments: Union[None, bool, MomentRealignment, FirstMomentTransport] = None,
 ) -> optax.GradientTransformation:
   """Runs `inner` on low-rank projections of the gradients (GaLore).
 
@@ -114,8 +114,9 @@ def scale_by_galore(
     regenerate_projector: with refresh='random', store no bases and draw
       them again each step.
     lazy_refresh: None, True or a `go.LazyRefresh`: Q-GaLore's adaptive gap.
-    realign_moments: None, True or a `go.MomentRealignment`: LDAdam's moment
-      realignment at each refresh (float `mu`/`nu` moments in `inner`).
+    realign_moments: None, True or a `go.MomentRealignment` (LDAdam's moment
+      realignment at each refresh), or a `go.FirstMomentTransport` (GoLore's);
+      both need float `mu`/`nu` moments in `inner`.
 
   Returns:
     An `optax.GradientTransformation` whose state is a `GaLoreState`. Under
@@ -216,6 +217,8 @@ def galore_transform(
       inner_state = jax.lax.cond(
           _any_due(due), lambda s: _realign(realign, s, plans, todo, old, stored, due, storage,
                                             state.count), lambda s: s, inner_state)
+    restore = realign.restore if todo and getattr(realign, "restores", False) else None
+    unrealigned = state.inner_state
 
     # 2. Project: R = PᵀG (and PᵀW for inners that read the parameters).
     bases = {p.index: storage.decode(stored[p.index], p, grads[p.index].dtype) for p in todo}
@@ -234,6 +237,11 @@ def galore_transform(
     # 3. The inner transform, with low-rank state for projected leaves.
     inner_out, inner_state = inner.update(
         treedef.unflatten(_hide_empty(grads, low_rank)), inner_state, low_params)
+    if restore is not None:  # a realignment that lasts for the refresh step only
+      moved = _moved(due, todo)
+      inner_state = jax.lax.cond(
+          _any_due(due), lambda s: restore(s, unrealigned, plans, moved, state.count),
+          lambda s: s, inner_state)
     out = [g if jnp.size(g) == 0 else u for g, u in zip(grads, treedef.flatten_up_to(inner_out))]
 
     # 4. Back to full shape: α · project_back(N), or the output's variant.
@@ -297,5 +305,9 @@ def _realign(realign, inner_state, plans, todo, old, new, due, storage, count):
   """The inner state mapped from the old bases to the new, as stored (so
   quantization error is included)."""
   decode = lambda stored: {p.index: storage.decode(stored[p.index], p, jnp.float32) for p in todo}
-  moved = {p.index: jnp.broadcast_to(due[p.index], p.batch_shape) for p in todo}
-  return realign.apply(inner_state, plans, decode(old), decode(new), moved, count)
+  return realign.apply(inner_state, plans, decode(old), decode(new), _moved(due, todo), count)
+
+
+def _moved(due, todo) -> dict:
+  """Per projected leaf, which of its matrices are refreshed now, (*batch,) bools."""
+  return {p.index: jnp.broadcast_to(due[p.index], p.batch_shape) for p in todo}
