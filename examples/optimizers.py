@@ -146,7 +146,8 @@ def _scaled_adamw(learning_rate, scale, targets):
                      optax.scale_by_learning_rate(learning_rate))
 
 
-# APOLLO: its own random projection (--refresh does not apply) and scale 1, as its scripts.
+# APOLLO and GoLore: their own random projections (--refresh does not apply); APOLLO at scale 1,
+# as its scripts.
 _APOLLO = dict(refresh_methods=("svd",))
 
 
@@ -178,6 +179,10 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
     OptimizerSpec(
         "fira_adamw", go.fira_adamw, "galore_optax.fira_adamw (GaLore + the rescaled residual)",
         1e-2, _galore_recipe),
+    OptimizerSpec(
+        "golore_adamw", go.golore_adamw,
+        "galore_optax.golore_adamw (GaLore with random orthonormal projectors)", 1e-2,
+        lambda c: dict(galore_options(c), weight_decay=c.weight_decay), refresh_methods=("svd",)),
     OptimizerSpec(
         "apollo_adamw", go.apollo_adamw,
         "galore_optax.apollo_adamw (random projection, channel-wise scaling)", 1e-2,

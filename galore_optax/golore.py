@@ -24,10 +24,10 @@ from galore_optax.sharding import public
 from galore_optax.transform import galore_transform
 
 
-def golore_refresh(random_from_step: int) -> Union[str, refresh_lib.RefreshFn]:
+def golore_refresh(random_from_step) -> Union[str, refresh_lib.RefreshFn]:
   """GoLore's refresh: the SVD before `random_from_step`, random orthonormal from it."""
-  if random_from_step == 0:  # by name, so that regenerate_projector can apply
-    return "random_orthonormal"
+  if isinstance(random_from_step, int) and random_from_step == 0:
+    return "random_orthonormal"  # by name, so that regenerate_projector can apply
   return refresh_lib.switch_refresh(random_from_step, "svd", "random_orthonormal")
 
 
@@ -83,9 +83,9 @@ def golore_adamw(
     eps: added to √v before the bias correction.
     weight_decay: decoupled weight decay, a number or an optax schedule.
     mask: the weight-decay mask, as in `optax.adamw`; default all leaves.
-    random_from_step: the first step whose refresh draws at random (a
-      static int ≥ 0; the official `rand_epoch`). 0, the paper's GoLore,
-      never computes an SVD.
+    random_from_step: the first step whose refresh draws at random (an
+      int ≥ 0; the official `rand_epoch`). 0, the paper's GoLore, never
+      computes an SVD.
     projected: which leaves are projected (pytree of bools or a callable);
       default every floating leaf with at least two axes.
     dimension_numbers: a `go.DimensionNumbers`, a pytree of them or a
@@ -119,7 +119,7 @@ def golore_adamw(
     True
   """
   validation.learning_rate(learning_rate)
-  random_from_step = validation.static_int(random_from_step, "random_from_step", minimum=0)
+  random_from_step = validation.positive_int(random_from_step, "random_from_step", minimum=0)
   adam = AdamOptions.from_arguments(locals())
   galore_options = GaLoreOptions.from_arguments(
       locals(), refresh=golore_refresh(random_from_step)).with_realignment_decays(b1, b2)

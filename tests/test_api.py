@@ -32,6 +32,7 @@ OWN_DEFAULTS = {
     ("fira_adamw", "scale"): 0.25,  # fira's scripts
     ("apollo_adamw", "rank"): 256, ("apollo_adamw8bit", "rank"): 256,  # APOLLO's scripts
     ("apollo_mini", "scale"): 128.0,
+    ("golore_adamw", "realign_moments"): go.FirstMomentTransport(),  # GoLore's transport
     ("galore_adamw8bit", "eps"): 1e-8, ("apollo_adamw8bit", "eps"): 1e-8,  # bitsandbytes
     ("gradnorm_lorp8bit", "eps"): 1e-8, ("adamw_8bit", "eps"): 1e-8,
     ("scale_by_adam_8bit", "eps"): 1e-8,
