@@ -89,6 +89,8 @@ def rows() -> list[Row]:
       _member("GradNormLoRP", "gradnorm_lorp"),
       _member("GradNormLoRP 8-bit", "gradnorm_lorp8bit"),
       _member("Fira", "fira_adamw"),
+      _member("GoLore AdamW", "golore_adamw"),
+      _member("GoLore AdamW, regenerated projector", "golore_adamw", regenerate_projector=True),
       _member("APOLLO (paper's ranks)", "apollo_adamw", APOLLO_RANKS),
       _member("APOLLO, regenerated projector", "apollo_adamw", APOLLO_RANKS,
               regenerate_projector=True),

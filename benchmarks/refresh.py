@@ -72,6 +72,9 @@ def method_table():
       f"power, warm (default: {_defaults(go.power_refresh)})": (DEFAULT_POWER, True),
       "power, warm, power_iters=0": (go.power_refresh(power_iters=0), True),
       "power, cold (first refresh)": (DEFAULT_POWER, False),
+      # Data-independent bases (the gradient is not read): GoLore's and APOLLO's.
+      "random orthonormal (GoLore)": (go.random_orthonormal_refresh, False),
+      "random Gaussian (APOLLO)": (go.random_refresh, False),
   }
 
 
@@ -280,6 +283,8 @@ def tree_steps(size, rank, rounds):
   optimizers["apollo_adamw (random, projector regenerated)"] = go.apollo_adamw(
       1e-2, rank=rank, projected=mask, regenerate_projector=True)
   optimizers["apollo_mini"] = go.apollo_mini(1e-2, projected=mask)
+  optimizers["golore_adamw (random orthonormal)"] = go.golore_adamw(
+      1e-2, rank=rank, projected=mask)
   times = _update_times(optimizers, params, grads, rounds)
   rows = []
   for name in optimizers:
