@@ -184,6 +184,15 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
         "galore_optax.golore_adamw (GaLore with random orthonormal projectors)", 1e-2,
         lambda c: dict(galore_options(c), weight_decay=c.weight_decay), refresh_methods=("svd",)),
     OptimizerSpec(
+        "osd_adamw", go.osd_adamw,
+        "galore_optax.osd_adamw (Online Subspace Descent: the projector moved by online PCA)",
+        1e-2,
+        # The official projector step size 1/update_proj_gap (no SVD refresh after step 0).
+        lambda c: dict({k: v for k, v in galore_options(c).items() if k != "update_proj_gap"},
+                       weight_decay=c.weight_decay,
+                       projector_learning_rate=1.0 / c.update_proj_gap),
+        proj_types=("std", "reverse_std", "left", "right"), refresh_methods=("svd",)),
+    OptimizerSpec(
         "apollo_adamw", go.apollo_adamw,
         "galore_optax.apollo_adamw (random projection, channel-wise scaling)", 1e-2,
         _apollo_recipe, **_APOLLO),

@@ -22,6 +22,7 @@ from galore_optax.alias import galore, galore_adafactor, galore_adamw, galore_ad
 from galore_optax.fira_apollo import apollo_adamw, apollo_adamw8bit, apollo_mini, fira_adamw
 from galore_optax.fused import FusedState, fused_init, fused_scan_step
 from galore_optax.golore import golore_adamw
+from galore_optax.osd import osd_adamw
 from galore_optax.gradnorm import GradNormLoRPState, gradnorm_lorp, gradnorm_lorp8bit
 from galore_optax.masking import path_mask
 from galore_optax.matrix_view import DimensionNumbers
@@ -49,6 +50,7 @@ from galore_optax.refresh import (
 )
 from galore_optax.memory_analysis import planned_peak_bytes
 from galore_optax.schedules import LazyRefresh, LazyRefreshState
+from galore_optax.tracking import OnlinePCA
 from galore_optax.sharding import opt_state_shardings, sharding_aware
 from galore_optax.transform import GaLoreState, scale_by_galore
 from galore_optax.tree_utils import tree_bytes
@@ -68,6 +70,7 @@ __all__ = (
     "LazyRefresh",
     "LazyRefreshState",
     "MomentRealignment",
+    "OnlinePCA",
     "ProjectionWarning",
     "QuantizedArray",
     "QuantizedProjector",
@@ -97,6 +100,7 @@ __all__ = (
     "gradnorm_lorp",
     "gradnorm_lorp8bit",
     "opt_state_shardings",
+    "osd_adamw",
     "path_mask",
     "planned_peak_bytes",
     "power_refresh",

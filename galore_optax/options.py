@@ -17,6 +17,7 @@ from galore_optax import projector_quantization as pq
 from galore_optax import realignment
 from galore_optax import refresh as refresh_lib
 from galore_optax import schedules
+from galore_optax import tracking as tracking_lib
 from galore_optax import validation
 
 
@@ -28,7 +29,8 @@ class GaLoreOptions:
     rank: rank of the projection; clamped to the smaller side of each matrix.
       A static int (it fixes array shapes).
     update_proj_gap: steps between projector refreshes (T): each matrix is
-      refreshed at 0-based steps 0, T, 2T, … from the current gradient.
+      refreshed at 0-based steps 0, T, 2T, … from the current gradient;
+      None refreshes at step 0 only (then `tracking` may move the bases).
     scale: α, the multiplier of the projected-back update (the paper: 0.25).
     proj_type: 'std' (compress the smaller side, as galore-torch),
       'reverse_std', 'left' (output side), 'right' (input side) or 'full'.
@@ -70,6 +72,11 @@ class GaLoreOptions:
       `go.FirstMomentTransport(persistent)` maps the first moment only
       (GoLore). Both need float `mu`/`nu` moments in the inner state (not
       8-bit, not Adafactor).
+    tracking: None, or a `go.OnlinePCA(...)`: after every step that did not
+      refresh them, move the bases by one optimizer step on the online-PCA
+      loss of that step's gradient (Online Subspace Descent). Needs float
+      stored bases (no `projector_bits`, no `regenerate_projector`) and a
+      one-sided `proj_type`.
   """
 
   rank: int = 128
@@ -85,11 +92,13 @@ class GaLoreOptions:
   regenerate_projector: bool = False
   lazy_refresh: Any = None
   realign_moments: Any = None
+  tracking: Any = None
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)
     set_("rank", validation.static_int(self.rank, "rank"))
-    set_("update_proj_gap", validation.positive_int(self.update_proj_gap, "update_proj_gap"))
+    if self.update_proj_gap is not None:
+      set_("update_proj_gap", validation.positive_int(self.update_proj_gap, "update_proj_gap"))
     validation.real(self.scale, "scale")
     projection.check_proj_type(self.proj_type)
     _check_refresh(self.refresh)
@@ -108,7 +117,20 @@ class GaLoreOptions:
     if not isinstance(self.regenerate_projector, bool):
       raise TypeError(f"regenerate_projector must be a bool, got {self.regenerate_projector!r}.")
     set_("lazy_refresh", schedules.resolve_lazy_refresh(self.lazy_refresh))
+    if self.lazy_refresh is not None and self.update_proj_gap is None:
+      raise ValueError("lazy_refresh grows the gap between refreshes; it needs an "
+                       "update_proj_gap (an int), not None.")
     _check_realignment(self.realign_moments)
+    tracking_lib.check_tracking(self.tracking, self.proj_type)
+    if self.tracking is not None and self.lazy_refresh is not None:
+      raise ValueError("tracking moves every basis the steps no refresh is due; lazy_refresh "
+                       "makes refreshes due per matrix. Pass one of them.")
+    if self.tracking is not None and (self.projector_bits is not None
+                                      or self.regenerate_projector):
+      raise ValueError(
+          "tracking moves the stored bases a little every step, which needs them stored as "
+          "float arrays: pass projector_bits=None and regenerate_projector=False "
+          "(projector_dtype may be bfloat16).")
 
   @classmethod
   def from_arguments(cls, arguments: Mapping[str, Any], **overrides) -> GaLoreOptions:

@@ -3,8 +3,8 @@
 `options.GaLoreOptions` declares and validates what a user asked for; this
 module turns it into the parts the core runs (see `transform`): the per-leaf
 plans, how bases are computed (`refresh`), stored (`projector_storage`) and
-scheduled (`schedules`), and what a refresh does to the inner state
-(`realignment`).
+scheduled (`schedules`), what a refresh does to the inner state
+(`realignment`), and how bases move between refreshes (`tracking`).
 """
 
 from __future__ import annotations
@@ -71,3 +71,8 @@ def schedule(options: GaLoreOptions):
 
 def realignment(options: GaLoreOptions):
   return realignment_lib.realignment_for(options.realign_moments)
+
+
+def tracking(options: GaLoreOptions):
+  """The subspace tracker (`tracking`), or None."""
+  return options.tracking

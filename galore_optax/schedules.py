@@ -29,9 +29,12 @@ from galore_optax.projection import OUTPUT_SIDE
 
 
 class EveryGap(NamedTuple):
-  """Every matrix refreshes when `count % gap == 0` (GaLore, Algorithm 1)."""
+  """Every matrix refreshes when `count % gap == 0` (GaLore, Algorithm 1).
 
-  gap: Any  # an int, or an array under optax.inject_hyperparams
+  A gap of None refreshes at step 0 only.
+  """
+
+  gap: Any  # an int, an array under optax.inject_hyperparams, or None
   stateful = False
   batched = True
 
@@ -42,7 +45,7 @@ class EveryGap(NamedTuple):
 
   def due(self, leaf_state, count, plan):
     del leaf_state, plan
-    return count % self.gap == 0
+    return count == 0 if self.gap is None else count % self.gap == 0
 
   def advance(self, leaf_state, due, new_bases, old_bases, count):
     """Nothing to advance (`stateful` is False)."""

@@ -31,6 +31,7 @@ from galore_optax.options import GaLoreOptions
 from galore_optax.realignment import FirstMomentTransport, MomentRealignment
 from galore_optax.refresh import RefreshFn
 from galore_optax.schedules import LazyRefresh
+from galore_optax.tracking import OnlinePCA
 from galore_optax.masking import MaskOrFn
 from galore_optax.sharding import public
 
@@ -52,6 +53,9 @@ class GaLoreState(NamedTuple):
       for the others); otherwise `optax.EmptyState()`.
     output_state: per projected leaf, the state of a stateful output (e.g.
       a norm-growth limiter); otherwise `optax.EmptyState()`.
+    tracking_state: with `tracking`, per projected leaf the tracker's state
+      (e.g. the optimizer state of Online Subspace Descent's projector
+      step); otherwise `optax.EmptyState()`.
   """
 
   count: jax.typing.ArrayLike
@@ -59,13 +63,14 @@ class GaLoreState(NamedTuple):
   inner_state: optax.OptState
   refresh_schedule: Any = optax.EmptyState()
   output_state: Any = optax.EmptyState()
+  tracking_state: Any = optax.EmptyState()
 
 
 @public
 def scale_by_galore(
     rank: int = 128,
     *,
-    update_proj_gap: int = 200,
+    update_proj_gap: Optional[int] = 200,
     scale: float = 1.0,
     proj_type: str = "std",
     inner: Optional[optax.GradientTransformation] = None,
@@ -78,6 +83,7 @@ def scale_by_galore(
     regenerate_projector: bool = False,
     lazy_refresh: Union[None, bool, LazyRefresh] = None,
     realign_moments: Union[None, bool, MomentRealignment, FirstMomentTransport] = None,
+    tracking: Optional[OnlinePCA] = None,
 ) -> optax.GradientTransformation:
   """Runs `inner` on low-rank projections of the gradients (GaLore).
 
@@ -93,7 +99,8 @@ def scale_by_galore(
   Args:
     rank: rank of the projection, a static int; clamped to the smaller side
       of each matrix.
-    update_proj_gap: steps between projector refreshes (T).
+    update_proj_gap: steps between projector refreshes (T); None refreshes
+      at step 0 only.
     scale: α, the multiplier of the projected-back update.
     proj_type: 'std' (compress the smaller side, as galore-torch),
       'reverse_std', 'left' (output side), 'right' (input side) or 'full'.
@@ -117,6 +124,8 @@ def scale_by_galore(
     realign_moments: None, True or a `go.MomentRealignment` (LDAdam's moment
       realignment at each refresh), or a `go.FirstMomentTransport` (GoLore's);
       both need float `mu`/`nu` moments in `inner`.
+    tracking: None, or a `go.OnlinePCA` that moves the bases after every
+      step that did not refresh them (Online Subspace Descent).
 
   Returns:
     An `optax.GradientTransformation` whose state is a `GaLoreState`. Under
@@ -160,7 +169,7 @@ def galore_transform(
   inner = scale_by_adam_hf() if inner is None else inner
   output = outputs.ProjectBack() if output is None else output
   schedule, storage = parts.schedule(options), parts.storage(options)
-  realign = parts.realignment(options)
+  realign, tracker = parts.realignment(options), parts.tracking(options)
 
   def init_fn(params):
     leaves, treedef = jax.tree.flatten(params)
@@ -196,6 +205,8 @@ def galore_transform(
         if schedule.stateful else optax.EmptyState(),
         output_state=per_leaf(lambda p, x, layout: output.init(p, layout))
         if output.stateful else optax.EmptyState(),
+        tracking_state=per_leaf(lambda p, x, layout: tracker.init(p, layout))
+        if tracker is not None else optax.EmptyState(),
     )
 
   def update_fn(updates, state, params=None):
@@ -250,6 +261,11 @@ def galore_transform(
       out[i], out_state[i] = outputs.apply_by_slices(
           output, p, grads[i], low_rank[i], out[i], bases[i], options.scale, out_state[i]
       )
+
+    # 5. Move the bases that were not refreshed now (subspace tracking).
+    track = _per_leaf(treedef, state.tracking_state, plans, tracker is not None)
+    if tracker is not None and todo:
+      stored, track = _track(tracker, storage, todo, grads, stored, track, due, state.count)
     return treedef.unflatten(out), GaLoreState(
         count=optax.safe_increment(state.count),
         projectors=treedef.unflatten(stored),
@@ -258,9 +274,36 @@ def galore_transform(
         if schedule.stateful else state.refresh_schedule,
         output_state=treedef.unflatten(out_state)
         if output.stateful else state.output_state,
+        tracking_state=treedef.unflatten(track)
+        if tracker is not None else state.tracking_state,
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _track(tracker, storage, todo, grads, stored, track, due, count):
+  """Stored bases and tracker states after the tracker's step, unless a refresh was due.
+
+  With tracking the schedule is `EveryGap`, so `due` is the same for every leaf.
+  """
+
+  def advance(operands):
+    moved_stored, moved_track = [], []
+    for p, leaf_stored, leaf_track in zip(todo, *operands):
+      bases = storage.decode(leaf_stored, p, jnp.float32)
+      moved, leaf_track = tracker.advance(p, grads[p.index], bases, leaf_track, count)
+      moved_stored.append(storage.encode(moved, p, grads[p.index].dtype, count))
+      moved_track.append(leaf_track)
+    return moved_stored, moved_track
+
+  idx = [p.index for p in todo]
+  new_stored, new_track = jax.lax.cond(
+      _any_due(due), lambda operands: operands, advance,
+      ([stored[i] for i in idx], [track[i] for i in idx]))
+  stored, track = list(stored), list(track)
+  for i, s, t in zip(idx, new_stored, new_track):
+    stored[i], track[i] = s, t
+  return stored, track
 
 
 def _hide_empty(leaves, values) -> list:
