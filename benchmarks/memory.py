@@ -91,6 +91,7 @@ def rows() -> list[Row]:
       _member("Fira", "fira_adamw"),
       _member("GoLore AdamW", "golore_adamw"),
       _member("GoLore AdamW, regenerated projector", "golore_adamw", regenerate_projector=True),
+      _member("Online Subspace Descent", "osd_adamw"),
       _member("APOLLO (paper's ranks)", "apollo_adamw", APOLLO_RANKS),
       _member("APOLLO, regenerated projector", "apollo_adamw", APOLLO_RANKS,
               regenerate_projector=True),

@@ -38,11 +38,12 @@ class PlainStorage(NamedTuple):
 
   dtype: Optional[Any] = None
 
-  def _dtype(self, leaf_dtype):
+  def basis_dtype(self, leaf_dtype):
+    """The dtype the bases of a leaf of `leaf_dtype` are stored in."""
     return jnp.dtype(self.dtype or leaf_dtype)
 
   def init(self, plan: LeafPlan, leaf, layout) -> dict:
-    dtype = self._dtype(jnp.result_type(leaf))
+    dtype = self.basis_dtype(jnp.result_type(leaf))
     return {
         side: axis_specs.zeros(
             shape, dtype, layout, layout and plan.basis_spec(side, layout)
@@ -52,7 +53,7 @@ class PlainStorage(NamedTuple):
 
   def encode(self, bases: dict, plan: LeafPlan, leaf_dtype, count=None) -> dict:
     del plan, count
-    return {side: b.astype(self._dtype(leaf_dtype)) for side, b in bases.items()}
+    return {side: b.astype(self.basis_dtype(leaf_dtype)) for side, b in bases.items()}
 
   def decode(self, stored: dict, plan: LeafPlan, dtype) -> dict:
     return {side: stored[side].astype(dtype) for side in plan.sides}

@@ -4,11 +4,12 @@ A refresh recomputes a basis from scratch when the schedule says so. A tracker
 instead moves each projected leaf's bases a little at every other step, from
 that step's gradient, after the update has used them:
 
-  init(plan, layout) -> per-leaf state
-  advance(plan, grad, bases, state, count) -> (bases, state)
+  init(plan, layout, dtype) -> per-leaf state
+  advance(plan, grad, bases, state, count, dtype) -> (bases, state)
 
-where `bases` are the leaf's float32 bases as stored ({side: (*batch, …)}),
-`grad` the leaf's gradient and `count` the GaLore step count.
+where `dtype` is the dtype the bases are stored in, `bases` the leaf's bases
+as stored, decoded to float32 ({side: (*batch, …)}), `grad` the leaf's
+gradient and `count` the GaLore step count.
 `OnlinePCA` is Online Subspace Descent's tracker.
 """
 
@@ -112,18 +113,23 @@ class OnlinePCA(NamedTuple):
   def _optimizer(self) -> optax.GradientTransformation:
     return official_projector_optimizer() if self.optimizer is None else self.optimizer
 
-  def init(self, plan: LeafPlan, layout) -> optax.OptState:
-    bases = {side: axis_specs.zeros(shape, jnp.float32, layout,
+  def init(self, plan: LeafPlan, layout, dtype) -> optax.OptState:
+    """The projector optimizer's state, in the bases' stored dtype (as the official
+    code keeps it in the parameters' dtype)."""
+    bases = {side: axis_specs.zeros(shape, dtype, layout,
                                     layout and plan.basis_spec(side, layout))
              for side, shape in plan.basis_shapes.items()}
     return self._optimizer().init(bases)
 
-  def advance(self, plan: LeafPlan, grad, bases: dict, state, count):
+  def advance(self, plan: LeafPlan, grad, bases: dict, state, count, dtype):
     g = matrix_view.to_matrix(grad, plan.view)
+    as_stored = lambda tree: jax.tree.map(lambda x: x.astype(dtype), tree)
     grads = {side: online_pca_gradient(bases[side], g, side) for side in bases}
-    step, state = self._optimizer().update(grads, state, bases)
+    step, new_state = self._optimizer().update(as_stored(grads), state, as_stored(bases))
+    # Each state leaf keeps its dtype (optax would promote a bf16 state to float32).
+    new_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, state)
     lr = self.learning_rate(count) if callable(self.learning_rate) else self.learning_rate
-    return jax.tree.map(lambda p, u: p - lr * u, bases, step), state
+    return jax.tree.map(lambda p, u: p - lr * u.astype(jnp.float32), bases, step), new_state
 
 
 def check_tracking(tracking, proj_type: str) -> None:

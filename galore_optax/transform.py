@@ -205,7 +205,8 @@ def galore_transform(
         if schedule.stateful else optax.EmptyState(),
         output_state=per_leaf(lambda p, x, layout: output.init(p, layout))
         if output.stateful else optax.EmptyState(),
-        tracking_state=per_leaf(lambda p, x, layout: tracker.init(p, layout))
+        tracking_state=per_leaf(lambda p, x, layout: tracker.init(
+            p, layout, storage.basis_dtype(jnp.result_type(x))))
         if tracker is not None else optax.EmptyState(),
     )
 
@@ -291,7 +292,8 @@ def _track(tracker, storage, todo, grads, stored, track, due, count):
     moved_stored, moved_track = [], []
     for p, leaf_stored, leaf_track in zip(todo, *operands):
       bases = storage.decode(leaf_stored, p, jnp.float32)
-      moved, leaf_track = tracker.advance(p, grads[p.index], bases, leaf_track, count)
+      moved, leaf_track = tracker.advance(p, grads[p.index], bases, leaf_track, count,
+                                          storage.basis_dtype(grads[p.index].dtype))
       moved_stored.append(storage.encode(moved, p, grads[p.index].dtype, count))
       moved_track.append(leaf_track)
     return moved_stored, moved_track
