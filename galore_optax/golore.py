@@ -53,7 +53,7 @@ def golore_adamw(
     projector_bits: Optional[int] = None,
     regenerate_projector: bool = False,
     realign_moments: Union[None, bool, MomentRealignment,
-                           FirstMomentTransport] = FirstMomentTransport(),
+                           FirstMomentTransport] = FirstMomentTransport(),  # noqa: B008 (immutable)
 ) -> optax.GradientTransformation:
   """GoLore's AdamW: GaLore whose projectors are random orthonormal bases.
 

@@ -4,6 +4,7 @@ A storage turns the float32 bases a refresh computes into their stored form
 and back:
 
   init(plan, leaf, layout) -> stored zeros (sharded like the bases)
+  basis_dtype(leaf_dtype) -> the dtype a leaf's bases are stored or used in
   encode(bases, plan, leaf_dtype, count) -> stored   (count: the refresh step)
   decode(stored, plan, dtype) -> {side: (*batch, …) array in dtype}
 
@@ -64,6 +65,10 @@ class QuantizedStorage(NamedTuple):
 
   bits: int
 
+  def basis_dtype(self, leaf_dtype):
+    """The dtype the bases of a leaf of `leaf_dtype` are used in (their codes are uint8)."""
+    return jnp.dtype(leaf_dtype)
+
   def init(self, plan: LeafPlan, leaf, layout) -> dict:
     del leaf
     stored = {}
@@ -107,6 +112,10 @@ class RegeneratedStorage(NamedTuple):
 
   regenerate: Any  # (keys, batch_shape, m, n, rank, sides) -> bases
   dtype: Optional[Any] = None
+
+  def basis_dtype(self, leaf_dtype):
+    """The dtype the bases of a leaf of `leaf_dtype` are drawn in."""
+    return jnp.dtype(self.dtype or leaf_dtype)
 
   def init(self, plan: LeafPlan, leaf, layout) -> dict:
     del leaf

@@ -11,10 +11,10 @@ transformation can swap them and batch equal-shaped matrices into one call:
 for warm-started methods; a method that never reads them says so with an
 attribute `reads_previous = False`, and then receives None (a refresh need not
 decode the stored projectors). A method with an attribute `reads_step = True`
-also receives the 0-based step of the refresh as the keyword `step`. `key` is a PRNG key for randomized ones: either one
-key, or one per matrix (shape (B,)), which is what `scale_by_galore` passes,
-so that a matrix's random draws do not depend on which other matrices share
-its batched call.
+also receives the 0-based step of the refresh as the keyword `step`. `key` is
+a PRNG key for randomized ones: either one key, or one per matrix (shape
+(B,)), which is what `scale_by_galore` passes, so that a matrix's random draws
+do not depend on which other matrices share its batched call.
 """
 
 from __future__ import annotations
@@ -248,7 +248,7 @@ def random_orthonormal_bases(key, batch_shape, m: int, n: int, rank: int, sides)
     if side not in sides:
       continue
     side_key = jax.random.fold_in(key, position) if key.ndim == 0 else jax.vmap(
-        lambda k: jax.random.fold_in(k, position))(key)
+        lambda k, position=position: jax.random.fold_in(k, position))(key)
     z = gaussian(side_key, batch_shape, (m if side == OUTPUT_SIDE else n, rank))
     q, r = jnp.linalg.qr(z)
     signs = jnp.where(jnp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0)

@@ -229,7 +229,8 @@ def galore_transform(
       inner_state = jax.lax.cond(
           _any_due(due), lambda s: _realign(realign, s, plans, todo, old, stored, due, storage,
                                             state.count), lambda s: s, inner_state)
-    restore = realign.restore if todo and getattr(realign, "restores", False) else None
+    restore = (realign.restore if todo and isinstance(realign, FirstMomentTransport)
+               and realign.restores else None)
     unrealigned = state.inner_state
 
     # 2. Project: R = PᵀG (and PᵀW for inners that read the parameters).

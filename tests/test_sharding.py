@@ -20,6 +20,7 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 import background
 import galore_optax as go
+from examples import optimizers as registry
 
 CHECKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support", "sharding_checks.py")
 ROOT = os.path.dirname(os.path.dirname(CHECKS))
@@ -201,11 +202,11 @@ ORBAX = [
     "gradnorm_lorp8bit", "galore_adamw_projector_bits8", "galore_lazy_refresh",
 ]
 EXAMPLE = ["mesh=2,2,2/scan=True", "mesh=data=1,fsdp=8,tensor=1/scan=False"]
+# Every library optimizer of the registry, and parts (tests/support/sharding_checks.py).
 EXPLICIT_INIT = [
-    "galore_adamw", "galore_adamw8bit", "galore_adafactor", "gradnorm_lorp",
-    "gradnorm_lorp8bit", "galore_adamw_projector_bits8", "galore_lazy_refresh", "galore",
-    "scale_by_galore_bits4_lazy_realigned", "adamw_8bit", "scale_by_adam_8bit",
-    "scale_by_adafactor_hf", "fira_adamw", "apollo_adamw", "apollo_adamw8bit", "apollo_mini",
+    *(spec.name for spec in registry.library()), "galore_adamw_projector_bits8",
+    "galore_lazy_refresh", "galore", "scale_by_galore_bits4_lazy_realigned",
+    "scale_by_adam_8bit", "scale_by_adafactor_hf",
 ]
 REFRESH = ["svd", "randomized", "power"]
 
