@@ -31,7 +31,8 @@ from benchmarks import compiled_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-PROJECTED = ("galore_adamw", "galore_adamw8bit", "fira_adamw", "apollo_adamw", "apollo_mini")
+PROJECTED = ("galore_adamw", "galore_adamw8bit", "fira_adamw", "apollo_adamw", "apollo_mini",
+             "golore_adamw", "osd_adamw")
 
 
 def _command(scratch):
