@@ -193,6 +193,13 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
                        projector_learning_rate=1.0 / c.update_proj_gap),
         proj_types=("std", "reverse_std", "left", "right"), refresh_methods=("svd",)),
     OptimizerSpec(
+        "conda", go.conda,
+        "galore_optax.conda (Adam in the rotating singular basis of its first moment)", 1e-2,
+        # Rotates every singular vector: no rank or side to choose (projects=False).
+        lambda c: dict(update_proj_gap=c.update_proj_gap, scale=c.scale,
+                       weight_decay=c.weight_decay, projected=go.path_mask(c.targets)),
+        projects=False),
+    OptimizerSpec(
         "apollo_adamw", go.apollo_adamw,
         "galore_optax.apollo_adamw (random projection, channel-wise scaling)", 1e-2,
         _apollo_recipe, **_APOLLO),

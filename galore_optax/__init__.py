@@ -20,6 +20,7 @@ from galore_optax.adam import (
 from galore_optax.adam_8bit import ScaleByAdam8bitState, adamw_8bit, scale_by_adam_8bit
 from galore_optax.alias import galore, galore_adafactor, galore_adamw, galore_adamw8bit
 from galore_optax.fira_apollo import apollo_adamw, apollo_adamw8bit, apollo_mini, fira_adamw
+from galore_optax.conda import conda, scale_by_conda
 from galore_optax.fused import FusedState, fused_init, fused_scan_step
 from galore_optax.golore import golore_adamw
 from galore_optax.osd import osd_adamw
@@ -84,6 +85,7 @@ __all__ = (
     "apollo_mini",
     "add_adafactor_decayed_weights",
     "canonical_signs",
+    "conda",
     "decay_weights_after_update",
     "describe",
     "dequantize_blockwise",
@@ -113,6 +115,7 @@ __all__ = (
     "scale_by_adam_8bit",
     "scale_by_adam_hf",
     "scale_by_bias_correction",
+    "scale_by_conda",
     "scale_by_galore",
     "sharding_aware",
     "svd_refresh",

@@ -38,7 +38,7 @@ def _shape(shape) -> str:
 
 
 def warn_about_plan(plans: Sequence[Any], leaves: Sequence[Any], paths: Sequence[str],
-                    projectors: Sequence[Any]) -> None:
+                    projectors: Sequence[Any], rotation: bool = False) -> None:
   """Warns (ProjectionWarning) where the projection does nothing useful.
 
   Args:
@@ -46,6 +46,8 @@ def warn_about_plan(plans: Sequence[Any], leaves: Sequence[Any], paths: Sequence
     leaves: the parameter leaves (arrays, tracers or shape structs).
     paths: their paths.
     projectors: the stored bases built for each leaf (MaskedNode if none).
+    rotation: the projection keeps every singular vector on purpose
+      (`rank=None`, Conda): a full-size low-rank gradient is no mistake.
   """
   sized = [path for path, x in zip(paths, leaves) if math.prod(jax.numpy.shape(x)) > 0]
   if sized and all(p is None for p in plans):
@@ -57,6 +59,8 @@ def warn_about_plan(plans: Sequence[Any], leaves: Sequence[Any], paths: Sequence
         ProjectionWarning, stacklevel=2)
   full = []
   for p, x, path, stored in zip(plans, leaves, paths, projectors):
+    if rotation:
+      break
     if p is not None and math.prod(p.low_rank_shape) >= math.prod(jax.numpy.shape(x)):
       full.append(
           f"{path} ({_shape(jax.numpy.shape(x))}, rank clamped to {p.rank}: low-rank gradient "

@@ -27,7 +27,8 @@ class GaLoreOptions:
 
   Attributes:
     rank: rank of the projection; clamped to the smaller side of each matrix.
-      A static int (it fixes array shapes).
+      A static int (it fixes array shapes); None keeps every singular vector
+      (the projection is then a rotation, as in Conda).
     update_proj_gap: steps between projector refreshes (T): each matrix is
       refreshed at 0-based steps 0, T, 2T, … from the current gradient;
       None refreshes at step 0 only (then `tracking` may move the bases).
@@ -72,6 +73,10 @@ class GaLoreOptions:
       `go.FirstMomentTransport(persistent)` maps the first moment only
       (GoLore). Both need float `mu`/`nu` moments in the inner state (not
       8-bit, not Adafactor).
+    refresh_input: None (a refresh decomposes the gradient) or a
+      `realignment.FirstMomentInput(b1)`: it decomposes the first moment
+      Mₜ = b1·project_back(m) + (1 − b1)·Gₜ instead (Conda; needs float
+      `mu` moments in the inner state).
     tracking: None, or a `go.OnlinePCA(...)`: after every step that did not
       refresh them, move the bases by one optimizer step on the online-PCA
       loss of that step's gradient (Online Subspace Descent). Needs float
@@ -93,10 +98,12 @@ class GaLoreOptions:
   lazy_refresh: Any = None
   realign_moments: Any = None
   tracking: Any = None
+  refresh_input: Any = None
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)
-    set_("rank", validation.static_int(self.rank, "rank"))
+    if self.rank is not None:
+      set_("rank", validation.static_int(self.rank, "rank"))
     if self.update_proj_gap is not None:
       set_("update_proj_gap", validation.positive_int(self.update_proj_gap, "update_proj_gap"))
     validation.real(self.scale, "scale")

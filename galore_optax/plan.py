@@ -114,7 +114,7 @@ def _check_projectable(leaf, where: str) -> None:
 def plan_leaves(
     tree: Any,
     *,
-    rank: int,
+    rank: Optional[int],
     proj_type: str,
     projected: Any,
     dimension_numbers: Any,

@@ -47,9 +47,9 @@ def sides_for(proj_type: str, m: int, n: int) -> tuple[str, ...]:
   raise ValueError(f"proj_type={proj_type!r} is unknown.")
 
 
-def effective_rank(rank: int, m: int, n: int) -> int:
-  """The rank actually used: a thin SVD has at most min(m, n) vectors."""
-  return min(rank, m, n)
+def effective_rank(rank, m: int, n: int) -> int:
+  """The rank actually used: a thin SVD has at most min(m, n) vectors (None: all of them)."""
+  return min(m, n) if rank is None else min(rank, m, n)
 
 
 def basis_shapes(

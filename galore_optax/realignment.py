@@ -149,6 +149,41 @@ class FirstMomentTransport(NamedTuple):
     return treedef.unflatten(flat)
 
 
+class FirstMomentInput(NamedTuple):
+  """A refresh decomposes the first moment, not the gradient (Conda).
+
+  What is decomposed at step t is Mₜ = b1 · project_back(m) + (1 − b1) · Gₜ,
+  the full-size first moment the inner Adam is about to hold, with m its
+  first moment and the bases before the refresh. With `rank=None` (every
+  singular vector) project_back is exact, so Mₜ is Conda's full first
+  moment; at step 0, m = 0 and Mₜ ∝ Gₜ.
+
+  Attributes:
+    b1: the inner Adam's first-moment decay.
+  """
+
+  b1: float = 0.9
+
+  def check(self, inner_state, plans) -> None:
+    _moment_slots(inner_state, plans)
+
+  def source(self, inner_state, plans, decode_old):
+    """`source(plan, grad)`: the leaf-shaped float32 matrix a refresh decomposes.
+
+    `decode_old(plan)` gives the leaf's float32 bases before the refresh; it
+    is called inside the refresh's `lax.cond`, as is the product.
+    """
+    flat = jax.tree.leaves(inner_state)
+    slots = _moment_slots(inner_state, plans)
+
+    def of(plan, grad):
+      m = flat[slots.mu[plan.index]].astype(jnp.float32)
+      back = projection.project_back_leaf(m, decode_old(plan), plan.view)
+      return self.b1 * back.astype(jnp.float32) + (1 - self.b1) * grad.astype(jnp.float32)
+
+    return of
+
+
 def _after_first_refresh(moved, count, plan):
   """Matrices refreshed now that had a basis before (every refresh but step 0's)."""
   return jnp.broadcast_to(moved & (count > 0), plan.batch_shape)

@@ -25,7 +25,7 @@ from galore_optax import refresh as refresh_lib
 from galore_optax.plan import LeafPlan, RefreshBatch, refresh_batches
 
 
-def refresh_due(grads, todo, stored, sched, count, due, options):
+def refresh_due(grads, todo, stored, sched, count, due, options, source=None):
   """Stored projectors (and schedules) after refreshing the due matrices.
 
   Args:
@@ -36,6 +36,9 @@ def refresh_due(grads, todo, stored, sched, count, due, options):
     count: the GaLore step count.
     due: {leaf index: bool, scalar or (*batch,)}: the matrices due now.
     options: the `GaLoreOptions`.
+    source: None, or `source(plan, grad)` giving the leaf-shaped matrix to
+      decompose instead of the gradient (evaluated inside each batch's
+      `lax.cond`, so only at refreshes).
 
   Returns:
     The new `stored` and `sched` lists.
@@ -49,7 +52,7 @@ def refresh_due(grads, todo, stored, sched, count, due, options):
   devices = 1 if mesh is None else mesh.size
   run = lambda budget, pack: lambda: refresh_in_batches(
       refresh_batches(todo, budget, pack=pack, devices=devices),
-      grads, stored, sched, count, due, options, mesh)
+      grads, stored, sched, count, due, options, mesh, source)
   return jax.lax.platform_dependent(
       cpu=run(0, False if mesh is None else parts.schedule(options).batched),
       default=run(parts.refresh_budget_bytes(options), parts.schedule(options).batched))
@@ -61,7 +64,8 @@ def _refresh_mesh():
   return None if mesh.empty or mesh.size == 1 else mesh
 
 
-def refresh_in_batches(batches, grads, stored, sched, count, due, options, mesh=None):
+def refresh_in_batches(batches, grads, stored, sched, count, due, options, mesh=None,
+                       source=None):
   """`refresh_due` with the given `plan.RefreshBatch`es (on any platform).
 
   With a `mesh`, each call's matrices are spread over its devices.
@@ -72,6 +76,9 @@ def refresh_in_batches(batches, grads, stored, sched, count, due, options, mesh=
     idx = [p.index for p in batch.plans]
 
     def compute(g, s, sc, batch=batch, idx=idx):
+      if source is not None:
+        # In the gradient's dtype, as the first moment of its parameter would be.
+        g = [source(p, g_j).astype(g_j.dtype) for p, g_j in zip(batch.plans, g)]
       if batch.looped:
         new = [_refresh_looped(batch, g[0], s[0], due[idx[0]], count, options, mesh)]
       else:

@@ -192,11 +192,12 @@ def galore_transform(
         for p, x, layout in zip(plans, leaves, layouts)
     ]))
     inner_state = inner.init(low_rank_params)
-    if realign is not None:
-      realign.check(inner_state, plans)  # fails at init, not at a refresh
+    for part in (realign, options.refresh_input):
+      if part is not None:
+        part.check(inner_state, plans)  # fails at init, not at a refresh
     projectors = per_leaf(storage.init)
     inspection.warn_about_plan(plans, leaves, masking.leaf_paths(params),
-                               treedef.flatten_up_to(projectors))
+                               treedef.flatten_up_to(projectors), rotation=options.rank is None)
     return GaLoreState(
         count=jnp.zeros([], jnp.int32),
         projectors=projectors,
@@ -223,7 +224,12 @@ def galore_transform(
     # 1. Refresh the projectors that are due (each batch of them under its
     # own lax.cond: the plain step skips them).
     old = stored
-    stored, sched = refresh_step.refresh_due(grads, todo, stored, sched, state.count, due, options)
+    source = None
+    if options.refresh_input is not None and todo:
+      source = options.refresh_input.source(
+          state.inner_state, plans, lambda p: storage.decode(old[p.index], p, jnp.float32))
+    stored, sched = refresh_step.refresh_due(grads, todo, stored, sched, state.count, due,
+                                             options, source)
     inner_state = state.inner_state
     if realign is not None and todo:
       inner_state = jax.lax.cond(

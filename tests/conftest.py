@@ -6,6 +6,9 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "support"))
 
 import background  # noqa: E402  (after the path above)
+import compile_flags  # noqa: E402
+
+compile_flags.set_in_environment()  # before any test module imports jax
 
 
 def pytest_runtestloop(session):

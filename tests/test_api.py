@@ -25,13 +25,15 @@ from galore_optax.options import AdamOptions, GaLoreOptions
 from examples import optimizers as registry
 
 # The library's optimizers (the repository's registry) and the public parts they are built of.
-FACTORIES = ["scale_by_galore", "galore", "scale_by_adam_8bit"] + [
+FACTORIES = ["scale_by_galore", "galore", "scale_by_adam_8bit", "scale_by_conda"] + [
     spec.name for spec in registry.library()]
 # Defaults that differ from GaLoreOptions/AdamOptions on purpose; each docstring says why.
 OWN_DEFAULTS = {
     ("fira_adamw", "scale"): 0.25,  # fira's scripts
     ("apollo_adamw", "rank"): 256, ("apollo_adamw8bit", "rank"): 256,  # APOLLO's scripts
     ("apollo_mini", "scale"): 128.0,
+    ("conda", "update_proj_gap"): 2000, ("conda", "eps"): 1e-8,  # the official Conda's
+    ("scale_by_conda", "update_proj_gap"): 2000, ("scale_by_conda", "eps"): 1e-8,
     ("golore_adamw", "realign_moments"): go.FirstMomentTransport(),  # GoLore's transport
     ("galore_adamw8bit", "eps"): 1e-8, ("apollo_adamw8bit", "eps"): 1e-8,  # bitsandbytes
     ("gradnorm_lorp8bit", "eps"): 1e-8, ("adamw_8bit", "eps"): 1e-8,

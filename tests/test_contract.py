@@ -105,6 +105,12 @@ def run(tx, steps, update=None, params=None, state=None):
   return params, state
 
 
+# Conda rotates by every singular vector of its first moment, those of near-equal singular
+# values too, which differently compiled SVDs mix differently: measured 1.7e-5 on 4 of 1024
+# entries (inject_hyperparams against the plain run).
+TOLERANCE = {"conda": 1e-4}
+
+
 def assert_close(a, b, tol=1e-5):
   # Differently compiled float32 reductions differ in the last bits, which a
   # refresh can amplify (close singular values); 1e-5 is ~0.03% of the steps.
@@ -146,7 +152,7 @@ def test_jit_traces_once_with_donation(name, variant):
   assert len(traces) == 1
   want_params, want_state = reference_run(name, variant)
   assert_moved(params)
-  assert_close(params, want_params)
+  assert_close(params, want_params, TOLERANCE.get(name, 1e-5))
   chex.assert_trees_all_equal_shapes_and_dtypes(state, want_state)
 
 
@@ -238,7 +244,7 @@ def test_nnx_optimizer_takes_the_same_steps(name, variant):
   for t in range(3):
     step(model, optimizer, grads_at(t))
   got = nnx.state(model, nnx.Param).to_pure_dict()
-  assert_close(got, reference_run(name, variant)[0])
+  assert_close(got, reference_run(name, variant)[0], TOLERANCE.get(name, 1e-5))
 
 
 # --- optax's meanings: `mask` is the decay mask, decay may be a schedule ------
@@ -306,7 +312,7 @@ def test_inject_hyperparams_of_each_factory_with_the_readme_static_args(name):
     tx = injected(LR, **dict(kwargs, weight_decay=0.1))
   params, state = run(tx, 3, jax.jit(tx.update))
   assert_moved(params)
-  assert_close(params, reference_run(name, "plain")[0])
+  assert_close(params, reference_run(name, "plain")[0], TOLERANCE.get(name, 1e-5))
   hyperparams = (state[0] if name == "galore" else state).hyperparams
   assert "clip_threshold" in hyperparams or "b1" in hyperparams  # numbers became arrays
   if name != "galore":

@@ -110,7 +110,10 @@ def test_fused_steps_equal_the_usual_steps(name, dtype):
     if name in ELEMENTWISE or dtype == jnp.bfloat16 and name == "optax.adamw":
       np.testing.assert_array_equal(a, b)
     elif dtype == jnp.float32:  # relative to the leaf's largest weight
-      assert np.max(np.abs(a - b)) <= 1e-6 * np.max(np.abs(a)), name
+      # Conda rotates by every singular vector, near-equal singular values' too, which
+      # differently compiled SVDs mix differently (5.9e-6 measured).
+      tol = 2e-5 if name == "conda" else 1e-6
+      assert np.max(np.abs(a - b)) <= tol * np.max(np.abs(a)), name
     else:  # bf16: a differently fused product may round one way or the other
       assert np.max(np.abs(a - b)) <= 2 ** -7 * max(1.0, np.max(np.abs(a))), name
   for l1, l2 in losses:

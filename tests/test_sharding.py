@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 import background
+import compile_flags
 import galore_optax as go
 from examples import optimizers as registry
 
@@ -214,6 +215,7 @@ REFRESH = ["svd", "randomized", "power"]
 def _checks_command(scratch):
   del scratch
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "NPROC")}
+  env["XLA_FLAGS"] = compile_flags.FAST_COMPILE  # sharding_checks adds the device count
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
   return [background.Command([sys.executable, CHECKS], cwd=ROOT, env=env)]
 
