@@ -200,6 +200,14 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
                        weight_decay=c.weight_decay, projected=go.path_mask(c.targets)),
         projects=False),
     OptimizerSpec(
+        "frugal_adamw", go.frugal_adamw,
+        "galore_optax.frugal_adamw (Adam on an SVD subspace at density 0.25, signSGD outside)",
+        1e-2,
+        # The density sets each matrix's rank (projects=False: no rank option).
+        lambda c: dict(update_proj_gap=c.update_proj_gap, weight_decay=c.weight_decay,
+                       projected=go.path_mask(c.targets)),
+        projects=False),
+    OptimizerSpec(
         "apollo_adamw", go.apollo_adamw,
         "galore_optax.apollo_adamw (random projection, channel-wise scaling)", 1e-2,
         _apollo_recipe, **_APOLLO),

@@ -21,6 +21,7 @@ from galore_optax.adam_8bit import ScaleByAdam8bitState, adamw_8bit, scale_by_ad
 from galore_optax.alias import galore, galore_adafactor, galore_adamw, galore_adamw8bit
 from galore_optax.fira_apollo import apollo_adamw, apollo_adamw8bit, apollo_mini, fira_adamw
 from galore_optax.conda import conda, scale_by_conda
+from galore_optax.frugal import frugal_adamw, scale_by_frugal
 from galore_optax.fused import FusedState, fused_init, fused_scan_step
 from galore_optax.golore import golore_adamw
 from galore_optax.osd import osd_adamw
@@ -42,6 +43,7 @@ from galore_optax.quantization import (
 from galore_optax.realignment import FirstMomentTransport, MomentRealignment
 from galore_optax.refresh import (
     canonical_signs,
+    random_coordinates_refresh,
     power_refresh,
     random_orthonormal_refresh,
     random_refresh,
@@ -92,6 +94,7 @@ __all__ = (
     "dequantize_projector",
     "dynamic_map",
     "fira_adamw",
+    "frugal_adamw",
     "fused_init",
     "fused_scan_step",
     "galore",
@@ -108,6 +111,7 @@ __all__ = (
     "power_refresh",
     "quantize_blockwise",
     "quantize_projector",
+    "random_coordinates_refresh",
     "random_orthonormal_refresh",
     "random_refresh",
     "randomized_refresh",
@@ -116,6 +120,7 @@ __all__ = (
     "scale_by_adam_hf",
     "scale_by_bias_correction",
     "scale_by_conda",
+    "scale_by_frugal",
     "scale_by_galore",
     "sharding_aware",
     "svd_refresh",

@@ -28,7 +28,8 @@ class GaLoreOptions:
   Attributes:
     rank: rank of the projection; clamped to the smaller side of each matrix.
       A static int (it fixes array shapes); None keeps every singular vector
-      (the projection is then a rotation, as in Conda).
+      (the projection is then a rotation, as in Conda); a callable
+      `rank(m, n, sides)` gives each (m × n) matrix its own (FRUGAL's density).
     update_proj_gap: steps between projector refreshes (T): each matrix is
       refreshed at 0-based steps 0, T, 2T, … from the current gradient;
       None refreshes at step 0 only (then `tracking` may move the bases).
@@ -102,7 +103,7 @@ class GaLoreOptions:
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)
-    if self.rank is not None:
+    if self.rank is not None and not callable(self.rank):
       set_("rank", validation.static_int(self.rank, "rank"))
     if self.update_proj_gap is not None:
       set_("update_proj_gap", validation.positive_int(self.update_proj_gap, "update_proj_gap"))
@@ -171,6 +172,8 @@ def _check_refresh(value) -> None:
 
 def _check_realignment(value) -> None:
   if value is None or isinstance(value, bool):
+    return
+  if isinstance(value, realignment.ResetMoments):
     return
   if isinstance(value, realignment.FirstMomentTransport):
     if not isinstance(value.persistent, bool):

@@ -8,7 +8,8 @@ into the full-shape update of the leaf, and may keep per-leaf state:
   apply(plan, grad, low_rank_grad, inner_update, bases, scale, leaf_state)
       -> (update in the leaf's layout, leaf_state)
 
-`ProjectBack` is GaLore's α · project_back(N). `FiraResidual` adds back the
+`ProjectBack` is GaLore's α · project_back(N). `StateFreeResidual` adds a
+state-free step on the rest of the gradient (FRUGAL). `FiraResidual` adds back the
 part of the gradient the projection drops, and `ApolloScaling` applies the
 full gradient scaled by what the low-rank Adam says; both read N before
 Adam's step size (an inner with `bias_correction=False`, the step size later
@@ -86,6 +87,38 @@ class ProjectBack(NamedTuple):
   def apply(self, plan: LeafPlan, grad, low_rank_grad, inner_update, bases, scale, leaf_state):
     del low_rank_grad
     update = projection.project_back_leaf(inner_update * scale, bases, plan.view)
+    return update.astype(grad.dtype), leaf_state
+
+
+INACTIVE_RULES = ("sign_sgd", "sgd")
+
+
+class StateFreeResidual(NamedTuple):
+  """FRUGAL: α · project_back(N), plus a state-free step on what the subspace leaves out.
+
+  The part of the gradient outside the subspace, F = G − project_back(R),
+  gets signSGD (`rule="sign_sgd"`: sign(F)) or SGD (`"sgd"`: F), times
+  `inactive_scale`; the whole is multiplied by α (FRUGAL's
+  `proj_params_lr_scale`), and the learning rate comes later in the chain.
+  No state and no normalization on that part: only the subspace has Adam's.
+
+  Attributes:
+    rule: "sign_sgd" or "sgd".
+    inactive_scale: FRUGAL's `inactive_lr_scale`.
+  """
+
+  rule: str = "sign_sgd"
+  inactive_scale: float = 1.0
+  stateful = False
+
+  def apply(self, plan: LeafPlan, grad, low_rank_grad, inner_update, bases, scale, leaf_state):
+    f32 = jnp.float32
+    outside = grad.astype(f32) - projection.project_back_leaf(
+        low_rank_grad, bases, plan.view).astype(f32)
+    if self.rule == "sign_sgd":
+      outside = jnp.sign(outside)
+    inside = projection.project_back_leaf(inner_update, bases, plan.view).astype(f32)
+    update = scale * (inside + self.inactive_scale * outside)
     return update.astype(grad.dtype), leaf_state
 
 

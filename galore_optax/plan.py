@@ -114,7 +114,7 @@ def _check_projectable(leaf, where: str) -> None:
 def plan_leaves(
     tree: Any,
     *,
-    rank: Optional[int],
+    rank: Any,
     proj_type: str,
     projected: Any,
     dimension_numbers: Any,
@@ -138,13 +138,14 @@ def plan_leaves(
     where = path or "<root>"
     _check_projectable(leaf, where)
     view = matrix_view.make_view(shape, dn, where)
+    sides = projection.sides_for(proj_type, view.m, view.n)
     plans.append(
         LeafPlan(
             index=index,
             path=where,
             view=view,
-            sides=projection.sides_for(proj_type, view.m, view.n),
-            rank=projection.effective_rank(rank, view.m, view.n),
+            sides=sides,
+            rank=projection.effective_rank(rank, view.m, view.n, sides),
         )
     )
   return plans

@@ -47,8 +47,14 @@ def sides_for(proj_type: str, m: int, n: int) -> tuple[str, ...]:
   raise ValueError(f"proj_type={proj_type!r} is unknown.")
 
 
-def effective_rank(rank, m: int, n: int) -> int:
-  """The rank actually used: a thin SVD has at most min(m, n) vectors (None: all of them)."""
+def effective_rank(rank, m: int, n: int, sides: tuple[str, ...] = ()) -> int:
+  """The rank actually used: a thin SVD has at most min(m, n) vectors.
+
+  `rank` is an int, None (all of them) or a callable `rank(m, n, sides)`
+  giving a matrix's own rank (FRUGAL's density).
+  """
+  if callable(rank):
+    rank = rank(m, n, sides)
   return min(m, n) if rank is None else min(rank, m, n)
 
 

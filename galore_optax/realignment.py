@@ -149,6 +149,37 @@ class FirstMomentTransport(NamedTuple):
     return treedef.unflatten(flat)
 
 
+class ResetMoments(NamedTuple):
+  """At each refresh, the inner Adam starts again: zero moments, step count 0 (FRUGAL).
+
+  The moments of the old subspace say nothing about the new one, so FRUGAL
+  drops them, and Adam's bias correction restarts with them. The inner's
+  step count is shared by all its leaves: use it where every leaf of the
+  inner refreshes together (FRUGAL's optimizer runs its unprojected leaves
+  through another transformation).
+  """
+
+  def check(self, inner_state, plans) -> None:
+    _moment_slots(inner_state, plans)
+
+  def apply(self, inner_state, plans, previous, new, moved, count):
+    del previous, new, count
+    flat, treedef = jax.tree.flatten(inner_state)
+    slots = _moment_slots(inner_state, plans)
+    any_moved = False
+    for plan in plans:
+      if plan is None:
+        continue
+      flags = jnp.broadcast_to(moved[plan.index], plan.batch_shape)
+      any_moved = any_moved | jnp.any(flags)
+      for j in (slots.mu[plan.index], slots.nu[plan.index]):
+        flat[j] = matrix_view.select_matrices(flags, jnp.zeros_like(flat[j]), flat[j])
+    if slots.count is not None:
+      flat[slots.count] = jnp.where(any_moved, jnp.zeros_like(flat[slots.count]),
+                                    flat[slots.count])
+    return treedef.unflatten(flat)
+
+
 class FirstMomentInput(NamedTuple):
   """A refresh decomposes the first moment, not the gradient (Conda).
 
@@ -283,7 +314,7 @@ def _realign_adam(m, v, c, t, config: MomentRealignment):
   return new_m.astype(m.dtype), new_v.astype(v.dtype)
 
 
-def realignment_for(realign_moments) -> Optional[MomentRealignment | FirstMomentTransport]:
+def realignment_for(realign_moments):
   """The realignment the `realign_moments` option asks for (None: none)."""
   if realign_moments is None or realign_moments is False:
     return None

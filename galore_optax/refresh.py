@@ -143,11 +143,17 @@ def gaussian(key: jax.Array, batch_shape: tuple[int, ...], shape: tuple[int, ...
   """
   if not batch_shape:
     return jax.random.normal(key, shape, jnp.float32)
+  draw = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))
+  return draw(_flat_keys(key, batch_shape)).reshape(tuple(batch_shape) + tuple(shape))
+
+
+def _flat_keys(key: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:
+  """One key per matrix, flattened: `key` itself if it has `batch_shape`, else
+  `key` folded with each matrix's index."""
   size = math.prod(batch_shape)
   if key.shape != tuple(batch_shape):
     key = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(size))
-  draw = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))
-  return draw(key.reshape(size)).reshape(tuple(batch_shape) + tuple(shape))
+  return key.reshape(size)
 
 
 def randomized_refresh(oversample: int = 8, power_iters: int = 1) -> RefreshFn:
@@ -274,6 +280,45 @@ random_orthonormal_refresh.regenerate = random_orthonormal_bases
 random_orthonormal_refresh.reads_previous = False
 
 
+def random_coordinates_bases(key, batch_shape, m: int, n: int, rank: int, sides) -> dict:
+  """FRUGAL's RandK: r coordinates of the kept side, drawn without replacement.
+
+  The basis holds one-hot vectors: on the input side (r, n) rows selecting
+  r random columns of G (R = G[:, J]), on the output side (m, r) columns
+  selecting r random rows. J is the first r entries of a uniform random
+  permutation, in that order.
+  """
+  bases = {}
+  for position, side in enumerate((OUTPUT_SIDE, INPUT_SIDE)):
+    if side not in sides:
+      continue
+    dim = m if side == OUTPUT_SIDE else n
+    side_key = jax.random.fold_in(key, position) if key.ndim == 0 else jax.vmap(
+        lambda k, position=position: jax.random.fold_in(k, position))(key)
+    keys = _flat_keys(side_key, batch_shape) if batch_shape else side_key[None]
+    chosen = jax.vmap(lambda k: jax.random.permutation(k, dim)[:rank])(keys)  # (B, r)
+    one_hot = jax.nn.one_hot(chosen, dim, dtype=jnp.float32)  # (B, r, dim)
+    one_hot = one_hot.reshape(tuple(batch_shape) + (rank, dim))
+    bases[side] = jnp.swapaxes(one_hot, -1, -2) if side == OUTPUT_SIDE else one_hot
+  return bases
+
+
+def random_coordinates_refresh(g, rank, sides, previous=None, key=None):
+  """FRUGAL's random coordinates (RandK columns or rows): no decomposition.
+
+  Each refresh selects r random columns (input side) or rows (output side)
+  of every matrix, stored as one-hot bases (`random_coordinates_bases`); the
+  gradient is not read, and with `regenerate_projector=True` only the step
+  of the last refresh is stored.
+  """
+  del previous
+  return random_coordinates_bases(key, g.shape[:-2], g.shape[-2], g.shape[-1], rank, sides)
+
+
+random_coordinates_refresh.regenerate = random_coordinates_bases
+random_coordinates_refresh.reads_previous = False
+
+
 def switch_refresh(at_step: int, before: Any = "svd",
                    after: Any = "random_orthonormal") -> RefreshFn:
   """One refresh method before step `at_step`, another from it on (GoLore's switch).
@@ -335,6 +380,7 @@ REFRESH_METHODS: dict[str, RefreshFn] = {
     "power": power_refresh(),
     "random": random_refresh,
     "random_orthonormal": random_orthonormal_refresh,
+    "random_coordinates": random_coordinates_refresh,
 }
 
 # Root of the keys of random refresh methods; each matrix folds in its leaf's

@@ -193,7 +193,7 @@ def galore_transform(
     ]))
     inner_state = inner.init(low_rank_params)
     for part in (realign, options.refresh_input):
-      if part is not None:
+      if part is not None and any(p is not None for p in plans):
         part.check(inner_state, plans)  # fails at init, not at a refresh
     projectors = per_leaf(storage.init)
     inspection.warn_about_plan(plans, leaves, masking.leaf_paths(params),

@@ -25,7 +25,8 @@ from galore_optax.options import AdamOptions, GaLoreOptions
 from examples import optimizers as registry
 
 # The library's optimizers (the repository's registry) and the public parts they are built of.
-FACTORIES = ["scale_by_galore", "galore", "scale_by_adam_8bit", "scale_by_conda"] + [
+FACTORIES = ["scale_by_galore", "galore", "scale_by_adam_8bit", "scale_by_conda",
+             "scale_by_frugal"] + [
     spec.name for spec in registry.library()]
 # Defaults that differ from GaLoreOptions/AdamOptions on purpose; each docstring says why.
 OWN_DEFAULTS = {
@@ -34,6 +35,7 @@ OWN_DEFAULTS = {
     ("apollo_mini", "scale"): 128.0,
     ("conda", "update_proj_gap"): 2000, ("conda", "eps"): 1e-8,  # the official Conda's
     ("scale_by_conda", "update_proj_gap"): 2000, ("scale_by_conda", "eps"): 1e-8,
+    ("frugal_adamw", "eps"): 1e-8, ("scale_by_frugal", "eps"): 1e-8,  # FRUGAL's (torch's)
     ("golore_adamw", "realign_moments"): go.FirstMomentTransport(),  # GoLore's transport
     ("galore_adamw8bit", "eps"): 1e-8, ("apollo_adamw8bit", "eps"): 1e-8,  # bitsandbytes
     ("gradnorm_lorp8bit", "eps"): 1e-8, ("adamw_8bit", "eps"): 1e-8,

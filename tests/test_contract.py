@@ -294,7 +294,7 @@ def test_weight_decay_schedule_under_jit(name):
 
 
 # The README's static arguments (the 8-bit sizes need not be: updates read them off the state).
-STATIC = ("rank", "update_proj_gap")
+STATIC = ("rank", "update_proj_gap", "density")
 
 
 def static_args(factory):

@@ -1,0 +1,158 @@
+"""FRUGAL against the official code's trajectories, step for step.
+
+tests/fixtures/frugal/ holds trajectories of the official GaloreAdamW (SVD subspace) and
+CoordAdamW (random columns) of fzmushko/FRUGAL (recorded by tests/fixtures/frugal/record.py;
+docs/frugal_reference.md): density 0.25, a change of subspace every 2 steps, s_p 0.5, s_i 0.3,
+7 steps. With Adam reset at each change, the SVD cases do not depend on the signs of the
+singular vectors, so the library's own SVD is compared with the recording (the first moments
+up to the sign of each basis vector); the random columns come from torch's generator, so
+their recorded choice is fed to the library's refresh.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import galore_optax as go
+from galore_optax import frugal
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "frugal")
+TORCH_LAYOUT = go.DimensionNumbers(reduction_axes=-1, output_axes=-2)
+BASIS = {"left": "u", "right": "vh"}
+
+
+@functools.lru_cache(maxsize=None)
+def fixtures():
+  with open(os.path.join(FIXTURES, "trajectories.json")) as f:
+    meta = json.load(f)
+  return dict(np.load(os.path.join(FIXTURES, "trajectories.npz"))), meta
+
+
+def make(projection, side, rule):
+  h = fixtures()[1]["hyperparameters"]
+  return go.frugal_adamw(
+      h["lr"], density=h["density"], update_proj_gap=h["update_gap"], projection=projection,
+      proj_type=side, b1=h["betas"][0], b2=h["betas"][1], eps=h["eps"],
+      weight_decay=h["weight_decay"], inactive_update_rule=rule,
+      inactive_lr_scale=h["inactive_lr_scale"], proj_params_lr_scale=h["proj_params_lr_scale"],
+      dimension_numbers=TORCH_LAYOUT)
+
+
+def run(tx, init, grads):
+  """Weights, stored basis and Adam moments after each step."""
+
+  def step(carry, g):
+    w, state = carry
+    updates, state = tx.update(g, state, w)
+    w = optax.apply_updates(w, updates)
+    galore = state[0].inner_states["subspace"].inner_state
+    adam = galore.inner_state
+    return (w, state), (w, next(iter(galore.projectors.values())), adam.mu, adam.nu)
+
+  return jax.lax.scan(step, (init, tx.init(init)), grads)[1]
+
+
+@functools.partial(jax.jit, static_argnames=("side", "rule"))
+def run_svd(init, grads, side, rule):
+  return run(make("svd", side, rule), init, grads)
+
+
+def errors(ws, mus, nus, data, case, init, m_sign=1.0):
+  params = data[f"{case}/params"]
+  return {
+      # the weights over the norm of their whole change; the moments over their largest entry
+      "params": float(np.max(np.abs(ws - params[1:])) / np.linalg.norm(params[-1] - init)),
+      "exp_avg": float(np.max(np.abs(m_sign * mus - data[f"{case}/exp_avg"]))
+                       / np.max(np.abs(mus))),
+      "exp_avg_sq": float(np.max(np.abs(nus - data[f"{case}/exp_avg_sq"])) / np.max(nus)),
+  }
+
+
+@pytest.mark.parametrize("shape", ("tall", "wide", "square"))
+def test_svd_subspace_step_for_step(shape):
+  data, meta = fixtures()
+  init, grads = data[f"{shape}/init"], data[f"{shape}/grads"]
+  gap = meta["hyperparameters"]["update_gap"]
+  worst = {}
+  for side in ("left", "right"):
+    for rule in ("sign_sgd", "sgd"):
+      case = f"{shape}/svd/{side}/{rule}"
+      ws, bases, mus, nus = map(np.asarray, run_svd(init, grads, side, rule))
+      official = data[f"{case}/projectors"]
+      # ±1 per basis vector (rows of Vh, columns of U), per change of subspace.
+      axis = 1 if side == "right" else 0
+      flips = np.stack([np.sign(np.sum(bases[t] * official[t // gap], axis=axis))
+                        for t in range(len(grads))])
+      m_sign = flips[:, None, :] if side == "right" else flips[:, :, None]
+      worst[case] = errors(ws, mus, nus, data, case, init, m_sign)
+  assert max(max(e.values()) for e in worst.values()) <= 1e-5, worst
+
+
+def recorded_columns(indices, gap, n):
+  """A refresh giving the official columns of the change at `step` (one-hot rows)."""
+
+  def refresh(g, rank, sides, previous=None, key=None, *, step):
+    del rank, sides, previous, key
+    rows = jax.nn.one_hot(jnp.asarray(indices)[step // gap], n, dtype=jnp.float32)
+    return {"vh": jnp.broadcast_to(rows, (g.shape[0],) + rows.shape)}
+
+  refresh.reads_previous = False
+  refresh.reads_step = True
+  return refresh
+
+
+@pytest.mark.parametrize("shape", ("tall", "wide", "square"))
+def test_random_columns_step_for_step(shape, monkeypatch):
+  data, meta = fixtures()
+  init, grads = data[f"{shape}/init"], data[f"{shape}/grads"]
+  case = f"{shape}/random/columns/sign_sgd"
+  indices = data[f"{case}/indices"]
+  monkeypatch.setitem(frugal.PROJECTIONS, "random", recorded_columns(
+      indices, meta["hyperparameters"]["update_gap"], init.shape[1]))
+  ws, bases, mus, nus = map(np.asarray, jax.jit(
+      lambda i, g: run(make("random", "right", "sign_sgd"), i, g))(init, grads))
+  assert bases.shape[1] == indices.shape[1] == int(init.shape[1] * 0.25)  # ⌊n · density⌋
+  err = errors(ws, mus, nus, data, case, init)
+  assert max(err.values()) <= 1e-5, err
+
+
+def test_random_columns_are_uniform_and_regenerable():
+  """Our own draw: distinct columns, each column equally likely; stored = regenerated."""
+  keys = jax.random.split(jax.random.key(3), 3000)
+  bases = go.random_coordinates_refresh(jnp.zeros((3000, 5, 12)), 3, ("vh",), key=keys)["vh"]
+  b = np.asarray(bases)
+  assert np.all(b.sum(axis=-1) == 1) and np.all(b.sum(axis=-2) <= 1)  # 3 distinct columns
+  frequency = b.sum(axis=(0, 1)) / (3000 * 3)  # each column chosen with probability 1/12
+  assert np.all(np.abs(frequency - 1 / 12) <= 5 * np.sqrt(1 / 12 * 11 / 12 / 9000))
+  params = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((24, 40)), jnp.float32)}
+  grads = [jax.tree.map(lambda x, i=i: jnp.sin(x * (i + 1)), params) for i in range(4)]
+  results = []
+  for regenerate in (False, True):
+    tx = go.frugal_adamw(1e-2, update_proj_gap=2, projection="random", proj_type="right",
+                         regenerate_projector=regenerate)
+    state, w, update = tx.init(params), params, jax.jit(tx.update)
+    for g in grads:
+      updates, state = update(g, state, w)
+      w = optax.apply_updates(w, updates)
+    results.append((w["w"], go.tree_bytes(state)))
+  np.testing.assert_array_equal(np.asarray(results[0][0]), np.asarray(results[1][0]))
+  assert results[1][1] < results[0][1]
+
+
+def test_frugal_refuses_what_it_does_not_do():
+  with pytest.raises(ValueError, match="projection"):
+    go.frugal_adamw(1e-3, projection="blocks")
+  with pytest.raises(ValueError, match="columns"):
+    go.frugal_adamw(1e-3, projection="random", proj_type="std")
+  with pytest.raises(ValueError, match="inactive_update_rule"):
+    go.frugal_adamw(1e-3, inactive_update_rule="same")
+  with pytest.raises(ValueError, match="density"):
+    go.frugal_adamw(1e-3, density=0.0)
