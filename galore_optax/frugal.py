@@ -15,6 +15,7 @@ import math
 from typing import Any, Optional
 
 import jax
+import jax.core  # `jax` imports it but does not bind the name for type checkers
 import optax
 
 from galore_optax import parts

@@ -85,7 +85,7 @@ class GaLoreOptions:
       one-sided `proj_type`.
   """
 
-  rank: int = 128
+  rank: Any = 128  # an int; None; or a callable rank(m, n, sides)
   update_proj_gap: Any = 200
   scale: Any = 1.0
   proj_type: str = "std"

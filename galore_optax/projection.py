@@ -9,6 +9,8 @@ or both for the two-sided "full" projection.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -47,7 +49,7 @@ def sides_for(proj_type: str, m: int, n: int) -> tuple[str, ...]:
   raise ValueError(f"proj_type={proj_type!r} is unknown.")
 
 
-def effective_rank(rank, m: int, n: int, sides: tuple[str, ...] = ()) -> int:
+def effective_rank(rank: Any, m: int, n: int, sides: tuple[str, ...] = ()) -> int:
   """The rank actually used: a thin SVD has at most min(m, n) vectors.
 
   `rank` is an int, None (all of them) or a callable `rank(m, n, sides)`
@@ -55,7 +57,7 @@ def effective_rank(rank, m: int, n: int, sides: tuple[str, ...] = ()) -> int:
   """
   if callable(rank):
     rank = rank(m, n, sides)
-  return min(m, n) if rank is None else min(rank, m, n)
+  return min(m, n) if rank is None else min(int(rank), m, n)
 
 
 def basis_shapes(

@@ -296,7 +296,7 @@ def random_coordinates_bases(key, batch_shape, m: int, n: int, rank: int, sides)
     side_key = jax.random.fold_in(key, position) if key.ndim == 0 else jax.vmap(
         lambda k, position=position: jax.random.fold_in(k, position))(key)
     keys = _flat_keys(side_key, batch_shape) if batch_shape else side_key[None]
-    chosen = jax.vmap(lambda k: jax.random.permutation(k, dim)[:rank])(keys)  # (B, r)
+    chosen = jax.vmap(lambda k, dim=dim: jax.random.permutation(k, dim)[:rank])(keys)  # (B, r)
     one_hot = jax.nn.one_hot(chosen, dim, dtype=jnp.float32)  # (B, r, dim)
     one_hot = one_hot.reshape(tuple(batch_shape) + (rank, dim))
     bases[side] = jnp.swapaxes(one_hot, -1, -2) if side == OUTPUT_SIDE else one_hot
