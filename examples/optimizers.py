@@ -200,6 +200,11 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
                        weight_decay=c.weight_decay, projected=go.path_mask(c.targets)),
         projects=False),
     OptimizerSpec(
+        "subtrack_adamw", go.subtrack_adamw,
+        "galore_optax.subtrack_adamw (SubTrack++: the subspace tracked along Grassmann geodesics)",
+        1e-2, lambda c: dict(galore_options(c), weight_decay=c.weight_decay),
+        proj_types=("std", "reverse_std", "left", "right"), refresh_methods=("svd",)),
+    OptimizerSpec(
         "frugal_adamw", go.frugal_adamw,
         "galore_optax.frugal_adamw (Adam on an SVD subspace at density 0.25, signSGD outside)",
         1e-2,

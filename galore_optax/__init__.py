@@ -43,6 +43,7 @@ from galore_optax.quantization import (
 from galore_optax.realignment import FirstMomentTransport, MomentRealignment
 from galore_optax.refresh import (
     canonical_signs,
+    geodesic_refresh,
     random_coordinates_refresh,
     power_refresh,
     random_orthonormal_refresh,
@@ -55,6 +56,7 @@ from galore_optax.memory_analysis import planned_peak_bytes
 from galore_optax.schedules import LazyRefresh, LazyRefreshState
 from galore_optax.tracking import OnlinePCA
 from galore_optax.sharding import opt_state_shardings, sharding_aware
+from galore_optax.subtrack import subtrack_adamw
 from galore_optax.transform import GaLoreState, scale_by_galore
 from galore_optax.tree_utils import tree_bytes
 from galore_optax.weight_decay import decay_weights_after_update
@@ -101,6 +103,7 @@ __all__ = (
     "galore_adafactor",
     "galore_adamw",
     "galore_adamw8bit",
+    "geodesic_refresh",
     "golore_adamw",
     "gradnorm_lorp",
     "gradnorm_lorp8bit",
@@ -123,6 +126,7 @@ __all__ = (
     "scale_by_frugal",
     "scale_by_galore",
     "sharding_aware",
+    "subtrack_adamw",
     "svd_refresh",
     "switch_refresh",
     "tree_bytes",

@@ -85,6 +85,12 @@ def _chain(galore, inner, output, learning_rate, adam: AdamOptions):
   ]
 
 
+def fira_chain(galore, adam: AdamOptions, output, learning_rate):
+  """Fira's chain: GaLore with galore-torch's Adam direction and `output` (a residual that
+  reads N before the step size), then the step size, the learning rate and the decay."""
+  return _chain(galore, _direction(adam), output, learning_rate, adam)
+
+
 def _direction(adam: AdamOptions):
   """galore-torch's Adam without its step size: N = m / (√v + eps)."""
   return scale_by_adam_hf(adam.b1, adam.b2, adam.eps, adam.mu_dtype, bias_correction=False)
@@ -176,7 +182,7 @@ def fira_adamw(
     raise ValueError(f"fira_adamw does not support proj_type='full': {_NOT_FULL}.")
   adam = AdamOptions.from_arguments(locals())
   galore = GaLoreOptions.from_arguments(locals()).with_realignment_decays(b1, b2)
-  return optax.chain(*_chain(galore, _direction(adam), outputs.FiraResidual(), learning_rate, adam))
+  return optax.chain(*fira_chain(galore, adam, outputs.FiraResidual(), learning_rate))
 
 
 def _apollo_options(galore: GaLoreOptions, owner: str, proj: str, per_channel: bool):

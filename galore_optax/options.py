@@ -142,8 +142,9 @@ class GaLoreOptions:
 
   @classmethod
   def from_arguments(cls, arguments: Mapping[str, Any], **overrides) -> GaLoreOptions:
-    """The options among a factory's `arguments` (its `locals()`), validated."""
-    return cls(**_fields_of(cls, arguments), **overrides)
+    """The options among a factory's `arguments` (its `locals()`), validated; `overrides`
+    replace arguments of the same name."""
+    return cls(**{**_fields_of(cls, arguments), **overrides})
 
   def with_realignment_decays(self, b1, b2) -> GaLoreOptions:
     """`realign_moments=True` resolved to the optimizer's own Adam decays."""
@@ -222,8 +223,9 @@ class AdamOptions:
 
   @classmethod
   def from_arguments(cls, arguments: Mapping[str, Any], **overrides) -> AdamOptions:
-    """The Adam options among a factory's `arguments` (its `locals()`), validated."""
-    return cls(**_fields_of(cls, arguments), **overrides)
+    """The Adam options among a factory's `arguments` (its `locals()`), validated; `overrides`
+    replace arguments of the same name."""
+    return cls(**{**_fields_of(cls, arguments), **overrides})
 
 
 def _fields_of(cls, arguments: Mapping[str, Any]) -> dict[str, Any]:

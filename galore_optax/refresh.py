@@ -319,6 +319,55 @@ random_coordinates_refresh.regenerate = random_coordinates_bases
 random_coordinates_refresh.reads_previous = False
 
 
+def _geodesic_output_side(p: jax.Array, g: jax.Array, step_size) -> jax.Array:
+  """One rank-1 Grassmann geodesic step of an (m × r) orthonormal basis towards G's range."""
+  t = lambda x: jnp.swapaxes(x, -1, -2)
+  a = t(p) @ g  # (r, n): the coordinates of G in the basis
+  residual = g - p @ a
+  d = -2.0 * residual @ t(a)  # ∂‖G − P A‖²/∂P at fixed A
+  h = d - p @ (t(p) @ d)  # its part orthogonal to the basis: the Grassmann tangent
+  u, s, vh = jnp.linalg.svd(h, full_matrices=False)
+  u, sigma, v = u[..., :, :1], s[..., :1], t(vh[..., :1, :])  # top triple: (m,1), (1,), (r,1)
+  angle = (step_size * sigma)[..., None, :]
+  # P⁺ = (P v cos θ − u sin θ) vᵀ + P (I − v vᵀ): the direction P v turns towards −u by θ.
+  return p + ((jnp.cos(angle) - 1.0) * (p @ v) - jnp.sin(angle) * u) @ t(v)
+
+
+def geodesic_refresh(step_size: float = 10.0) -> RefreshFn:
+  """SubTrack++'s refresh: the previous basis moved along a Grassmann geodesic.
+
+  From the previous basis P and the gradient G: the tangent H = (I − PPᵀ)D of
+  the estimation error ‖G − PPᵀG‖² (D = −2(G − PPᵀG)GᵀP), its top singular
+  triple (σ, u, v), and the rank-1 geodesic step P⁺ = (P v cos ησ − u sin ησ)vᵀ
+  + P(I − vvᵀ), which stays orthonormal. No SVD of G: one of the (m × r)
+  tangent. The input side moves the same way on the transposes (the official
+  code's input-side step is zero in exact arithmetic: docs/subtrack_reference.md).
+  A zero previous basis (before the first refresh) is returned as it is: use
+  it after an SVD, as `go.subtrack_adamw` does (`switch_refresh`).
+
+  Args:
+    step_size: η; the angle is ησ, so η scales with 1/‖G‖² (the official
+      scripts: 10).
+
+  Returns:
+    A refresh method that reads the previous bases.
+  """
+
+  def refresh(g, rank, sides, previous=None, key=None):
+    del rank, key
+    assert previous is not None, "geodesic_refresh reads the previous bases"
+    t = lambda x: jnp.swapaxes(x, -1, -2)
+    g = rescaled(g)  # the angle grows with ‖G‖²: extreme matrices keep their direction
+    bases = {}
+    if OUTPUT_SIDE in sides:
+      bases[OUTPUT_SIDE] = _geodesic_output_side(previous[OUTPUT_SIDE], g, step_size)
+    if INPUT_SIDE in sides:
+      bases[INPUT_SIDE] = t(_geodesic_output_side(t(previous[INPUT_SIDE]), t(g), step_size))
+    return bases
+
+  return refresh
+
+
 def switch_refresh(at_step: int, before: Any = "svd",
                    after: Any = "random_orthonormal") -> RefreshFn:
   """One refresh method before step `at_step`, another from it on (GoLore's switch).
