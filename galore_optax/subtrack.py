@@ -119,9 +119,9 @@ def subtrack_adamw(
     raise ValueError("subtrack_adamw tracks one basis per matrix; proj_type='full' keeps two. "
                      "Use 'std', 'reverse_std', 'left' or 'right'.")
   adam = AdamOptions.from_arguments(locals())
+  tracked = refresh_lib.switch_refresh(1, "svd", refresh_lib.geodesic_refresh(subspace_step_size))
   galore = GaLoreOptions.from_arguments(
-      locals(),
-      refresh=refresh_lib.switch_refresh(1, "svd", refresh_lib.geodesic_refresh(subspace_step_size)),
+      locals(), refresh=tracked,
       realign_moments=realign_moments or None).with_realignment_decays(b1, b2)
   if recovery_scaling:
     return optax.chain(*fira_apollo.fira_chain(galore, adam, outputs.FiraResidual(),
