@@ -205,6 +205,11 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
         1e-2, lambda c: dict(galore_options(c), weight_decay=c.weight_decay),
         proj_types=("std", "reverse_std", "left", "right"), refresh_methods=("svd",)),
     OptimizerSpec(
+        "coap_adamw", go.coap_adamw,
+        "galore_optax.coap_adamw (COAP: correlation-aware steps of the projector, sketches)",
+        1e-2, lambda c: dict(galore_options(c), weight_decay=c.weight_decay),
+        proj_types=("std", "reverse_std", "left", "right"), refresh_methods=("svd",)),
+    OptimizerSpec(
         "frugal_adamw", go.frugal_adamw,
         "galore_optax.frugal_adamw (Adam on an SVD subspace at density 0.25, signSGD outside)",
         1e-2,

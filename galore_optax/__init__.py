@@ -20,6 +20,7 @@ from galore_optax.adam import (
 from galore_optax.adam_8bit import ScaleByAdam8bitState, adamw_8bit, scale_by_adam_8bit
 from galore_optax.alias import galore, galore_adafactor, galore_adamw, galore_adamw8bit
 from galore_optax.fira_apollo import apollo_adamw, apollo_adamw8bit, apollo_mini, fira_adamw
+from galore_optax.coap import coap_adamw
 from galore_optax.conda import conda, scale_by_conda
 from galore_optax.frugal import frugal_adamw, scale_by_frugal
 from galore_optax.fused import FusedState, fused_init, fused_scan_step
@@ -43,6 +44,7 @@ from galore_optax.quantization import (
 from galore_optax.realignment import FirstMomentTransport, MomentRealignment
 from galore_optax.refresh import (
     canonical_signs,
+    coap_refresh,
     geodesic_refresh,
     random_coordinates_refresh,
     power_refresh,
@@ -89,6 +91,8 @@ __all__ = (
     "apollo_mini",
     "add_adafactor_decayed_weights",
     "canonical_signs",
+    "coap_adamw",
+    "coap_refresh",
     "conda",
     "decay_weights_after_update",
     "describe",

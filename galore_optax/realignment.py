@@ -215,6 +215,19 @@ class FirstMomentInput(NamedTuple):
     return of
 
 
+def lifted_first_moment(inner_state, plans, decode_old):
+  """`moment(plan)`: the inner Adam's first moment projected back to the leaf's shape with the
+  bases before the refresh (float32), for a refresh method that reads it (COAP)."""
+  flat = jax.tree.leaves(inner_state)
+  slots = _moment_slots(inner_state, plans)
+
+  def of(plan):
+    m = flat[slots.mu[plan.index]].astype(jnp.float32)
+    return projection.project_back_leaf(m, decode_old(plan), plan.view).astype(jnp.float32)
+
+  return of
+
+
 def _after_first_refresh(moved, count, plan):
   """Matrices refreshed now that had a basis before (every refresh but step 0's)."""
   return jnp.broadcast_to(moved & (count > 0), plan.batch_shape)

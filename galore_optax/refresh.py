@@ -368,6 +368,112 @@ def geodesic_refresh(step_size: float = 10.0) -> RefreshFn:
   return refresh
 
 
+def _sketched_input_basis(g: jax.Array, omega: jax.Array) -> jax.Array:
+  """COAP's one-pass randomized SVD: Q = qr(GΩ), the right singular vectors of QᵀG (r × n)."""
+  q = jnp.linalg.qr(g @ omega)[0]
+  vh = jnp.linalg.svd(jnp.swapaxes(q, -1, -2) @ g, full_matrices=False)[2]
+  return canonical_signs(vh, axis=-1)
+
+
+def _correlation_loss(p: jax.Array, g: jax.Array, lifted_moment_coordinates: jax.Array,
+                      cosine_axis: int):
+  """COAP's loss of an input-side basis P (r × n): mse(G PᵀP, G) · (1 − mean cosine of M P
+  and G), with M the first moment's (m × r) coordinates; the cosines are taken along
+  `cosine_axis` (the official code: along the rows of the parameter's (out × in) G)."""
+  eps = 1e-8
+  mse = jnp.mean(jnp.square(g @ jnp.swapaxes(p, -1, -2) @ p - g))
+  a = lifted_moment_coordinates @ p
+  # max(‖x‖, eps) as √max(‖x‖², eps²): the same value, and a zero (not NaN) gradient at 0.
+  norm = lambda x: jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=cosine_axis), eps * eps))
+  norms = norm(a) * norm(g)
+  cosine = jnp.sum(a * g, axis=cosine_axis) / norms
+  return mse * (1.0 - jnp.mean(cosine))
+
+
+def _coap_input_side(p, g, m_coordinates, step, key, update_interval, reproject_factor,
+                     omega0, cosine_axis, step_size=0.1):
+  """One COAP event for an input-side basis (r × n) of one matrix G (m × n)."""
+  rank, n = p.shape[-2:]
+
+  def sketch():
+    omega = (jax.random.normal(key, (n, rank), jnp.float32) if omega0 is None
+             else jnp.asarray(omega0, jnp.float32))
+    return _sketched_input_basis(g, omega)
+
+  def recalibrate():
+    return _sketched_input_basis(g, jnp.swapaxes(p, -1, -2))
+
+  def correlation_step():
+    grad = jax.grad(_correlation_loss)(p, g, m_coordinates, cosine_axis)
+    grad = grad * jnp.minimum(1.0, 1.0 / (jnp.linalg.norm(grad) + 1e-6))  # clip to norm 1
+    return p - step_size * grad
+
+  kind = jnp.where(step == 0, 0, jnp.where(step % (update_interval * reproject_factor) == 0, 1, 2))
+  return jax.lax.switch(kind, (sketch, recalibrate, correlation_step))
+
+
+def coap_refresh(update_interval: int, reproject_factor: int = 5, omega0=None) -> RefreshFn:
+  """COAP's projector: a sketch, then correlation-aware steps and periodic recalibrations.
+
+  Called at every refresh (every `update_interval` steps, the schedule's
+  `update_proj_gap`): at step 0 a one-pass randomized SVD of G with a
+  Gaussian test matrix; at steps that are multiples of `update_interval` ·
+  `reproject_factor` the same sketch warm-started from the current basis
+  (recalibration); at the others one clipped gradient step (size 0.1, norm
+  ≤ 1) of the previous basis on mse(G, PPᵀG) · (1 − mean row cosine of the
+  projected-back first moment and G): the basis moves towards what both the
+  gradient and the moment say, without an SVD. Not re-orthonormalized, as
+  in the official code. Reads the previous bases, the step and the first
+  moment (`previous["moment"]`, the moment before this step in the leaf's
+  shape). The sketches' singular vectors get the project's canonical signs
+  (the official code keeps LAPACK's; with the moments kept across a
+  recalibration, the trajectory depends on them).
+
+  Args:
+    update_interval: steps between events (T_u); must equal the schedule's
+      `update_proj_gap`.
+    reproject_factor: every K-th event is a recalibration (K).
+    omega0: None (a Gaussian test matrix from each matrix's key), or a fixed
+      (n or m, rank) test matrix for the first sketch (the official code
+      draws one from torch's generator seeded 3407).
+
+  Returns:
+    A refresh method reading the previous bases, the step and the moment.
+  """
+
+  def refresh(g, rank, sides, previous=None, key=None, *, step):
+    del rank
+    assert previous is not None and "moment" in previous, "coap_refresh reads the moment"
+    assert key is not None, "the refresh step passes a key to every refresh function"
+    t = lambda x: jnp.swapaxes(x, -1, -2)
+    # The sketch and the cosines do not depend on the scales of G and M: extreme matrices are
+    # scaled by powers of two (`rescaled`, the identity for ordinary ones), so that G Ω, the
+    # mse and M's coordinates do not overflow.
+    g, moment = rescaled(g), rescaled(previous["moment"])
+    keys = key if key.ndim else jnp.broadcast_to(key, g.shape[:1])
+
+    def one(side, p, g1, moment1, key1):
+      # The output side is the input side of the transposes: P = Uᵀ, G = Gᵀ, M = Mᵀ.
+      if side == OUTPUT_SIDE:
+        p, g1, moment1 = t(p), t(g1), t(moment1)
+      # The moment's (m, r) coordinates M in the old basis, from its projection back M P
+      # (P need not be orthonormal: M = (M P) Pᵀ (P Pᵀ)⁻¹).
+      gram = p @ t(p)
+      coordinates = t(jnp.linalg.solve(gram, p @ t(moment1)))
+      # The cosines run along the rows of the (out × in) G: the last axis, or the first
+      # of the transposes.
+      new = _coap_input_side(p, g1, coordinates, step, key1, update_interval,
+                             reproject_factor, omega0, -2 if side == OUTPUT_SIDE else -1)
+      return t(new) if side == OUTPUT_SIDE else new
+
+    return {side: jax.vmap(lambda p, g1, m1, k1, side=side: one(side, p, g1, m1, k1))(
+        previous[side], g, moment, keys) for side in sides}
+
+  refresh.reads_step = True
+  refresh.reads_moment = True
+  return refresh
+
+
 def switch_refresh(at_step: int, before: Any = "svd",
                    after: Any = "random_orthonormal") -> RefreshFn:
   """One refresh method before step `at_step`, another from it on (GoLore's switch).

@@ -25,7 +25,7 @@ from galore_optax import refresh as refresh_lib
 from galore_optax.plan import LeafPlan, RefreshBatch, refresh_batches
 
 
-def refresh_due(grads, todo, stored, sched, count, due, options, source=None):
+def refresh_due(grads, todo, stored, sched, count, due, options, source=None, moment=None):
   """Stored projectors (and schedules) after refreshing the due matrices.
 
   Args:
@@ -39,6 +39,9 @@ def refresh_due(grads, todo, stored, sched, count, due, options, source=None):
     source: None, or `source(plan, grad)` giving the leaf-shaped matrix to
       decompose instead of the gradient (evaluated inside each batch's
       `lax.cond`, so only at refreshes).
+    moment: None, or `moment(plan)` giving the leaf-shaped float32 first
+      moment, for a refresh method that reads it (`reads_moment`): it gets
+      it as `previous["moment"]`, (B, m, n) like the gradients.
 
   Returns:
     The new `stored` and `sched` lists.
@@ -52,7 +55,7 @@ def refresh_due(grads, todo, stored, sched, count, due, options, source=None):
   devices = 1 if mesh is None else mesh.size
   run = lambda budget, pack: lambda: refresh_in_batches(
       refresh_batches(todo, budget, pack=pack, devices=devices),
-      grads, stored, sched, count, due, options, mesh, source)
+      grads, stored, sched, count, due, options, mesh, source, moment)
   return jax.lax.platform_dependent(
       cpu=run(0, False if mesh is None else parts.schedule(options).batched),
       default=run(parts.refresh_budget_bytes(options), parts.schedule(options).batched))
@@ -65,7 +68,7 @@ def _refresh_mesh():
 
 
 def refresh_in_batches(batches, grads, stored, sched, count, due, options, mesh=None,
-                       source=None):
+                       source=None, moment=None):
   """`refresh_due` with the given `plan.RefreshBatch`es (on any platform).
 
   With a `mesh`, each call's matrices are spread over its devices.
@@ -79,10 +82,13 @@ def refresh_in_batches(batches, grads, stored, sched, count, due, options, mesh=
       if source is not None:
         # In the gradient's dtype, as the first moment of its parameter would be.
         g = [source(p, g_j).astype(g_j.dtype) for p, g_j in zip(batch.plans, g)]
+      moments = None if moment is None else [moment(p) for p in batch.plans]
       if batch.looped:
-        new = [_refresh_looped(batch, g[0], s[0], due[idx[0]], count, options, mesh)]
+        new = [_refresh_looped(batch, g[0], s[0], due[idx[0]], count, options, mesh,
+                               None if moments is None else moments[0])]
       else:
-        new = _refresh_packed(batch, g, s, [due[i] for i in idx], count, options, mesh)
+        new = _refresh_packed(batch, g, s, [due[i] for i in idx], count, options, mesh,
+                              moments)
       if schedule.stateful:
         storage = parts.storage(options)
         sc = [
@@ -102,7 +108,8 @@ def refresh_in_batches(batches, grads, stored, sched, count, due, options, mesh=
   return stored, sched
 
 
-def _refresh_packed(batch: RefreshBatch, grads, stored, due, count, options, mesh) -> list:
+def _refresh_packed(batch: RefreshBatch, grads, stored, due, count, options, mesh,
+                    moments=None) -> list:
   """New stored projectors of whole leaves, decomposed in one batched call."""
   plans = batch.plans
   first = plans[0]
@@ -117,6 +124,9 @@ def _refresh_packed(batch: RefreshBatch, grads, stored, due, count, options, mes
     old = [parts.storage(options).decode(s, p, jnp.float32) for p, s in zip(plans, stored)]
     previous = {side: concat([o[side].reshape((-1,) + o[side].shape[-2:]) for o in old])
                 for side in first.sides}
+  if moments is not None:
+    previous = dict(previous or {}, moment=concat([
+        matrix_view.to_matrix(x, p.view).reshape(-1, m, n) for p, x in zip(plans, moments)]))
   keys = concat([
       refresh_lib.matrix_keys(p.index, jnp.full((p.num_matrices,), count, jnp.int32),
                               num_matrices=p.num_matrices)
@@ -132,7 +142,8 @@ def _refresh_packed(batch: RefreshBatch, grads, stored, due, count, options, mes
   return out
 
 
-def _refresh_looped(batch: RefreshBatch, grad, stored, due, count, options, mesh):
+def _refresh_looped(batch: RefreshBatch, grad, stored, due, count, options, mesh,
+                    moment=None):
   """New stored projectors of one stacked leaf, `batch.size` matrices a call.
 
   A `fori_loop` over equal slices of the stack: each reads its slice of the
@@ -142,6 +153,7 @@ def _refresh_looped(batch: RefreshBatch, grad, stored, due, count, options, mesh
   (plan,) = batch.plans
   size, total = batch.size, plan.num_matrices
   flat_grad, flat_view = matrix_view.batch_first(grad, plan.view)
+  flat_moment = None if moment is None else matrix_view.batch_first(moment, plan.view)[0]
   part = plan._replace(view=matrix_view.with_batch(flat_view, size))
   nb = len(plan.batch_shape)
   flatten = lambda a: a.reshape((total,) + a.shape[nb:])
@@ -154,6 +166,9 @@ def _refresh_looped(batch: RefreshBatch, grad, stored, due, count, options, mesh
     matrices = matrix_view.to_matrix(take(flat_grad, start), part.view).astype(jnp.float32)
     old = jax.tree.map(lambda a: take(a, start), flat_stored)
     previous = parts.storage(options).decode(old, part, jnp.float32) if reads_previous else None
+    if flat_moment is not None:
+      previous = dict(previous or {},
+                      moment=matrix_view.to_matrix(take(flat_moment, start), part.view))
     keys = refresh_lib.matrix_keys(
         plan.index, jnp.full((size,), count, jnp.int32), first=start,
         num_matrices=plan.num_matrices)

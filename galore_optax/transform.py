@@ -25,6 +25,7 @@ from galore_optax import outputs
 from galore_optax import parts
 from galore_optax import plan as plan_lib
 from galore_optax import projection
+from galore_optax import realignment as realignment_lib
 from galore_optax import refresh_step
 from galore_optax.adam import scale_by_adam_hf
 from galore_optax.options import GaLoreOptions
@@ -224,12 +225,14 @@ def galore_transform(
     # 1. Refresh the projectors that are due (each batch of them under its
     # own lax.cond: the plain step skips them).
     old = stored
-    source = None
+    source = moment = None
+    decode_old = lambda p: storage.decode(old[p.index], p, jnp.float32)
     if options.refresh_input is not None and todo:
-      source = options.refresh_input.source(
-          state.inner_state, plans, lambda p: storage.decode(old[p.index], p, jnp.float32))
+      source = options.refresh_input.source(state.inner_state, plans, decode_old)
+    if getattr(parts.refresh_fn(options), "reads_moment", False) and todo:
+      moment = realignment_lib.lifted_first_moment(state.inner_state, plans, decode_old)
     stored, sched = refresh_step.refresh_due(grads, todo, stored, sched, state.count, due,
-                                             options, source)
+                                             options, source, moment)
     inner_state = state.inner_state
     if realign is not None and todo:
       inner_state = jax.lax.cond(

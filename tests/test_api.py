@@ -37,6 +37,7 @@ OWN_DEFAULTS = {
     ("scale_by_conda", "update_proj_gap"): 2000, ("scale_by_conda", "eps"): 1e-8,
     ("frugal_adamw", "eps"): 1e-8, ("scale_by_frugal", "eps"): 1e-8,  # FRUGAL's (torch's)
     ("subtrack_adamw", "scale"): 0.25,  # SubTrack's scripts
+    ("coap_adamw", "scale"): 0.25, ("coap_adamw", "update_proj_gap"): 40,  # COAP's 1B script
     ("subtrack_adamw", "realign_moments"): True,  # SubTrack++'s projection-aware moments
     ("golore_adamw", "realign_moments"): go.FirstMomentTransport(),  # GoLore's transport
     ("galore_adamw8bit", "eps"): 1e-8, ("apollo_adamw8bit", "eps"): 1e-8,  # bitsandbytes
