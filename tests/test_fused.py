@@ -19,12 +19,15 @@ MASK = go.path_mask(r"w|v")
 # gradnorm_lorp8bit, whose per-row magnitude moments of a stacked leaf (3 × 32 entries) are
 # 8-bit over the stack but float32 per layer (32 < min_8bit_size): 2e-4 apart after 3 steps.
 NOT_THE_SAME_STATE = ("galore_adafactor", "gradnorm_lorp8bit")
+# Optimizers that differ from galore_adamw only in a refresh function of (G, previous bases,
+# key, step), which the fused step runs as the usual one does (random keys: apollo_adamw).
+SAME_PARTS = ("golore_adamw", "subtrack_adamw")
 OPTIMIZERS = {
     "optax.adamw": lambda: optax.adamw(1e-2, weight_decay=0.1),
     **{spec.name: functools.partial(
         registry.call_factory, spec.name, 1e-2, rank=4, update_proj_gap=2, projected=MASK,
         weight_decay=0.1, block_size=32, min_8bit_size=64)
-       for spec in registry.library() if spec.name not in NOT_THE_SAME_STATE},
+       for spec in registry.library() if spec.name not in NOT_THE_SAME_STATE + SAME_PARTS},
 }
 ELEMENTWISE = ("optax.adamw", "adamw_8bit")
 
