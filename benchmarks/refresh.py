@@ -283,8 +283,18 @@ def tree_steps(size, rank, rounds):
   optimizers["apollo_adamw (random, projector regenerated)"] = go.apollo_adamw(
       1e-2, rank=rank, projected=mask, regenerate_projector=True)
   optimizers["apollo_mini"] = go.apollo_mini(1e-2, projected=mask)
+  # The family beyond: each refresh step does its own kind of subspace move.
   optimizers["golore_adamw (random orthonormal)"] = go.golore_adamw(
       1e-2, rank=rank, projected=mask)
+  # SubTrack++ and COAP refresh by an SVD (a sketch) at step 0: their own moves are timed as
+  # the plain step of a gap of 1, where every step after the first is one.
+  optimizers["subtrack_adamw, gap 1: plain = a geodesic step"] = go.subtrack_adamw(
+      1e-2, rank=rank, update_proj_gap=1, projected=mask)
+  optimizers["coap_adamw, gap 1: plain = a correlation step"] = go.coap_adamw(
+      1e-2, rank=rank, update_proj_gap=1, projected=mask)
+  optimizers["osd_adamw (online PCA every step)"] = go.osd_adamw(1e-2, rank=rank, projected=mask)
+  optimizers["frugal_adamw (SVD, density 0.25)"] = go.frugal_adamw(1e-2, projected=mask)
+  optimizers["conda (complete bases)"] = go.conda(1e-2, projected=mask)
   times = _update_times(optimizers, params, grads, rounds)
   rows = []
   for name in optimizers:
