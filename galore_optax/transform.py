@@ -225,12 +225,9 @@ def galore_transform(
     # 1. Refresh the projectors that are due (each batch of them under its
     # own lax.cond: the plain step skips them).
     old = stored
-    source = moment = None
-    decode_old = lambda p: storage.decode(old[p.index], p, jnp.float32)
-    if options.refresh_input is not None and todo:
-      source = options.refresh_input.source(state.inner_state, plans, decode_old)
-    if getattr(parts.refresh_fn(options), "reads_moment", False) and todo:
-      moment = realignment_lib.lifted_first_moment(state.inner_state, plans, decode_old)
+    source, moment = _refresh_inputs(
+        options, state.inner_state, plans, todo,
+        lambda p: storage.decode(old[p.index], p, jnp.float32))
     stored, sched = refresh_step.refresh_due(grads, todo, stored, sched, state.count, due,
                                              options, source, moment)
     inner_state = state.inner_state
@@ -240,7 +237,6 @@ def galore_transform(
                                             state.count), lambda s: s, inner_state)
     restore = (realign.restore if todo and isinstance(realign, FirstMomentTransport)
                and realign.restores else None)
-    unrealigned = state.inner_state
 
     # 2. Project: R = PᵀG (and PᵀW for inners that read the parameters).
     bases = {p.index: storage.decode(stored[p.index], p, grads[p.index].dtype) for p in todo}
@@ -262,7 +258,7 @@ def galore_transform(
     if restore is not None:  # a realignment that lasts for the refresh step only
       moved = _moved(due, todo)
       inner_state = jax.lax.cond(
-          _any_due(due), lambda s: restore(s, unrealigned, plans, moved, state.count),
+          _any_due(due), lambda s: restore(s, state.inner_state, plans, moved, state.count),
           lambda s: s, inner_state)
     out = [g if jnp.size(g) == 0 else u for g, u in zip(grads, treedef.flatten_up_to(inner_out))]
 
@@ -290,6 +286,17 @@ def galore_transform(
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _refresh_inputs(options, inner_state, plans, todo, decode_old):
+  """What a refresh reads besides the gradient: `source` (a matrix decomposed instead of
+  it, Conda's first moment) and `moment` (the first moment, for COAP's refresh)."""
+  source = moment = None
+  if options.refresh_input is not None and todo:
+    source = options.refresh_input.source(inner_state, plans, decode_old)
+  if getattr(parts.refresh_fn(options), "reads_moment", False) and todo:
+    moment = realignment_lib.lifted_first_moment(inner_state, plans, decode_old)
+  return source, moment
 
 
 def _track(tracker, storage, todo, grads, stored, track, due, count):
