@@ -204,15 +204,8 @@ class FirstMomentInput(NamedTuple):
     `decode_old(plan)` gives the leaf's float32 bases before the refresh; it
     is called inside the refresh's `lax.cond`, as is the product.
     """
-    flat = jax.tree.leaves(inner_state)
-    slots = _moment_slots(inner_state, plans)
-
-    def of(plan, grad):
-      m = flat[slots.mu[plan.index]].astype(jnp.float32)
-      back = projection.project_back_leaf(m, decode_old(plan), plan.view)
-      return self.b1 * back.astype(jnp.float32) + (1 - self.b1) * grad.astype(jnp.float32)
-
-    return of
+    lifted = lifted_first_moment(inner_state, plans, decode_old)
+    return lambda plan, grad: self.b1 * lifted(plan) + (1 - self.b1) * grad.astype(jnp.float32)
 
 
 def lifted_first_moment(inner_state, plans, decode_old):
