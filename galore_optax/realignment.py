@@ -10,12 +10,15 @@ subspace instead (LDAdam); `FirstMomentTransport` maps the first moment only
   restore(updated, before, plans, moved, count) -> inner_state
                                        (only where a `restores` attribute is True)
 
-where `previous` and `new` are each projected leaf's float32 bases before
-and after the refresh (by flat index; as stored, so quantization error is
-included), `moved` flags the matrices that were refreshed and `count` is
-the GaLore step count. `apply` runs before the inner update of a refresh
-step; `restore`, where a realignment has it, after that update, given the
-inner state before `apply`.
+where `previous(plan)` and `new(plan)` give a projected leaf's float32 bases
+before and after the refresh (as stored, so quantization error is
+included), `moved` flags the matrices that were refreshed (by flat index)
+and `count` is the GaLore step count. `apply` runs at every step, before
+the inner update, and changes a leaf only where it moved, under a
+`lax.cond` of its own (`_where_moved`): a conditional over the whole state
+would hold every leaf's float32 temporaries at once (GoLore at LLaMA-7B:
+1.19 GiB more than the step's target). `restore`, where a realignment has
+it, runs after that update, given the inner state before `apply`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ import jax.numpy as jnp
 
 from galore_optax import matrix_view
 from galore_optax import projection
+
+
+def _where_moved(flags, compute, *operands):
+  """`compute(*operands)` if any matrix of the leaf moved (`flags`), else the operands."""
+  return jax.lax.cond(jnp.any(flags), compute, lambda *ops: ops, *operands)
 
 
 class MomentRealignment(NamedTuple):
@@ -73,13 +81,17 @@ class MomentRealignment(NamedTuple):
       if plan is None:
         continue
       i = plan.index
-      m, v = flat[slots.mu[i]], flat[slots.nu[i]]
-      c = projection.change_of_basis(new[i], previous[i])
-      new_m, new_v = _realign_adam(m, v, c, t, self)
       # No moments to move before the first update.
       flags = jnp.broadcast_to(moved[i] & (t > 0), plan.batch_shape)
-      flat[slots.mu[i]] = matrix_view.select_matrices(flags, new_m, m)
-      flat[slots.nu[i]] = matrix_view.select_matrices(flags, new_v, v)
+
+      def realigned(m, v, plan=plan, flags=flags):
+        c = projection.change_of_basis(new(plan), previous(plan))
+        new_m, new_v = _realign_adam(m, v, c, t, self)
+        return (matrix_view.select_matrices(flags, new_m, m),
+                matrix_view.select_matrices(flags, new_v, v))
+
+      flat[slots.mu[i]], flat[slots.nu[i]] = _where_moved(
+          flags, realigned, flat[slots.mu[i]], flat[slots.nu[i]])
     return treedef.unflatten(flat)
 
 
@@ -122,12 +134,15 @@ class FirstMomentTransport(NamedTuple):
     for plan in plans:
       if plan is None:
         continue
-      i = plan.index
-      m = flat[slots.mu[i]]
-      c = projection.change_of_basis(new[i], previous[i])
-      carried = projection.rebase(m.astype(jnp.float32), c).astype(m.dtype)
-      flags = _after_first_refresh(moved[i], count, plan)
-      flat[slots.mu[i]] = matrix_view.select_matrices(flags, carried, m)
+      flags = _after_first_refresh(moved[plan.index], count, plan)
+
+      def carried(m, plan=plan, flags=flags):
+        c = projection.change_of_basis(new(plan), previous(plan))
+        moved_m = projection.rebase(m.astype(jnp.float32), c).astype(m.dtype)
+        return (matrix_view.select_matrices(flags, moved_m, m),)
+
+      j = slots.mu[plan.index]
+      (flat[j],) = _where_moved(flags, carried, flat[j])
     return treedef.unflatten(flat)
 
   @property
@@ -145,7 +160,9 @@ class FirstMomentTransport(NamedTuple):
         continue
       j = slots.mu[plan.index]
       flags = _after_first_refresh(moved[plan.index], count, plan)
-      flat[j] = matrix_view.select_matrices(flags, old[j], flat[j])
+      flat[j] = jax.lax.cond(
+          jnp.any(flags), lambda kept, stored, flags=flags: matrix_view.select_matrices(
+              flags, kept, stored), lambda kept, stored: stored, old[j], flat[j])
     return treedef.unflatten(flat)
 
 

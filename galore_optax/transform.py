@@ -231,10 +231,9 @@ def galore_transform(
     stored, sched = refresh_step.refresh_due(grads, todo, stored, sched, state.count, due,
                                              options, source, moment)
     inner_state = state.inner_state
-    if realign is not None and todo:
-      inner_state = jax.lax.cond(
-          _any_due(due), lambda s: _realign(realign, s, plans, todo, old, stored, due, storage,
-                                            state.count), lambda s: s, inner_state)
+    if realign is not None and todo:  # each leaf under its own lax.cond (realignment.py)
+      inner_state = _realign(realign, inner_state, plans, todo, old, stored, due, storage,
+                             state.count)
     restore = (realign.restore if todo and isinstance(realign, FirstMomentTransport)
                and realign.restores else None)
 
@@ -256,10 +255,8 @@ def galore_transform(
     inner_out, inner_state = inner.update(
         treedef.unflatten(_hide_empty(grads, low_rank)), inner_state, low_params)
     if restore is not None:  # a realignment that lasts for the refresh step only
-      moved = _moved(due, todo)
-      inner_state = jax.lax.cond(
-          _any_due(due), lambda s: restore(s, state.inner_state, plans, moved, state.count),
-          lambda s: s, inner_state)
+      inner_state = restore(inner_state, state.inner_state, plans, _moved(due, todo),
+                            state.count)
     out = [g if jnp.size(g) == 0 else u for g, u in zip(grads, treedef.flatten_up_to(inner_out))]
 
     # 4. Back to full shape: α · project_back(N), or the output's variant.
@@ -366,7 +363,7 @@ def _any_due(due) -> jax.Array:
 def _realign(realign, inner_state, plans, todo, old, new, due, storage, count):
   """The inner state mapped from the old bases to the new, as stored (so
   quantization error is included)."""
-  decode = lambda stored: {p.index: storage.decode(stored[p.index], p, jnp.float32) for p in todo}
+  decode = lambda stored: lambda p: storage.decode(stored[p.index], p, jnp.float32)
   return realign.apply(inner_state, plans, decode(old), decode(new), _moved(due, todo), count)
 
 
