@@ -299,22 +299,26 @@ def _refresh_inputs(options, inner_state, plans, todo, decode_old):
 def _track(tracker, storage, todo, grads, stored, track, due, count):
   """Stored bases and tracker states after the tracker's step, unless a refresh was due.
 
-  With tracking the schedule is `EveryGap`, so `due` is the same for every leaf. Each leaf
-  moves under its own `lax.cond`, so that one leaf's temporaries exist at a time.
+  With tracking the schedule is `EveryGap`, so `due` is the same for every leaf.
   """
-  stored, track = list(stored), list(track)
-  refreshed = _any_due(due)
-  for p in todo:
-    i = p.index
 
-    def advance(leaf_stored, leaf_track, p=p):
+  def advance(operands):
+    moved_stored, moved_track = [], []
+    for p, leaf_stored, leaf_track in zip(todo, *operands):
       bases = storage.decode(leaf_stored, p, jnp.float32)
       moved, leaf_track = tracker.advance(p, grads[p.index], bases, leaf_track, count,
                                           storage.basis_dtype(grads[p.index].dtype))
-      return storage.encode(moved, p, grads[p.index].dtype, count), leaf_track
+      moved_stored.append(storage.encode(moved, p, grads[p.index].dtype, count))
+      moved_track.append(leaf_track)
+    return moved_stored, moved_track
 
-    stored[i], track[i] = jax.lax.cond(
-        refreshed, lambda s, t: (s, t), advance, stored[i], track[i])
+  idx = [p.index for p in todo]
+  new_stored, new_track = jax.lax.cond(
+      _any_due(due), lambda operands: operands, advance,
+      ([stored[i] for i in idx], [track[i] for i in idx]))
+  stored, track = list(stored), list(track)
+  for i, s, t in zip(idx, new_stored, new_track):
+    stored[i], track[i] = s, t
   return stored, track
 
 
