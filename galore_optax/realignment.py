@@ -189,8 +189,10 @@ class ResetMoments(NamedTuple):
         continue
       flags = jnp.broadcast_to(moved[plan.index], plan.batch_shape)
       any_moved = any_moved | jnp.any(flags)
-      for j in (slots.mu[plan.index], slots.nu[plan.index]):
-        flat[j] = matrix_view.select_matrices(flags, jnp.zeros_like(flat[j]), flat[j])
+      mu, nu = slots.mu[plan.index], slots.nu[plan.index]
+      flat[mu], flat[nu] = _where_moved(flags, lambda *moments, flags=flags: tuple(
+          matrix_view.select_matrices(flags, jnp.zeros_like(x), x) for x in moments),
+          flat[mu], flat[nu])
     if slots.count is not None:
       flat[slots.count] = jnp.where(any_moved, jnp.zeros_like(flat[slots.count]),
                                     flat[slots.count])
