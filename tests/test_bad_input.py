@@ -129,6 +129,19 @@ BAD_CALLS = [
         go.galore_adamw(1e-3), PARAMS, mesh=jax.make_mesh((1,), ("fsdp",)),
         shardings={"w": jax.sharding.PartitionSpec("model"), "b": jax.sharding.PartitionSpec()}),
      ValueError, ["w", "'model'", "mesh"]),
+    # The family's own arguments.
+    ("golore random_from_step", lambda: go.golore_adamw(1e-3, random_from_step=-1),
+     ValueError, ["random_from_step"]),
+    ("osd projector lr", lambda: go.osd_adamw(1e-3, projector_learning_rate=-1.0),
+     ValueError, ["OnlinePCA.learning_rate"]),
+    ("subtrack step size", lambda: go.subtrack_adamw(1e-3, subspace_step_size=-1.0),
+     ValueError, ["subspace_step_size"]),
+    ("coap reproject_factor", lambda: go.coap_adamw(1e-3, reproject_factor=0),
+     ValueError, ["reproject_factor", "positive"]),
+    ("frugal density", lambda: go.frugal_adamw(1e-3, density=1.5), ValueError, ["density"]),
+    ("frugal rule", lambda: go.frugal_adamw(1e-3, inactive_update_rule="same"),
+     ValueError, ["inactive_update_rule", "sign_sgd"]),
+    ("conda gap", lambda: go.conda(1e-3, update_proj_gap=0), ValueError, ["update_proj_gap"]),
 ]
 
 
