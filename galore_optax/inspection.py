@@ -58,9 +58,7 @@ def warn_about_plan(plans: Sequence[Any], leaves: Sequence[Any], paths: Sequence
         "'layers/0/attn/q_proj/kernel'.",
         ProjectionWarning, stacklevel=2)
   full = []
-  for p, x, path, stored in zip(plans, leaves, paths, projectors):
-    if rotation:
-      break
+  for p, x, path, stored in ([] if rotation else zip(plans, leaves, paths, projectors)):
     if p is not None and math.prod(p.low_rank_shape) >= math.prod(jax.numpy.shape(x)):
       full.append(
           f"{path} ({_shape(jax.numpy.shape(x))}, rank clamped to {p.rank}: low-rank gradient "

@@ -131,8 +131,8 @@ class GaLoreOptions:
     _check_realignment(self.realign_moments)
     tracking_lib.check_tracking(self.tracking, self.proj_type)
     if self.tracking is not None and self.lazy_refresh is not None:
-      raise ValueError("tracking moves every basis the steps no refresh is due; lazy_refresh "
-                       "makes refreshes due per matrix. Pass one of them.")
+      raise ValueError("tracking moves every basis at the steps no refresh is due, while "
+                       "lazy_refresh makes refreshes due per matrix: pass one of them.")
     if self.tracking is not None and (self.projector_bits is not None
                                       or self.regenerate_projector):
       raise ValueError(
