@@ -185,12 +185,12 @@ def real_gradients(steps, gap, batch_size, seq_len, layers, max_docs, accumulate
   description.
   """
   from flax import nnx
-  from examples import configs, data, llama, train
+  from examples import configs, input_pipeline, models, train
 
-  ds = data.build_dataset(None, seq_len, max_docs=max_docs)
+  ds = input_pipeline.build_dataset(None, seq_len, max_docs=max_docs)
   cfg = configs.get_model_config(
       "60m", vocab_size=ds.tokenizer.vocab_size, max_seq_len=seq_len, num_layers=layers)
-  model = llama.Llama(cfg, rngs=nnx.Rngs(0))
+  model = models.Llama(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   tx = optax.adamw(1e-3)
   opt_state = tx.init(params)
@@ -201,8 +201,8 @@ def real_gradients(steps, gap, batch_size, seq_len, layers, max_docs, accumulate
     u, o = tx.update(g, o, p)
     return optax.apply_updates(p, u), o
 
-  sampler = data.BatchSampler(ds.train, batch_size, seed=0)
-  extra = data.BatchSampler(ds.train, batch_size, seed=1)
+  sampler = input_pipeline.BatchSampler(ds.train, batch_size, seed=0)
+  extra = input_pipeline.BatchSampler(ds.train, batch_size, seed=1)
   pattern = re.compile(TARGETS)
   snapshots, losses = {}, []
   for s in range(steps + 1):
