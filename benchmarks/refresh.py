@@ -72,9 +72,9 @@ def method_table():
       f"power, warm (default: {_defaults(go.power_refresh)})": (DEFAULT_POWER, True),
       "power, warm, power_iters=0": (go.power_refresh(power_iters=0), True),
       "power, cold (first refresh)": (DEFAULT_POWER, False),
-      # Data-independent bases (the gradient is not read): GoLore's and APOLLO's.
+      # A data-independent orthonormal basis (GoLore's): it captures about r/m of the energy.
+      # (APOLLO's Gaussian bases are not orthonormal, so ‖PᵀG‖² is no captured fraction.)
       "random orthonormal (GoLore)": (go.random_orthonormal_refresh, False),
-      "random Gaussian (APOLLO)": (go.random_refresh, False),
   }
 
 
