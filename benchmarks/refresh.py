@@ -75,6 +75,8 @@ def method_table():
       # A data-independent orthonormal basis (GoLore's): it captures about r/m of the energy.
       # (APOLLO's Gaussian bases are not orthonormal, so ‖PᵀG‖² is no captured fraction.)
       "random orthonormal (GoLore)": (go.random_orthonormal_refresh, False),
+      # SubTrack++'s move: one geodesic step of the previous basis (the scripts' η = 10).
+      "geodesic step from the previous basis (SubTrack++, η=10)": (go.geodesic_refresh(10.0), True),
   }
 
 
