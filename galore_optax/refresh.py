@@ -241,6 +241,13 @@ random_refresh.regenerate = random_bases
 random_refresh.reads_previous = False
 
 
+def _fold_in(key: jax.Array, data: int) -> jax.Array:
+  """`key` (one key or an array of keys) with `data` folded into each: a side's own keys."""
+  if key.ndim == 0:
+    return jax.random.fold_in(key, data)
+  return jax.vmap(lambda k: jax.random.fold_in(k, data))(key)
+
+
 def random_orthonormal_bases(key, batch_shape, m: int, n: int, rank: int, sides) -> dict:
   """GoLore's projection: bases drawn uniformly (Haar) from the orthonormal ones.
 
@@ -253,8 +260,7 @@ def random_orthonormal_bases(key, batch_shape, m: int, n: int, rank: int, sides)
   for position, side in enumerate((OUTPUT_SIDE, INPUT_SIDE)):
     if side not in sides:
       continue
-    side_key = jax.random.fold_in(key, position) if key.ndim == 0 else jax.vmap(
-        lambda k, position=position: jax.random.fold_in(k, position))(key)
+    side_key = _fold_in(key, position)
     z = gaussian(side_key, batch_shape, (m if side == OUTPUT_SIDE else n, rank))
     q, r = jnp.linalg.qr(z)
     signs = jnp.where(jnp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0)
@@ -293,8 +299,7 @@ def random_coordinates_bases(key, batch_shape, m: int, n: int, rank: int, sides)
     if side not in sides:
       continue
     dim = m if side == OUTPUT_SIDE else n
-    side_key = jax.random.fold_in(key, position) if key.ndim == 0 else jax.vmap(
-        lambda k, position=position: jax.random.fold_in(k, position))(key)
+    side_key = _fold_in(key, position)
     keys = _flat_keys(side_key, batch_shape) if batch_shape else side_key[None]
     chosen = jax.vmap(lambda k, dim=dim: jax.random.permutation(k, dim)[:rank])(keys)  # (B, r)
     one_hot = jax.nn.one_hot(chosen, dim, dtype=jnp.float32)  # (B, r, dim)
