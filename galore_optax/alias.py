@@ -111,6 +111,18 @@ def galore(
   return galore_transform(galore_options, scale_by_adam_hf(b1, b2, eps, mu_dtype))
 
 
+def galore_adamw_chain(galore_options: GaLoreOptions, adam: AdamOptions,
+                       learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+  """galore-torch's GaLoreAdamW from validated options: GaLore around its Adam, the learning
+  rate, then the decay of the updated weights. The family members that change only GaLore's
+  parts (refresh, realignment, tracking) are this chain with other options."""
+  return optax.chain(
+      galore_transform(galore_options,
+                       scale_by_adam_hf(adam.b1, adam.b2, adam.eps, adam.mu_dtype)),
+      *weight_decay_lib.decay_after(learning_rate, adam.weight_decay, adam.mask),
+  )
+
+
 @public
 def galore_adamw(
     learning_rate: optax.ScalarOrSchedule,
@@ -195,10 +207,7 @@ def galore_adamw(
   validation.learning_rate(learning_rate)
   adam = AdamOptions.from_arguments(locals())
   galore_options = GaLoreOptions.from_arguments(locals()).with_realignment_decays(b1, b2)
-  return optax.chain(
-      galore_transform(galore_options, scale_by_adam_hf(b1, b2, eps, mu_dtype)),
-      *weight_decay_lib.decay_after(learning_rate, adam.weight_decay, adam.mask),
-  )
+  return galore_adamw_chain(galore_options, adam, learning_rate)
 
 
 @public

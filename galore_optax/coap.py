@@ -17,12 +17,10 @@ import optax
 
 from galore_optax import refresh as refresh_lib
 from galore_optax import validation
-from galore_optax import weight_decay as weight_decay_lib
-from galore_optax.adam import scale_by_adam_hf
 from galore_optax.masking import MaskOrFn
 from galore_optax.options import AdamOptions, GaLoreOptions
+from galore_optax.alias import galore_adamw_chain
 from galore_optax.sharding import public
-from galore_optax.transform import galore_transform
 
 
 @public
@@ -106,7 +104,4 @@ def coap_adamw(
   adam = AdamOptions.from_arguments(locals())
   galore = GaLoreOptions.from_arguments(
       locals(), refresh=refresh_lib.coap_refresh(update_proj_gap, reproject_factor))
-  return optax.chain(
-      galore_transform(galore, scale_by_adam_hf(b1, b2, eps, mu_dtype)),
-      *weight_decay_lib.decay_after(learning_rate, adam.weight_decay, adam.mask),
-  )
+  return galore_adamw_chain(galore, adam, learning_rate)

@@ -15,13 +15,11 @@ import optax
 
 from galore_optax import refresh as refresh_lib
 from galore_optax import validation
-from galore_optax import weight_decay as weight_decay_lib
-from galore_optax.adam import scale_by_adam_hf
 from galore_optax.masking import MaskOrFn
 from galore_optax.options import AdamOptions, GaLoreOptions
 from galore_optax.realignment import FirstMomentTransport, MomentRealignment
+from galore_optax.alias import galore_adamw_chain
 from galore_optax.sharding import public
-from galore_optax.transform import galore_transform
 
 
 def golore_refresh(random_from_step) -> Union[str, refresh_lib.RefreshFn]:
@@ -123,7 +121,4 @@ def golore_adamw(
   adam = AdamOptions.from_arguments(locals())
   galore_options = GaLoreOptions.from_arguments(
       locals(), refresh=golore_refresh(random_from_step)).with_realignment_decays(b1, b2)
-  return optax.chain(
-      galore_transform(galore_options, scale_by_adam_hf(b1, b2, eps, mu_dtype)),
-      *weight_decay_lib.decay_after(learning_rate, adam.weight_decay, adam.mask),
-  )
+  return galore_adamw_chain(galore_options, adam, learning_rate)

@@ -14,13 +14,11 @@ import jax
 import optax
 
 from galore_optax import validation
-from galore_optax import weight_decay as weight_decay_lib
-from galore_optax.adam import scale_by_adam_hf
 from galore_optax.masking import MaskOrFn
 from galore_optax.options import AdamOptions, GaLoreOptions
+from galore_optax.alias import galore_adamw_chain
 from galore_optax.sharding import public
 from galore_optax.tracking import OnlinePCA
-from galore_optax.transform import galore_transform
 
 
 @public
@@ -111,7 +109,4 @@ def osd_adamw(
   tracker = OnlinePCA(optimizer=projector_optimizer, learning_rate=projector_learning_rate)
   galore_options = GaLoreOptions.from_arguments(
       locals(), update_proj_gap=None, tracking=tracker)
-  return optax.chain(
-      galore_transform(galore_options, scale_by_adam_hf(b1, b2, eps, mu_dtype)),
-      *weight_decay_lib.decay_after(learning_rate, adam.weight_decay, adam.mask),
-  )
+  return galore_adamw_chain(galore_options, adam, learning_rate)

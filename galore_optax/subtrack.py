@@ -20,12 +20,10 @@ from galore_optax import fira_apollo
 from galore_optax import outputs
 from galore_optax import refresh as refresh_lib
 from galore_optax import validation
-from galore_optax import weight_decay as weight_decay_lib
-from galore_optax.adam import scale_by_adam_hf
 from galore_optax.masking import MaskOrFn
 from galore_optax.options import AdamOptions, GaLoreOptions
+from galore_optax.alias import galore_adamw_chain
 from galore_optax.sharding import public
-from galore_optax.transform import galore_transform
 
 
 @public
@@ -126,7 +124,4 @@ def subtrack_adamw(
   if recovery_scaling:
     return optax.chain(*fira_apollo.fira_chain(galore, adam, outputs.FiraResidual(),
                                                learning_rate))
-  return optax.chain(
-      galore_transform(galore, scale_by_adam_hf(b1, b2, eps, mu_dtype)),
-      *weight_decay_lib.decay_after(learning_rate, adam.weight_decay, adam.mask),
-  )
+  return galore_adamw_chain(galore, adam, learning_rate)
