@@ -127,6 +127,21 @@ def _norms(x, axes):
   return jnp.sqrt(jnp.sum(x * x, axis=axes, keepdims=True))
 
 
+def _norm_of_scaled(x, factor, axes):
+  """‖x · factor‖ over `axes` (kept), for a `factor` ≥ 0 constant along the axes
+  where it has size 1: per-channel reductions of `x`, no product of x's size.
+
+  Each channel's sum of squares is taken in units of its largest |x|, so it
+  overflows only where ‖x · factor‖ itself does.
+  """
+  x = x.astype(jnp.float32)
+  along = tuple(a for a in axes if factor.shape[a] == 1)
+  peak = jnp.max(jnp.abs(x), axis=along, keepdims=True)
+  unit = jnp.where(peak > 0, peak, 1.0)
+  channel = factor * peak * jnp.sqrt(jnp.sum(jnp.square(x / unit), axis=along, keepdims=True))
+  return _norms(channel, axes)
+
+
 def scaling_factor(plan: LeafPlan, low_rank_grad, inner_update, per_channel: bool):
   """‖N‖ / (‖R‖ + 1e-8): per channel of the kept axis, or per matrix.
 
@@ -242,13 +257,25 @@ class ApolloScaling(NamedTuple):
 
   def apply(self, plan: LeafPlan, grad, low_rank_grad, inner_update, bases, scale, leaf_state):
     del bases
-    phi = scaling_factor(plan, low_rank_grad, inner_update, self.per_channel)
-    term = grad.astype(jnp.float32) * matrix_view.from_matrix(phi, plan.view)
+    phi = matrix_view.from_matrix(
+        scaling_factor(plan, low_rank_grad, inner_update, self.per_channel), plan.view)
     root = jnp.sqrt(jnp.asarray(scale, jnp.float32))
+    divisor = None
+    if self.limit:
+      # The limiter's norm from reductions of the gradient, not from the scaled
+      # term: a float32 term made for its norm waits, full size, for the rest of
+      # the step (the scheduler computes the limiter's new state, then the
+      # weights), while the gradient it is made from is alive then anyway.
+      roles = plan.view.output_axes + plan.view.reduction_axes
+      factor = phi * root if self.scale_front else phi
+      norm = jnp.squeeze(_norm_of_scaled(grad, factor, roles), roles)
+      divisor, leaf_state = self.limiter.divisor(norm, leaf_state)
+      divisor = jnp.expand_dims(divisor, roles)
+    term = grad.astype(jnp.float32) * phi
     if self.scale_front:
       term = term * root
-    if self.limit:
-      term, leaf_state = self.limiter(plan, term, leaf_state)
+    if divisor is not None:
+      term = term / divisor
     if not self.scale_front:
       term = term * root
     return term.astype(grad.dtype), leaf_state
