@@ -99,7 +99,6 @@ def measure(tx, params, heads: int, batch=BATCH, step: bool = True) -> dict:
   """
   import jax  # pylint: disable=import-outside-toplevel
   import optax
-  from benchmarks import llama_jax
   import galore_optax as go
 
   state = jax.eval_shape(tx.init, params)
@@ -113,16 +112,27 @@ def measure(tx, params, heads: int, batch=BATCH, step: bool = True) -> dict:
          "update_temp": a.memory_analysis().temp_size_in_bytes,
          "update_peak": go.planned_peak_bytes(a)}
   if step:
-    def train_step(p, s, tokens):
-      loss, g = jax.value_and_grad(llama_jax.loss)(p, tokens, heads)
-      u, s = tx.update(g, s, p)
-      return optax.apply_updates(p, u), s, loss
-
-    tokens = jax.ShapeDtypeStruct((batch[0], batch[1] + 1), jax.numpy.int32)
-    c = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, state, tokens).compile()
+    c = compile_step(tx, params, heads, batch)
     out.update(step_temp=c.memory_analysis().temp_size_in_bytes,
                step_peak=go.planned_peak_bytes(c))
   return out
+
+
+def compile_step(tx, params, heads: int, batch=BATCH):
+  """The compiled train step of `measure`: loss, gradient, update and apply, params and
+  state donated, on abstract arguments."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import optax
+  from benchmarks import llama_jax
+
+  def train_step(p, s, tokens):
+    loss, g = jax.value_and_grad(llama_jax.loss)(p, tokens, heads)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s, loss
+
+  state = jax.eval_shape(tx.init, params)
+  tokens = jax.ShapeDtypeStruct((batch[0], batch[1] + 1), jax.numpy.int32)
+  return jax.jit(train_step, donate_argnums=(0, 1)).lower(params, state, tokens).compile()
 
 
 # Not a paper size: the tests' model (the paper's vocabulary, so embeddings and head dominate).
