@@ -98,7 +98,8 @@ class OptimizerSpec:
   @property
   def library(self) -> bool:
     """One of galore_optax's own optimizers (not a baseline from optax)."""
-    return self.factory.__module__.startswith("galore_optax")
+    factory = getattr(self.factory, "func", self.factory)  # a functools.partial's own
+    return factory.__module__.startswith("galore_optax")
 
   @property
   def eight_bit(self) -> bool:
@@ -214,6 +215,14 @@ REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
         "galore_optax.frugal_adamw (Adam on an SVD subspace at density 0.25, signSGD outside)",
         1e-2,
         # The density sets each matrix's rank (projects=False: no rank option).
+        lambda c: dict(update_proj_gap=c.update_proj_gap, weight_decay=c.weight_decay,
+                       projected=go.path_mask(c.targets)),
+        projects=False),
+    OptimizerSpec(
+        "frugal_blocks", functools.partial(go.frugal_adamw, projection="blocks"),
+        "galore_optax.frugal_adamw(projection='blocks') (Adam on a quarter of the tensors at a "
+        "time, top layers first, signSGD on the rest)",
+        1e-2,
         lambda c: dict(update_proj_gap=c.update_proj_gap, weight_decay=c.weight_decay,
                        projected=go.path_mask(c.targets)),
         projects=False),

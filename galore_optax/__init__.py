@@ -23,6 +23,7 @@ from galore_optax.fira_apollo import apollo_adamw, apollo_adamw8bit, apollo_mini
 from galore_optax.coap import coap_adamw
 from galore_optax.conda import conda, scale_by_conda
 from galore_optax.frugal import frugal_adamw, scale_by_frugal
+from galore_optax.frugal_blocks import FrugalBlocksState, scale_by_frugal_blocks
 from galore_optax.fused import FusedState, fused_init, fused_scan_step
 from galore_optax.golore import golore_adamw
 from galore_optax.osd import osd_adamw
@@ -71,6 +72,7 @@ __all__ = (
     "DimensionNumbers",
     "FactoredMoment",
     "FirstMomentTransport",
+    "FrugalBlocksState",
     "FusedState",
     "GaLoreState",
     "GradNormLoRPState",
@@ -128,6 +130,7 @@ __all__ = (
     "scale_by_bias_correction",
     "scale_by_conda",
     "scale_by_frugal",
+    "scale_by_frugal_blocks",
     "scale_by_galore",
     "sharding_aware",
     "subtrack_adamw",

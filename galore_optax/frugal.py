@@ -12,12 +12,14 @@ Leaves that are not projected get plain Adam, never reset.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import jax
 import jax.core  # `jax` imports it but does not bind the name for type checkers
 import optax
 
+from galore_optax import frugal_blocks
+from galore_optax import masking
 from galore_optax import parts
 from galore_optax import validation
 from galore_optax import weight_decay as weight_decay_lib
@@ -29,7 +31,8 @@ from galore_optax.realignment import ResetMoments
 from galore_optax.sharding import public
 from galore_optax.transform import galore_transform
 
-# FRUGAL's subspaces: its GaloreAdamW (leading singular vectors) and CoordAdamW (RandK).
+# FRUGAL's subspaces: its GaloreAdamW (leading singular vectors) and CoordAdamW (RandK);
+# "blocks" (BlockAdamW, whole tensors) is `frugal_blocks`.
 PROJECTIONS = {"svd": "svd", "random": "random_coordinates"}
 
 
@@ -47,6 +50,15 @@ def density_rank(density: float, projection: str):
     return max(1, int(count))
 
   return rank
+
+
+def _no_subspace_options(**given) -> None:
+  """Blocks keep whole tensors: the options that shape a subspace do not apply."""
+  for name, (value, default) in given.items():
+    if value is not default and value != default:
+      raise ValueError(
+          f"{name}={value!r} shapes a subspace of a matrix; projection='blocks' keeps "
+          f"whole tensors and takes no {name} (leave it at its default, {default!r}).")
 
 
 @public
@@ -67,6 +79,8 @@ def scale_by_frugal(
     refresh_memory_budget: Optional[int] = None,
     projector_dtype: Optional[jax.typing.DTypeLike] = None,
     regenerate_projector: bool = False,
+    block_order: Union[str, frugal_blocks.BlockOrderFn] = "descending",
+    seed: int = 0,
 ) -> optax.GradientTransformation:
   """FRUGAL's direction, without the learning rate and weight decay.
 
@@ -83,8 +97,10 @@ def scale_by_frugal(
     update_proj_gap: steps between changes of subspace (the official
       `update_gap`).
     projection: "svd" (the leading singular vectors of the gradient, the
-      official GaloreAdamW) or "random" (random columns or rows, RandK).
-      Whole-tensor blocks (the official BlockAdamW) are not available.
+      official GaloreAdamW), "random" (random columns or rows, RandK) or
+      "blocks" (whole tensors, the official BlockAdamW: K = round(N · density)
+      of the N projected leaves get Adam, the others only the state-free rule;
+      `go.scale_by_frugal_blocks`).
     proj_type: the side: 'std', 'reverse_std', 'left', 'right' or 'full'
       with "svd"; 'right' (columns, the official default) or 'left' (rows)
       with "random".
@@ -105,35 +121,62 @@ def scale_by_frugal(
     projector_dtype: dtype the bases are stored in; default the leaf's.
     regenerate_projector: with "random" only: store no bases, only the step
       of each change, and draw the coordinates again from their keys.
+    block_order: with "blocks": which leaves become active at each change,
+      in `jax.tree.leaves` order: "descending" (the official pre-training
+      scripts: the last leaves first), "ascending", "mirror", "random", or a
+      function (change index, key, N, K) -> bool (N,).
+    seed: with "blocks" and a random order: the key's seed.
 
   Returns:
     An `optax.GradientTransformation`: an `optax.partition` of the projected
-    leaves (a `go.GaLoreState`) and the others (`optax.ScaleByAdamState`).
+    leaves (a `go.GaLoreState`, or a `go.FrugalBlocksState` with "blocks")
+    and the others (`optax.ScaleByAdamState`).
 
   References:
     Zmushko et al., FRUGAL: Memory-Efficient Optimization by Reducing State
     Overhead for Scalable Training, ICML 2025. https://arxiv.org/abs/2411.07837
   """
-  validation.choice(projection, "projection", tuple(PROJECTIONS))
+  validation.choice(projection, "projection", tuple(PROJECTIONS) + ("blocks",))
   validation.choice(inactive_update_rule, "inactive_update_rule", INACTIVE_RULES)
   if isinstance(density, jax.core.Tracer):
     raise TypeError("density sets array shapes and must be a static Python float; with "
                     "optax.inject_hyperparams pass static_args=('rank', 'update_proj_gap', "
                     "'density').")
-  density = float(validation.real(density, "density", low=0.0, high=1.0, low_open=True))
+  # Blocks may have none active (the official 7B script: density 0, signSGD everywhere).
+  density = float(validation.real(density, "density", low=0.0, high=1.0,
+                                  low_open=projection != "blocks"))
   validation.real(inactive_lr_scale, "inactive_lr_scale", low=0.0)
+  adam = lambda: optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+  if projection == "blocks":
+    _no_subspace_options(proj_type=(proj_type, "std"), dimension_numbers=(dimension_numbers, None),
+                         refresh_memory_budget=(refresh_memory_budget, None),
+                         projector_dtype=(projector_dtype, None),
+                         regenerate_projector=(regenerate_projector, False))
+    AdamOptions(b1=b1, b2=b2, eps=eps)  # validates them
+    blocks = frugal_blocks.scale_by_frugal_blocks(
+        density, update_proj_gap, block_order, b1, b2, eps,
+        inactive_update_rule=inactive_update_rule, inactive_lr_scale=inactive_lr_scale,
+        proj_params_lr_scale=proj_params_lr_scale, seed=seed)
+
+    def block_labels(params):
+      flags = masking.resolve_mask(projected, params)
+      return jax.tree.structure(params).unflatten(["subspace" if f else "full" for f in flags])
+
+    return optax.partition({"subspace": blocks, "full": adam()}, block_labels)
   if projection == "random" and proj_type not in ("right", "left"):
     raise ValueError(
         f"proj_type={proj_type!r} with projection='random': random coordinates are columns "
         "(proj_type='right', the official default) or rows ('left').")
   AdamOptions(b1=b1, b2=b2, eps=eps)  # validates them
+  if not isinstance(block_order, str) or block_order != "descending":
+    raise ValueError(f"block_order={block_order!r} chooses whole tensors: it needs "
+                     "projection='blocks'.")
   options = GaLoreOptions(
       rank=density_rank(density, projection), update_proj_gap=update_proj_gap,
       scale=proj_params_lr_scale, proj_type=proj_type, projected=projected,
       dimension_numbers=dimension_numbers, refresh=PROJECTIONS[projection],
       refresh_memory_budget=refresh_memory_budget, projector_dtype=projector_dtype,
       regenerate_projector=regenerate_projector, realign_moments=ResetMoments())
-  adam = lambda: optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
   subspace = galore_transform(options, adam(),
                               StateFreeResidual(inactive_update_rule, inactive_lr_scale))
 
@@ -165,8 +208,10 @@ def frugal_adamw(
     refresh_memory_budget: Optional[int] = None,
     projector_dtype: Optional[jax.typing.DTypeLike] = None,
     regenerate_projector: bool = False,
+    block_order: Union[str, frugal_blocks.BlockOrderFn] = "descending",
+    seed: int = 0,
 ) -> optax.GradientTransformation:
-  """FRUGAL's AdamW (the official GaloreAdamW / CoordAdamW), step for step.
+  """FRUGAL's AdamW (the official GaloreAdamW / CoordAdamW / BlockAdamW), step for step.
 
   `scale_by_frugal`, then decoupled weight decay of the *old* weights,
   p·(1 − lr·wd), on every leaf in `mask` (as torch's AdamW and the official
@@ -178,7 +223,8 @@ def frugal_adamw(
     learning_rate: a float or an optax schedule.
     density: the fraction of each kept side in the subspace.
     update_proj_gap: steps between changes of subspace.
-    projection: "svd" or "random" (columns or rows).
+    projection: "svd", "random" (columns or rows) or "blocks" (whole
+      tensors, what the official pre-training scripts run).
     proj_type: the side; with "random", 'right' (columns) or 'left' (rows).
     b1: first-moment decay.
     b2: second-moment decay.
@@ -198,6 +244,9 @@ def frugal_adamw(
       take; None is 256 MiB.
     projector_dtype: dtype the bases are stored in; default the leaf's.
     regenerate_projector: with "random": store only the step of each change.
+    block_order: with "blocks": "descending" (the scripts'), "ascending",
+      "mirror", "random" or a function; see `scale_by_frugal`.
+    seed: with "blocks" and a random order: the key's seed.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -223,7 +272,8 @@ def frugal_adamw(
           inactive_update_rule=inactive_update_rule, inactive_lr_scale=inactive_lr_scale,
           proj_params_lr_scale=proj_params_lr_scale, projected=projected,
           dimension_numbers=dimension_numbers, refresh_memory_budget=refresh_memory_budget,
-          projector_dtype=projector_dtype, regenerate_projector=regenerate_projector),
+          projector_dtype=projector_dtype, regenerate_projector=regenerate_projector,
+          block_order=block_order, seed=seed),
       *weight_decay_lib.learning_rate_and_decay(
           learning_rate, adam.weight_decay, before=True if mask is None else mask),
   )

@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 from galore_optax import inspection
+from galore_optax import frugal_blocks
 from galore_optax import refresh as refresh_lib
 
 
@@ -79,7 +80,8 @@ def _num_layers(stack) -> int:
 
 _COUPLED = (
     "this optimizer's update of one layer depends on other layers or leaves (a global-norm "
-    "clip, apply_if_finite, MultiSteps, a trust ratio over a stacked leaf): a fused step "
+    "clip, apply_if_finite, MultiSteps, a trust ratio over a stacked leaf, FRUGAL's blocks): "
+    "a fused step "
     "cannot apply it layer by layer. Leave it out of tx and pass clip_norm=... to "
     "fused_scan_step for global-norm clipping.")
 
@@ -100,9 +102,13 @@ def check_per_slice(tx: optax.GradientTransformation, **extra_args) -> None:
       return
   except TypeError:  # an update that takes no weak reference is probed every time
     pass
-  if any(isinstance(s, optax.MultiStepsState) for s in jax.tree.leaves(
+  # States that couple leaves whatever the probe shows: MultiSteps (every leaf's
+  # accumulation decides the step), FRUGAL's blocks (which tensors are active is
+  # decided over all of them; per slice, every layer would have its own).
+  coupling = (optax.MultiStepsState, frugal_blocks.FrugalBlocksState)
+  if any(isinstance(s, coupling) for s in jax.tree.leaves(
       jax.eval_shape(tx.init, {"a": jnp.zeros((2, 2))}),
-      is_leaf=lambda s: isinstance(s, optax.MultiStepsState))):
+      is_leaf=lambda s: isinstance(s, coupling))):
     raise ValueError(_COUPLED)
   key = jax.random.key(0)
   # Two stacked leaves whose slices are matrices (so a default mask treats a

@@ -26,8 +26,8 @@ from examples import optimizers as registry
 
 # The library's optimizers (the repository's registry) and the public parts they are built of.
 FACTORIES = ["scale_by_galore", "galore", "scale_by_adam_8bit", "scale_by_conda",
-             "scale_by_frugal"] + [
-    spec.name for spec in registry.library()]
+             "scale_by_frugal", "scale_by_frugal_blocks"] + list(dict.fromkeys(
+    getattr(spec.factory, "func", spec.factory).__name__ for spec in registry.library()))
 # Defaults that differ from GaLoreOptions/AdamOptions on purpose; each docstring says why.
 OWN_DEFAULTS = {
     ("fira_adamw", "scale"): 0.25,  # fira's scripts
@@ -36,6 +36,7 @@ OWN_DEFAULTS = {
     ("conda", "update_proj_gap"): 2000, ("conda", "eps"): 1e-8,  # the official Conda's
     ("scale_by_conda", "update_proj_gap"): 2000, ("scale_by_conda", "eps"): 1e-8,
     ("frugal_adamw", "eps"): 1e-8, ("scale_by_frugal", "eps"): 1e-8,  # FRUGAL's (torch's)
+    ("scale_by_frugal_blocks", "eps"): 1e-8,
     ("subtrack_adamw", "scale"): 0.25,  # SubTrack's scripts
     ("coap_adamw", "scale"): 0.25, ("coap_adamw", "update_proj_gap"): 40,  # COAP's 1B script
     ("subtrack_adamw", "realign_moments"): True,  # SubTrack++'s projection-aware moments

@@ -142,6 +142,16 @@ BAD_CALLS = [
     ("frugal rule", lambda: go.frugal_adamw(1e-3, inactive_update_rule="same"),
      ValueError, ["inactive_update_rule", "sign_sgd"]),
     ("conda gap", lambda: go.conda(1e-3, update_proj_gap=0), ValueError, ["update_proj_gap"]),
+    ("frugal block order", lambda: go.frugal_adamw(1e-3, projection="blocks",
+                                                   block_order="backwards"),
+     ValueError, ["block_order", "descending"]),
+    ("frugal blocks side", lambda: go.frugal_adamw(1e-3, projection="blocks", proj_type="left"),
+     ValueError, ["proj_type", "whole tensors"]),
+    ("frugal blocks gap", lambda: go.frugal_adamw(1e-3, projection="blocks", update_proj_gap=0),
+     ValueError, ["update_proj_gap"]),
+    ("frugal mirror odd", lambda: go.frugal_adamw(
+        1e-3, projection="blocks", block_order="mirror", density=0.5).init([jnp.ones((2, 2))] * 6),
+     ValueError, ["mirror", "even", "density"]),
 ]
 
 

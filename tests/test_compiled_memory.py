@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (GoLore's and SubTrack++'s steps differ from these only in their refresh functions.)
 PROJECTED = ("galore_adamw", "galore_adamw8bit", "fira_adamw", "apollo_adamw", "apollo_mini",
-             "osd_adamw", "coap_adamw", "frugal_adamw")
+             "osd_adamw", "coap_adamw", "frugal_adamw", "frugal_blocks")
 
 
 def _command(scratch):

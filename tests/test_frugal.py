@@ -23,6 +23,7 @@ import pytest
 
 import galore_optax as go
 from galore_optax import frugal
+from galore_optax import frugal_blocks
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "frugal")
 TORCH_LAYOUT = go.DimensionNumbers(reduction_axes=-1, output_axes=-2)
@@ -147,9 +148,113 @@ def test_random_columns_are_uniform_and_regenerable():
   assert results[1][1] < results[0][1]
 
 
+def blocks_params(data, meta):
+  """The fixture's module as a pytree: the projected group as a list in the official block
+  order (so `jax.tree.leaves` walks it as the official code does), the rest by name."""
+  model = meta["blocks_model"]
+  take = lambda name: data[f"blocks/init/{name}"]
+  return {"blocks": [take(n) for n in model["projected_group_in_block_order"]],
+          "regular": {n: take(n) for n in model["regular_group"]}}
+
+
+def blocks_grads(data, meta):
+  model = meta["blocks_model"]
+  take = lambda name: data[f"blocks/grads/{name}"]
+  return {"blocks": [take(n) for n in model["projected_group_in_block_order"]],
+          "regular": {n: take(n) for n in model["regular_group"]}}
+
+
+@pytest.mark.parametrize("order, rule", (("descending", "sign_sgd"), ("random", "sgd")))
+def test_blocks_step_for_step(order, rule):
+  data, meta = fixtures()
+  h, model = meta["hyperparameters"], meta["blocks_model"]
+  case = f"blocks/{order}/{rule}"
+  active = data[f"{case}/active"]
+  # torch's CPU generator cannot be replayed: the random case is fed its recorded choices.
+  block_order = order if order == "descending" else (
+      lambda change, key, n, k: jnp.asarray(active)[change])
+  tx = go.frugal_adamw(
+      h["lr"], density=h["density"], update_proj_gap=h["update_gap"], projection="blocks",
+      block_order=block_order, b1=h["betas"][0], b2=h["betas"][1], eps=h["eps"],
+      weight_decay=h["weight_decay"], inactive_update_rule=rule,
+      inactive_lr_scale=h["inactive_lr_scale"], proj_params_lr_scale=h["proj_params_lr_scale"],
+      projected=lambda p: {"blocks": [True] * len(p["blocks"]),
+                           "regular": jax.tree.map(lambda _: False, p["regular"])})
+  params, grads = blocks_params(data, meta), blocks_grads(data, meta)
+
+  def step(carry, g):
+    w, state = carry
+    updates, state = tx.update(g, state, w)
+    w = optax.apply_updates(w, updates)
+    return (w, state), (w, state[0].inner_states["subspace"].inner_state.slot)
+
+  ws, slots = jax.jit(lambda p, g: jax.lax.scan(step, (p, tx.init(p)), g)[1])(params, grads)
+  gap = h["update_gap"]
+  # The active blocks: the official choice at each change.
+  np.testing.assert_array_equal(np.asarray(slots)[::gap] >= 0, active)
+  worst = 0.0
+  names = model["projected_group_in_block_order"]
+  for i, name in enumerate(names):
+    official = data[f"{case}/params/{name}"]
+    change = np.linalg.norm(official[-1] - official[0])
+    worst = max(worst, float(np.max(np.abs(np.asarray(ws["blocks"][i]) - official[1:])) / change))
+  for name in model["regular_group"]:
+    official = data[f"{case}/params/{name}"]
+    change = np.linalg.norm(official[-1] - official[0])
+    worst = max(worst, float(np.max(np.abs(np.asarray(ws["regular"][name]) - official[1:]))
+                             / change))
+  assert worst <= 1e-5, worst
+
+
+def test_block_orders_cover_every_tensor():
+  """Fixed orders walk all N tensors in N/gcd(N, K) changes; random draws K distinct ones."""
+  n, k = 12, 4
+  for order in ("descending", "ascending", "mirror"):
+    sets = np.stack([np.asarray(frugal_blocks.fixed_order_active(order, c, n, k))
+                     for c in range(3)])
+    assert np.all(sets.sum(axis=1) == k) and np.all(sets.sum(axis=0) == 1), (order, sets)
+  desc = np.asarray(frugal_blocks.fixed_order_active("descending", 0, n, k))
+  np.testing.assert_array_equal(np.flatnonzero(desc), [8, 9, 10, 11])  # the last first
+  mirror = np.asarray(frugal_blocks.fixed_order_active("mirror", 1, n, k))
+  np.testing.assert_array_equal(np.flatnonzero(mirror), [2, 3, 8, 9])
+  params = [jnp.zeros((3, 2))] * 6 + [jnp.zeros((2, 5))] * 6
+  tx = go.scale_by_frugal_blocks(density=1 / 3, update_proj_gap=1, block_order="random")
+  state, counts = tx.init(params), np.zeros(12)
+  update = jax.jit(tx.update)
+  for _ in range(300):
+    _, state = update(params, state)
+    active = np.asarray(state.slot) >= 0
+    assert active.sum() == 4
+    counts += active
+  # each tensor active with probability 1/3 per change
+  assert np.all(np.abs(counts / 300 - 1 / 3) <= 5 * np.sqrt(1 / 3 * 2 / 3 / 300)), counts
+
+
+def test_blocks_keep_moments_only_for_active_tensors():
+  """State: slots for the most tensors of a shape active at once, not one per tensor."""
+  layer = {"attn": {"q": jnp.zeros((64, 64)), "o": jnp.zeros((64, 64))},
+           "mlp": {"up": jnp.zeros((64, 172)), "down": jnp.zeros((172, 64))}}
+  params = {"layers": [layer] * 8}
+  state = go.scale_by_frugal_blocks(density=0.25).init(params)
+  # 32 tensors, K = 8 (two layers at a time, descending): 4 of each attention shape class
+  # ((64, 64)), 2 of each MLP one.
+  assert [m.shape[0] for m in state.mu] == [4, 2, 2]
+  full = go.tree_bytes(optax.scale_by_adam().init(params))
+  assert go.tree_bytes(state) <= full * 0.25 + 1024
+
+
 def test_frugal_refuses_what_it_does_not_do():
-  with pytest.raises(ValueError, match="projection"):
-    go.frugal_adamw(1e-3, projection="blocks")
+  # Which tensors are active is decided over the whole tree, not layer by layer.
+  with pytest.raises(ValueError, match="FRUGAL's blocks"):
+    go.fused_init(go.frugal_adamw(1e-3, projection="blocks"),
+                  {"layers": {"w": jnp.zeros((2, 4, 4))}, "head": jnp.zeros((4, 3))})
+  with pytest.raises(ValueError, match="proj_type"):
+    go.frugal_adamw(1e-3, projection="blocks", proj_type="right")
+  with pytest.raises(ValueError, match="block_order"):
+    go.frugal_adamw(1e-3, block_order="random")
+  with pytest.raises(ValueError, match="even"):
+    go.frugal_adamw(1e-3, projection="blocks", block_order="mirror", density=0.5).init(
+        [jnp.zeros((2, 2))] * 6)
   with pytest.raises(ValueError, match="columns"):
     go.frugal_adamw(1e-3, projection="random", proj_type="std")
   with pytest.raises(ValueError, match="inactive_update_rule"):

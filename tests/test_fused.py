@@ -17,8 +17,10 @@ MASK = go.path_mask(r"w|v")
 # steps 0 and 2 of the 3, but two whose fused state is not the usual one by design: Adafactor,
 # whose update of one layer depends on the others (go.fused_init refuses it), and
 # gradnorm_lorp8bit, whose per-row magnitude moments of a stacked leaf (3 × 32 entries) are
-# 8-bit over the stack but float32 per layer (32 < min_8bit_size): 2e-4 apart after 3 steps.
-NOT_THE_SAME_STATE = ("galore_adafactor", "gradnorm_lorp8bit")
+# 8-bit over the stack but float32 per layer (32 < min_8bit_size): 2e-4 apart after 3 steps;
+# and FRUGAL's blocks, which choose active tensors over the whole tree (refused, in
+# tests/test_frugal.py).
+NOT_THE_SAME_STATE = ("galore_adafactor", "gradnorm_lorp8bit", "frugal_blocks")
 # Optimizers that differ from galore_adamw only in a refresh function of (G, previous bases,
 # key, step), which the fused step runs as the usual one does (random keys: apollo_adamw).
 SAME_PARTS = ("golore_adamw", "subtrack_adamw")
