@@ -22,11 +22,13 @@ import math
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
+import jax.core  # `jax` imports it but does not bind the name for type checkers
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from galore_optax import validation
+from galore_optax.options import AdamOptions
 from galore_optax.outputs import INACTIVE_RULES
 from galore_optax.sharding import public
 
@@ -162,6 +164,12 @@ def scale_by_frugal_blocks(
     validation.choice(block_order, "block_order", BLOCK_ORDERS)
   validation.choice(inactive_update_rule, "inactive_update_rule", INACTIVE_RULES)
   gap = validation.positive_int(update_proj_gap, "update_proj_gap")
+  if isinstance(density, jax.core.Tracer):
+    raise TypeError("density sets how many moment slots there are: a static Python float "
+                    "(with optax.inject_hyperparams: static_args=('density',)).")
+  density = float(validation.real(density, "density", low=0.0, high=1.0))
+  validation.real(inactive_lr_scale, "inactive_lr_scale", low=0.0)
+  AdamOptions(b1=b1, b2=b2, eps=eps)  # validates them
 
   def plan(leaves):
     n = len(leaves)
