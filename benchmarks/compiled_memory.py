@@ -18,6 +18,8 @@ memory-minimizing list scheduler (`--xla_cpu_enable_concurrency_optimized_schedu
 
   python -m benchmarks.memory --compiled          # all sizes and layouts, into results/memory.md
   python -m benchmarks.compiled_memory --sizes 60m --layouts stacked --json /tmp/m.json
+  python -m benchmarks.compiled_memory --sizes 7b --layouts per_layer --rows optax.adamw \
+      galore_adamw --workdir /tmp/m --report /tmp/m/step.md     # both schedulers, a table
 """
 
 from __future__ import annotations
@@ -338,8 +340,27 @@ def main(argv=None) -> None:
   parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=SIZES + ("tiny",))
   parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
   parser.add_argument("--rows", nargs="*", default=(), help="row names; default all")
-  parser.add_argument("--json", required=True, help="results file (resumed if present)")
+  parser.add_argument("--json", help="results file (resumed if present)")
+  parser.add_argument("--workdir", help="with --report: both schedulers' results files "
+                      "(xla_cpu_default.json, memory.json; resumed if present)")
+  parser.add_argument("--report", help="markdown file: the tables of the rows measured under "
+                      "both schedulers in --workdir")
   args = parser.parse_args(argv)
+  if args.report:
+    if not args.workdir:
+      parser.error("--report needs --workdir")
+    from benchmarks import common  # pylint: disable=import-outside-toplevel
+    results = run_schedulers(args.sizes, args.layouts, tuple(args.rows), args.workdir)
+    common.write_report(args.report, [
+        "# The compiled train step", "", common.environment(), "",
+        "Peaks in GiB from XLA's buffer assignment (`go.planned_peak_bytes`), nothing allocated; "
+        "both schedulers, each in its own process with every row side by side; target: "
+        "optax.adamw's step peak less what the state saves. The module docstring of "
+        "`benchmarks/compiled_memory.py` says what is measured.", ""]
+        + report(results, args.sizes, args.layouts))
+    return
+  if not args.json:
+    parser.error("--json is required (or --report with --workdir)")
   worker(args.sizes, args.layouts, tuple(args.rows), args.json)
 
 
