@@ -225,7 +225,11 @@ def scale_by_frugal_blocks(
     for c, idx in enumerate(classes):
       b = buffer
       buffer += bool(slots[c])
-      for i in idx:
+      # The writes to a class's buffer form a chain (which tensor owns a slot is traced, so
+      # the new buffer depends on every candidate's gradient). Taken from the last leaf, the
+      # order a backward pass makes gradients in, fewer of them wait for it (LLaMA-7B step,
+      # memory scheduler: 57.96 -> 54.38 GiB; still above AdamW's less the state saved).
+      for i in reversed(idx):
         g = leaves[i].astype(jnp.float32)
         free = g if inactive_update_rule == "sgd" else jnp.sign(g)
         u = inactive_lr_scale * free
