@@ -61,7 +61,10 @@ FULL_RANK = {s: "–" for s in RANKS}  # rows that project nothing
 def _member(label, name, ranks=None, **options) -> Row:
   """A bf16 row of the library's optimizer `name` (the repository's registry) with `options`."""
   build = lambda rank: optimizers.call_factory(name, LR, rank=rank, projected=MASK, **options)
-  return Row(label, "bfloat16", build, f"`go.{name}`", ranks)
+  factory = optimizers.REGISTRY[name].factory
+  fixed = ", ".join(f"{k}={v!r}" for k, v in getattr(factory, "keywords", {}).items())
+  built_from = getattr(factory, "func", factory).__name__ + (f"({fixed})" if fixed else "")
+  return Row(label, "bfloat16", build, f"`go.{built_from}`", ranks)
 
 
 def rows() -> list[Row]:
@@ -96,6 +99,7 @@ def rows() -> list[Row]:
       _member("FRUGAL, SVD subspace, density 0.25", "frugal_adamw", FULL_RANK),
       _member("FRUGAL, random columns, density 0.25, regenerated", "frugal_adamw", FULL_RANK,
               projection="random", proj_type="right", regenerate_projector=True),
+      _member("FRUGAL, blocks (whole tensors), density 0.25", "frugal_blocks", FULL_RANK),
       _member("APOLLO (paper's ranks)", "apollo_adamw", APOLLO_RANKS),
       _member("APOLLO, regenerated projector", "apollo_adamw", APOLLO_RANKS,
               regenerate_projector=True),
