@@ -131,15 +131,20 @@ def _norm_of_scaled(x, factor, axes):
   """‖x · factor‖ over `axes` (kept), for a `factor` ≥ 0 constant along the axes
   where it has size 1: per-channel reductions of `x`, no product of x's size.
 
-  Each channel's sum of squares is taken in units of its largest |x|, so it
-  overflows only where ‖x · factor‖ itself does.
+  A channel whose sum of squares overflows (|x| beyond 1.8e19) is summed again in
+  units of its largest |x|, so the norm overflows only where ‖x · factor‖ does.
   """
   x = x.astype(jnp.float32)
   along = tuple(a for a in axes if factor.shape[a] == 1)
-  peak = jnp.max(jnp.abs(x), axis=along, keepdims=True)
-  unit = jnp.where(peak > 0, peak, 1.0)
-  channel = factor * peak * jnp.sqrt(jnp.sum(jnp.square(x / unit), axis=along, keepdims=True))
-  return _norms(channel, axes)
+  squares = jnp.sum(jnp.square(x), axis=along, keepdims=True)
+
+  def in_units():
+    peak = jnp.max(jnp.abs(x), axis=along, keepdims=True)
+    unit = jnp.where(peak > 0, peak, 1.0)
+    return peak * jnp.sqrt(jnp.sum(jnp.square(x / unit), axis=along, keepdims=True))
+
+  channel = jax.lax.cond(jnp.all(jnp.isfinite(squares)), lambda: jnp.sqrt(squares), in_units)
+  return _norms(factor * channel, axes)
 
 
 def scaling_factor(plan: LeafPlan, low_rank_grad, inner_update, per_channel: bool):
