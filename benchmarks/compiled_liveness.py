@@ -8,6 +8,11 @@ live at one point of the schedule. The two differ by what the packing leaves unu
 sizes and lifetimes make the heap hold. Telling them apart says where to look: a live excess
 is a buffer the optimizer keeps too long; a packing excess is the compiler's.
 
+The live sum counts XLA's values, and a value written in place over another (a
+dynamic-update-slice chain, a donated buffer) shares its buffer: where a program has many of
+those at its peak, the sum can exceed the planned peak (a negative packing column), and then it
+says less about what is live.
+
 For each row: its state, its target (with `optax.adamw` first among the rows: AdamW's planned
 peak less what the state saves), the planned peak, the live peak (entry parameters included, as in the planned
 one), their difference, and where in the schedule the live peak falls (0: the start, 1: the
