@@ -14,8 +14,8 @@ those at its peak, the sum can exceed the planned peak (a negative packing colum
 says less about what is live.
 
 For each row: its state, its target (with `optax.adamw` first among the rows: AdamW's planned
-peak less what the state saves), the planned peak, the live peak (entry parameters included, as in the planned
-one), their difference, and where in the schedule the live peak falls (0: the start, 1: the
+peak less what the state saves), the planned peak, the live peak (entry parameters included, as
+in the planned one), their difference, and where in the schedule the live peak falls (0: the start, 1: the
 end; the loss and the last layers' backward come early in a per-layer step, the updates of
 the first layers late). From `--xla_dump_to`'s `*-live-range.txt` (`Live ranges at … (peak)`).
 

@@ -152,7 +152,6 @@ def scale_by_frugal(
                          refresh_memory_budget=(refresh_memory_budget, None),
                          projector_dtype=(projector_dtype, None),
                          regenerate_projector=(regenerate_projector, False))
-    AdamOptions(b1=b1, b2=b2, eps=eps)  # validates them
     blocks = frugal_blocks.scale_by_frugal_blocks(
         density, update_proj_gap, block_order, b1, b2, eps,
         inactive_update_rule=inactive_update_rule, inactive_lr_scale=inactive_lr_scale,

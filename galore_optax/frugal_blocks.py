@@ -19,7 +19,7 @@ change.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Union
 
 import jax
 import jax.core  # `jax` imports it but does not bind the name for type checkers
@@ -50,7 +50,7 @@ class FrugalBlocksState(NamedTuple):
     key: the key random orders draw from (folded with the change index).
   """
 
-  count: jax.Array
+  count: jax.typing.ArrayLike
   kappa: jax.Array
   slot: jax.Array
   mu: tuple
@@ -104,6 +104,14 @@ def _slot_counts(order, classes, n: int, k: int) -> list[int]:
   period = modulus // math.gcd(modulus, step) if step else 1
   sets = [fixed_order_active(order, c, n, k, xp=np) for c in range(period)]
   return [max(int(s[idx].sum()) for s in sets) for idx in classes]
+
+
+def _write(buffer, at, active, new):
+  """`buffer` with slot `at` set to `new` if `active`; an inactive tensor writes back what
+  is there (its slot index is a placeholder)."""
+  current = jax.lax.dynamic_index_in_dim(buffer, at, keepdims=False)
+  return jax.lax.dynamic_update_index_in_dim(
+      buffer, jnp.where(active, new, current).astype(buffer.dtype), at, 0)
 
 
 @public
@@ -241,11 +249,7 @@ def scale_by_frugal_blocks(
           v0 = jnp.where(changing, 0.0, jax.lax.dynamic_index_in_dim(nus[b], at, keepdims=False))
           m = b1 * m0 + (1 - b1) * g
           v = b2 * v0 + (1 - b2) * g * g
-          # An inactive tensor writes back what it read: its slot index is a placeholder.
-          keep = lambda new, buf: jax.lax.dynamic_update_index_in_dim(
-              buf, jnp.where(active, new, jax.lax.dynamic_index_in_dim(buf, at, keepdims=False)
-                             ).astype(buf.dtype), at, 0)
-          mus[b], nus[b] = keep(m, mus[b]), keep(v, nus[b])
+          mus[b], nus[b] = _write(mus[b], at, active, m), _write(nus[b], at, active, v)
           adam = (m / correction1) / (jnp.sqrt(v / correction2) + eps)
           u = jnp.where(active, adam, u)
         out[i] = (proj_params_lr_scale * u).astype(leaves[i].dtype)

@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from galore_optax import inspection
 from galore_optax import frugal_blocks
+from galore_optax import inspection
 from galore_optax import refresh as refresh_lib
 
 
@@ -81,9 +81,8 @@ def _num_layers(stack) -> int:
 _COUPLED = (
     "this optimizer's update of one layer depends on other layers or leaves (a global-norm "
     "clip, apply_if_finite, MultiSteps, a trust ratio over a stacked leaf, FRUGAL's blocks): "
-    "a fused step "
-    "cannot apply it layer by layer. Leave it out of tx and pass clip_norm=... to "
-    "fused_scan_step for global-norm clipping.")
+    "a fused step cannot apply it layer by layer. Leave it out of tx and pass clip_norm=... "
+    "to fused_scan_step for global-norm clipping.")
 
 
 # Updates that passed the probe (fused_init may be called again, e.g. to restore).

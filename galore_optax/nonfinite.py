@@ -22,7 +22,7 @@ def zeros_for_nonfinite(x: jax.Array) -> jax.Array:
   The result is kept in `x`'s dtype by a barrier: fused with the float32
   conversion a projection makes of it, the copy would be float32 and, read
   again by a full-rank output (APOLLO's scaled gradient), would wait at twice
-  the gradient's size for the weights' update (LLaMA-7B step: 1.8 GiB).
+  the gradient's size for the weights' update.
   """
   return jax.lax.optimization_barrier(jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x)))
 
