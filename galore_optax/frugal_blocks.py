@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from galore_optax import axis_specs
 from galore_optax import validation
 from galore_optax.options import AdamOptions
 from galore_optax.outputs import INACTIVE_RULES
@@ -104,6 +105,14 @@ def _slot_counts(order, classes, n: int, k: int) -> list[int]:
   period = modulus // math.gcd(modulus, step) if step else 1
   sets = [fixed_order_active(order, c, n, k, xp=np) for c in range(period)]
   return [max(int(s[idx].sum()) for s in sets) for idx in classes]
+
+
+def _slots(leaf, count: int) -> jax.Array:
+  """Zero moments for `count` tensors like `leaf`, each slot sharded as the leaf is."""
+  shape = (count,) + tuple(leaf.shape)
+  layout = axis_specs.layout_of(leaf)
+  spec = layout and layout.derive(shape, ((),) + tuple(layout.entries), frozen=(0,))
+  return axis_specs.zeros(shape, leaf.dtype, layout, spec)
 
 
 def _write(buffer, at, active, new):
@@ -194,8 +203,7 @@ def scale_by_frugal_blocks(
     leaves = jax.tree.leaves(params)
     _, _, classes, slots = plan(leaves)
     # A class never active has no buffer (zero-size arrays do not checkpoint).
-    zeros = tuple(jnp.zeros((s,) + leaves[c[0]].shape, leaves[c[0]].dtype)
-                  for c, s in zip(classes, slots) if s)
+    zeros = tuple(_slots(leaves[c[0]], s) for c, s in zip(classes, slots) if s)
     return FrugalBlocksState(
         count=jnp.zeros([], jnp.int32), kappa=jnp.zeros([], jnp.int32),
         slot=jnp.full((len(leaves),), -1, jnp.int32), mu=zeros,
