@@ -67,6 +67,8 @@ BASE = {name: base_options(name) for name in FACTORIES}
 def public_factory(name):
   """The public factory behind a row (a registry row may fix some of its options)."""
   return go.galore if name == "galore" else registry.REGISTRY[name].factory
+
+
 LAZY = dict(lazy_refresh=go.LazyRefresh(queue_size=1, threshold=0.0))
 VARIANTS = {
     "plain": {},
