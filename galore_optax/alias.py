@@ -19,6 +19,7 @@ import optax
 from galore_optax import masking
 from galore_optax import nonfinite
 from galore_optax import parts
+from galore_optax import tree_utils
 from galore_optax import validation
 from galore_optax import weight_decay as weight_decay_lib
 from galore_optax.adafactor import add_adafactor_decayed_weights
@@ -461,6 +462,10 @@ def _with_weight_rms(build, scale_parameter: bool) -> optax.GradientTransformati
           "is relative to the weights' RMS): call tx.update(grads, state, "
           "params), or pass scale_parameter=False."
       )
+    if params is not None:  # Read in float32 here, apart from the forward pass's copies.
+      params = jax.tree.map(
+          lambda p: tree_utils.float32_apart(p) if jnp.issubdtype(p.dtype, jnp.floating) else p,
+          params)
     # Zero-size leaves are hidden from the inner transform (see scale_by_galore).
     weight_rms = None if not scale_parameter else jax.tree.map(
         lambda p, r: optax.MaskedNode() if jnp.size(p) == 0 else r, params, tree_rms(params))

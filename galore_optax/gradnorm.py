@@ -28,6 +28,7 @@ from galore_optax import matrix_view
 from galore_optax import nonfinite
 from galore_optax import parts
 from galore_optax import projection
+from galore_optax import tree_utils
 from galore_optax.adam import scale_by_adam_hf
 from galore_optax.adam_8bit import scale_by_adam_8bit
 from galore_optax import validation
@@ -346,12 +347,14 @@ def _weight_normalized(
     axes = norm_axes(updates)
     # 1. W = g ⊙ V/‖V‖ at V = W: magnitude and direction gradients.
     f32 = lambda x: x.astype(jnp.float32)
-    split = [None if a is None else _split_gradient(f32(w), f32(g), a)
-             for g, w, a in zip(grads, weights, axes)]
-    directions = [g if s is None else _direction_grad(f32(w), f32(g), s).astype(g.dtype)
-                  for g, w, s in zip(grads, weights, split)]
-    direction_params = [w if s is None else _direction(f32(w), f32(g), s).astype(w.dtype)
-                        for g, w, s in zip(grads, weights, split)]
+    # Read in float32 apart from the forward pass's copies (see float32_apart).
+    weights32 = [w if a is None else tree_utils.float32_apart(w) for w, a in zip(weights, axes)]
+    split = [None if a is None else _split_gradient(w, f32(g), a)
+             for g, w, a in zip(grads, weights32, axes)]
+    directions = [g if s is None else _direction_grad(w, f32(g), s).astype(g.dtype)
+                  for g, w, s in zip(grads, weights32, split)]
+    direction_params = [w if s is None else _direction(w32, f32(g), s).astype(w.dtype)
+                        for g, w, w32, s in zip(grads, weights, weights32, split)]
     magnitude_grads = [optax.MaskedNode() if s is None else s.magnitude_grad for s in split]
     # 2. GaLore on the direction, the inner optimizer on the magnitude.
     galore_out, galore_state = galore.update(
@@ -369,7 +372,7 @@ def _weight_normalized(
         _new_weight_update(
             g, w, a, s, u, mu, lr, lr * wd if decays and d else None)
         for g, w, a, s, u, mu, d in zip(
-            grads, weights, axes, split, treedef.flatten_up_to(galore_out),
+            grads, weights32, axes, split, treedef.flatten_up_to(galore_out),
             treedef.flatten_up_to(magnitude_out), decayed)
     ]
     return treedef.unflatten(out), GradNormLoRPState(

@@ -27,6 +27,7 @@ from galore_optax import outputs
 from galore_optax import parts
 from galore_optax import plan as plan_lib
 from galore_optax import refresh_step
+from galore_optax import tree_utils
 
 from benchmarks import compiled_memory
 
@@ -161,6 +162,20 @@ def test_a_large_8bit_leaf_updated_in_chunks_equals_one_pass():
     adam_8bit._BLOCKS_PER_CHUNK = blocks
   for x, y in zip(jax.tree.leaves((chunked, s1)), jax.tree.leaves((whole, s2))):
     np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_weights_read_apart_from_the_forward_are_their_float32_values(dtype):
+  # Every bfloat16 and float16 bit pattern (infinities, NaNs and subnormals included), and
+  # float32 values, bit for bit what astype gives.
+  if dtype == jnp.float32:
+    x = jax.random.normal(jax.random.key(0), (4096,), dtype) * 1e30
+  else:
+    x = jax.lax.bitcast_convert_type(jnp.arange(2**16, dtype=jnp.uint32).astype(jnp.uint16), dtype)
+  got = jax.jit(tree_utils.float32_apart)(x)
+  assert got.dtype == jnp.float32
+  np.testing.assert_array_equal(jax.lax.bitcast_convert_type(got, jnp.uint32),
+                                jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32))
 
 
 @pytest.mark.parametrize("make", [
