@@ -42,7 +42,7 @@ from galore_optax.quantization import (
     dynamic_map,
     quantize_blockwise,
 )
-from galore_optax.realignment import FirstMomentTransport, MomentRealignment
+from galore_optax.realignment import FirstMomentTransport, MomentRealignment, RootTransport
 from galore_optax.refresh import (
     canonical_signs,
     coap_refresh,
@@ -83,6 +83,7 @@ __all__ = (
     "ProjectionWarning",
     "QuantizedArray",
     "QuantizedProjector",
+    "RootTransport",
     "ScaleByAdafactorHFState",
     "ScaleByAdam8bitState",
     "ScaleByAdamHFState",

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import jax
 import optax
 
+from galore_optax import realignment
 from galore_optax import refresh as refresh_lib
 from galore_optax import validation
 from galore_optax.masking import MaskOrFn
@@ -37,6 +38,7 @@ def coap_adamw(
     mask: MaskOrFn = None,
     *,
     reproject_factor: int = 5,
+    restore_state: bool = False,
     projected: MaskOrFn = None,
     dimension_numbers: Any = None,
     mu_dtype: Optional[jax.typing.DTypeLike] = None,
@@ -50,8 +52,10 @@ def coap_adamw(
   basis (recalibration); at the other multiples of `update_proj_gap`, one
   gradient step (size 0.1, clipped to norm 1) of the basis on
   mse(G, PPᵀG) · (1 − mean row cosine of G and the first moment projected
-  back) (`go.coap_refresh`). The Adam moments are kept as they are when the
-  basis moves (the official `restore_state=False`). Adam as galore-torch's,
+  back) (`go.coap_refresh`). When the basis moves, the Adam moments are kept
+  as they are (`restore_state=False`, the official default and every
+  official script's) or carried into the new basis (`True`: m ← C m,
+  v ← (C √v)², C = P_newᵀ P_old; `go.RootTransport`). Adam as galore-torch's,
   the updated weights decayed by lr·wd. The official code
   (bytedance/coap) runs this step for step; its first sketch's test matrix
   comes from torch's generator (`docs/coap_reference.md`).
@@ -70,6 +74,9 @@ def coap_adamw(
     weight_decay: decoupled weight decay, a number or an optax schedule.
     mask: the weight-decay mask, as in `optax.adamw`; default all leaves.
     reproject_factor: every K-th event recalibrates by a randomized SVD.
+    restore_state: carry both moments into the new basis at every event after
+      the first (needs float moments: `mu_dtype` may lower them, 8-bit ones
+      are not available here).
     projected: which leaves are projected (pytree of bools or a callable);
       default every floating leaf with at least two axes.
     dimension_numbers: a `go.DimensionNumbers`, a pytree of them or a
@@ -101,7 +108,10 @@ def coap_adamw(
   if proj_type == "full":
     raise ValueError("coap_adamw moves one basis per matrix; proj_type='full' keeps two. "
                      "Use 'std', 'reverse_std', 'left' or 'right'.")
+  if not isinstance(restore_state, bool):
+    raise TypeError(f"restore_state must be True or False, got {restore_state!r}.")
   adam = AdamOptions.from_arguments(locals())
   galore = GaLoreOptions.from_arguments(
-      locals(), refresh=refresh_lib.coap_refresh(update_proj_gap, reproject_factor))
+      locals(), refresh=refresh_lib.coap_refresh(update_proj_gap, reproject_factor),
+      realign_moments=realignment.RootTransport() if restore_state else None)
   return galore_adamw_chain(galore, adam, learning_rate)

@@ -72,8 +72,9 @@ class GaLoreOptions:
       refresh, map the inner Adam's moments into the new basis (LDAdam).
       `True` uses the optimizer's own b1 and b2. A
       `go.FirstMomentTransport(persistent)` maps the first moment only
-      (GoLore). Both need float `mu`/`nu` moments in the inner state (not
-      8-bit, not Adafactor).
+      (GoLore), `go.RootTransport()` both moments as COAP's restore_state.
+      All need float `mu`/`nu` moments in the inner state (not 8-bit, not
+      Adafactor).
     refresh_input: None (a refresh decomposes the gradient) or a
       `realignment.FirstMomentInput(b1)`: it decomposes the first moment
       Mₜ = b1·project_back(m) + (1 − b1)·Gₜ instead (Conda; needs float
@@ -174,7 +175,7 @@ def _check_refresh(value) -> None:
 def _check_realignment(value) -> None:
   if value is None or isinstance(value, bool):
     return
-  if isinstance(value, realignment.ResetMoments):
+  if isinstance(value, (realignment.ResetMoments, realignment.RootTransport)):
     return
   if isinstance(value, realignment.FirstMomentTransport):
     if not isinstance(value.persistent, bool):
@@ -185,8 +186,8 @@ def _check_realignment(value) -> None:
   if not isinstance(value, realignment.MomentRealignment):
     raise TypeError(
         f"realign_moments={value!r}: pass None, True, "
-        "go.MomentRealignment(b1=..., b2=...) with the inner Adam's decays, or "
-        "go.FirstMomentTransport(persistent=...)."
+        "go.MomentRealignment(b1=..., b2=...) with the inner Adam's decays, "
+        "go.FirstMomentTransport(persistent=...) or go.RootTransport()."
     )
   validation.decay(value.b1, "realign_moments.b1")
   validation.decay(value.b2, "realign_moments.b2")

@@ -3,7 +3,8 @@
 By default nothing: GaLore and galore-torch carry the moments over into the
 new basis unchanged. `MomentRealignment` maps Adam's moments into the new
 subspace instead (LDAdam); `FirstMomentTransport` maps the first moment only
-(GoLore). A realignment has these methods:
+(GoLore); `RootTransport` maps both as COAP's `restore_state` does. A
+realignment has these methods:
 
   check(inner_state, plans)            raises at `init` if it cannot apply
   apply(inner_state, plans, previous, new, moved, count) -> inner_state
@@ -166,6 +167,55 @@ class FirstMomentTransport(NamedTuple):
     return treedef.unflatten(flat)
 
 
+class RootTransport(NamedTuple):
+  """Carries both Adam moments into the new basis at each change (COAP's `restore_state`).
+
+  With C = P_newᵀ P_old (`projection.change_of_basis`):
+
+    m ← C m
+    v ← (C √v)²
+
+  the second moment carried as the square of its carried square root, as
+  the official `restore_state=True` does (bytedance/coap): both moments are
+  lifted with the old basis and lowered with the new one. Unlike
+  `MomentRealignment` it is not bias-aware, and √v does not change sign
+  with a flipped basis vector, so the carried v depends on each vector's
+  sign (`docs/coap_reference.md`). Every change after the first is carried:
+  COAP's correlation steps and its recalibrations.
+
+  Needs float `mu`/`nu` moments in the inner state, as `MomentRealignment`.
+
+  References:
+    Xiao et al., COAP: Memory-Efficient Training with Correlation-Aware
+    Gradient Projection, CVPR 2025. https://arxiv.org/abs/2412.00071
+  """
+
+  def check(self, inner_state, plans) -> None:
+    _moment_slots(inner_state, plans)
+
+  def apply(self, inner_state, plans, previous, new, moved, count):
+    flat, treedef = jax.tree.flatten(inner_state)
+    slots = _moment_slots(inner_state, plans)
+    big = float(jnp.finfo(jnp.float32).max)
+    for plan in plans:
+      if plan is None:
+        continue
+      flags = _after_first_refresh(moved[plan.index], count, plan)
+
+      def carried(m, v, plan=plan, flags=flags):
+        c = projection.change_of_basis(new(plan), previous(plan))
+        new_m = _rebase_saturated(m.astype(jnp.float32), c)
+        # √v of an infinite v saturated, so that C √v stays finite.
+        root = projection.rebase(jnp.minimum(jnp.sqrt(v.astype(jnp.float32)), big**0.5), c)
+        new_v = jnp.minimum(jnp.square(root), big)
+        return (matrix_view.select_matrices(flags, new_m.astype(m.dtype), m),
+                matrix_view.select_matrices(flags, new_v.astype(v.dtype), v))
+
+      mu, nu = slots.mu[plan.index], slots.nu[plan.index]
+      flat[mu], flat[nu] = _where_moved(flags, carried, flat[mu], flat[nu])
+    return treedef.unflatten(flat)
+
+
 class ResetMoments(NamedTuple):
   """At each refresh, the inner Adam starts again: zero moments, step count 0 (FRUGAL).
 
@@ -320,14 +370,8 @@ def _realign_adam(m, v, c, t, config: MomentRealignment):
   t = jnp.maximum(t, 1).astype(f32)  # t = 0: zero moments, any finite map
   c1 = 1.0 - jnp.power(config.b1, t)
   c2 = 1.0 - jnp.power(config.b2, t)
-  new_m = projection.rebase(m32, c)
-  # Moments of a huge gradient (1e38: m near 3.4e38, v = inf): C m's partial
-  # sums can overflow both ways (inf − inf = NaN), so where the plain map is
-  # not finite, it is redone in units of 2**k > 8 × the rank (exact), saturated.
-  k = max(m32.shape[-2:]).bit_length() + 3
+  new_m = _rebase_saturated(m32, c)
   big = float(jnp.finfo(f32).max)
-  rescaled = jnp.clip(projection.rebase(m32 * 2.0**-k, c) * 2.0**k, -big, big)
-  new_m = jnp.where(jnp.isfinite(new_m), new_m, rescaled)
   variance = v32 / c2 - jnp.square(m32) / jnp.square(c1)
   # An infinite v or m² leaves an unknown, huge variance (inf − inf = NaN):
   # saturated, since (C∘C)'s zeros times inf would be NaN too. NaN stays NaN.
@@ -337,6 +381,20 @@ def _realign_adam(m, v, c, t, config: MomentRealignment):
       projection.rebase(variance, c, squared=True) + jnp.square(new_m) / jnp.square(c1)
   )
   return new_m.astype(m.dtype), new_v.astype(v.dtype)
+
+
+def _rebase_saturated(m32, c):
+  """C m in float32, saturated where a plain product overflows.
+
+  Moments of a huge gradient (1e38: m near 3.4e38, v = inf): C m's partial
+  sums can overflow both ways (inf − inf = NaN), so where the plain map is
+  not finite, it is redone in units of 2**k > 8 × the rank (exact), saturated.
+  """
+  new_m = projection.rebase(m32, c)
+  k = max(m32.shape[-2:]).bit_length() + 3
+  big = float(jnp.finfo(jnp.float32).max)
+  rescaled = jnp.clip(projection.rebase(m32 * 2.0**-k, c) * 2.0**k, -big, big)
+  return jnp.where(jnp.isfinite(new_m), new_m, rescaled)
 
 
 def realignment_for(realign_moments):

@@ -138,6 +138,8 @@ BAD_CALLS = [
      ValueError, ["subspace_step_size"]),
     ("coap reproject_factor", lambda: go.coap_adamw(1e-3, reproject_factor=0),
      ValueError, ["reproject_factor", "positive"]),
+    ("coap restore_state", lambda: go.coap_adamw(1e-3, restore_state="yes"),
+     TypeError, ["restore_state", "True or False"]),
     ("frugal density", lambda: go.frugal_adamw(1e-3, density=1.5), ValueError, ["density"]),
     ("frugal rule", lambda: go.frugal_adamw(1e-3, inactive_update_rule="same"),
      ValueError, ["inactive_update_rule", "sign_sgd"]),

@@ -4,9 +4,10 @@ tests/fixtures/coap/ holds trajectories of bytedance/coap's AdamW on matrices (r
 tests/fixtures/coap/record.py; docs/coap_reference.md): rank 4, events every 2 steps, every 3rd
 a recalibration (sketch at 0, correlation steps at 2, 4, 8, recalibration at 6), 10 steps, with
 ordinary gradients ("keep") and gradients ×30 that make the clip of the projector's step act
-("loud"), both with the official default restore_state=False. The first sketch's test matrix
-comes from torch's generator; the recording keeps it (omega0) and it is given to the refresh.
-The official option restore_state=True (moments carried at each event) is not ported.
+("loud"), both with the official default restore_state=False, and ordinary gradients with
+restore_state=True ("restore": both moments carried into the new basis at each event,
+go.RootTransport). The first sketch's test matrix comes from torch's generator; the recording
+keeps it (omega0) and it is given to the refresh.
 """
 
 from __future__ import annotations
@@ -51,16 +52,17 @@ def with_recorded_signs(refresh, recorded, every):
   return wrapped
 
 
-@jax.jit
-def run(init, grads, omega0, recorded):
+@functools.partial(jax.jit, static_argnames="restore")
+def run(init, grads, omega0, recorded, restore=False):
   """go.galore_adamw with COAP's refresh (what go.coap_adamw builds), the recorded Ω₀ and the
-  official sketches' vector signs (LAPACK's, which the weights depend on at recalibrations)."""
+  official sketches' vector signs (LAPACK's, which the weights depend on at recalibrations);
+  with `restore`, the moments carried as restore_state=True does."""
   h = fixtures()[1]["hyperparameters"]
   coap = go.coap_refresh(h["update_interval"], h["reproject_factor"], omega0)
   tx = go.galore_adamw(
       h["lr"], rank=h["rank"], update_proj_gap=h["update_interval"], scale=h["scale"],
       b1=h["betas"][0], b2=h["betas"][1], eps=h["eps"], weight_decay=h["weight_decay"],
-      dimension_numbers=TORCH_LAYOUT,
+      dimension_numbers=TORCH_LAYOUT, realign_moments=go.RootTransport() if restore else None,
       refresh=with_recorded_signs(coap, recorded, h["update_interval"] * h["reproject_factor"]))
 
   def step(carry, g):
@@ -79,10 +81,12 @@ def test_official_trajectories_step_for_step(shape):
   data, _ = fixtures()
   init = data[f"{shape}/init"]
   worst = {}
-  for mode, grads in (("keep", data[f"{shape}/grads"]), ("loud", data[f"{shape}/grads_loud"])):
+  for mode, grads in (("keep", data[f"{shape}/grads"]), ("loud", data[f"{shape}/grads_loud"]),
+                      ("restore", data[f"{shape}/grads"])):
     case = f"{shape}/{mode}"
     params, official = data[f"{case}/params"], data[f"{case}/projector"]
-    ws, bases, mus, nus = map(np.asarray, run(init, grads, data[f"{shape}/omega0"], official))
+    ws, bases, mus, nus = map(np.asarray, run(init, grads, data[f"{shape}/omega0"], official,
+                                              restore=mode == "restore"))
     worst[mode] = {
         "params": float(np.max(np.abs(ws - params[1:])) / np.linalg.norm(params[-1] - init)),
         "projector": float(np.max(np.abs(bases - official))),

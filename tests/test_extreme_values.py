@@ -47,6 +47,8 @@ OPTIMIZERS = {
     "galore_adamw_randomized": lambda: go.galore_adamw(
         LR, rank=8, update_proj_gap=GAP, refresh="randomized"),
     "galore_adamw_power": lambda: go.galore_adamw(LR, rank=8, update_proj_gap=GAP, refresh="power"),
+    "coap_adamw_restore_state": lambda: go.coap_adamw(
+        LR, rank=8, update_proj_gap=GAP, reproject_factor=2, restore_state=True),
     "galore_chain": lambda: optax.chain(
         go.galore(rank=8, update_proj_gap=GAP), optax.scale_by_learning_rate(LR)),
 }
