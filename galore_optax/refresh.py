@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Any, Callable, NamedTuple, cast
+from typing import Any, Callable, NamedTuple, Union, cast
 
 import jax
 import jax.numpy as jnp
@@ -338,7 +338,7 @@ def _geodesic_output_side(p: jax.Array, g: jax.Array, step_size) -> jax.Array:
   return p + ((jnp.cos(angle) - 1.0) * (p @ v) - jnp.sin(angle) * u) @ t(v)
 
 
-def geodesic_refresh(step_size: float = 10.0) -> RefreshFn:
+def geodesic_refresh(step_size: Union[float, Callable[[Any], Any]] = 10.0) -> RefreshFn:
   """SubTrack++'s refresh: the previous basis moved along a Grassmann geodesic.
 
   From the previous basis P and the gradient G: the tangent H = (I − PPᵀ)D of
@@ -351,25 +351,31 @@ def geodesic_refresh(step_size: float = 10.0) -> RefreshFn:
   it after an SVD, as `go.subtrack_adamw` does (`switch_refresh`).
 
   Args:
-    step_size: η; the angle is ησ, so η scales with 1/‖G‖² (the official
-      scripts: 10).
+    step_size: η, a number or a schedule of the 0-based step of the refresh
+      (the official `iterative_decrease` is ``lambda step: eta0 / step``);
+      the angle is ησ, so η scales with 1/‖G‖² (the official scripts: a
+      constant 10).
 
   Returns:
-    A refresh method that reads the previous bases.
+    A refresh method that reads the previous bases (and, with a schedule, the
+    step).
   """
+  scheduled = callable(step_size)
 
-  def refresh(g, rank, sides, previous=None, key=None):
+  def refresh(g, rank, sides, previous=None, key=None, **step):
     del rank, key
     assert previous is not None, "geodesic_refresh reads the previous bases"
+    eta = jnp.asarray(step_size(step["step"]), jnp.float32) if scheduled else step_size
     t = lambda x: jnp.swapaxes(x, -1, -2)
     g = rescaled(g)  # the angle grows with ‖G‖²: extreme matrices keep their direction
     bases = {}
     if OUTPUT_SIDE in sides:
-      bases[OUTPUT_SIDE] = _geodesic_output_side(previous[OUTPUT_SIDE], g, step_size)
+      bases[OUTPUT_SIDE] = _geodesic_output_side(previous[OUTPUT_SIDE], g, eta)
     if INPUT_SIDE in sides:
-      bases[INPUT_SIDE] = t(_geodesic_output_side(t(previous[INPUT_SIDE]), t(g), step_size))
+      bases[INPUT_SIDE] = t(_geodesic_output_side(t(previous[INPUT_SIDE]), t(g), eta))
     return bases
 
+  refresh.reads_step = scheduled
   return refresh
 
 
@@ -500,7 +506,10 @@ def switch_refresh(at_step: int, before: Any = "svd",
   reads_previous = any(getattr(f, "reads_previous", True) for f in (first, then))
 
   def refresh(g, rank, sides, previous=None, key=None, *, step):
-    call = lambda method: lambda: method(g, rank, sides, previous, key)
+    def call(method):
+      reads = {"step": step} if getattr(method, "reads_step", False) else {}
+      return lambda: method(g, rank, sides, previous, key, **reads)
+
     return jax.lax.cond(step >= at_step, call(then), call(first))
 
   refresh.reads_previous = reads_previous

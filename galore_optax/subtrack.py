@@ -39,7 +39,7 @@ def subtrack_adamw(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: MaskOrFn = None,
     *,
-    subspace_step_size: float = 10.0,
+    subspace_step_size: optax.ScalarOrSchedule = 10.0,
     realign_moments: bool = True,
     recovery_scaling: bool = True,
     projected: MaskOrFn = None,
@@ -78,7 +78,10 @@ def subtrack_adamw(
     eps: added to √v before the bias correction.
     weight_decay: decoupled weight decay, a number or an optax schedule.
     mask: the weight-decay mask, as in `optax.adamw`; default all leaves.
-    subspace_step_size: η of the geodesic step (the scripts' 10).
+    subspace_step_size: η of the geodesic step (the scripts' constant 10),
+      or a schedule of the 0-based step of the refresh: the official
+      `st_step_size_scheduler="iterative_decrease"` is
+      ``lambda step: eta0 / step``.
     realign_moments: map the moments into each new basis (LDAdam).
     recovery_scaling: add the rescaled, limited residual (Fira's).
     projected: which leaves are projected (pytree of bools or a callable);
@@ -110,7 +113,8 @@ def subtrack_adamw(
     True
   """
   validation.learning_rate(learning_rate)
-  validation.non_negative(subspace_step_size, "subspace_step_size")
+  if not callable(subspace_step_size):
+    validation.non_negative(subspace_step_size, "subspace_step_size")
   validation.choice(realign_moments, "realign_moments", (True, False))
   validation.choice(recovery_scaling, "recovery_scaling", (True, False))
   if proj_type == "full":
