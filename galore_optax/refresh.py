@@ -22,10 +22,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Any, Callable, NamedTuple, Union, cast
+from typing import Any, Callable, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from galore_optax import projection
 from galore_optax.projection import INPUT_SIDE, OUTPUT_SIDE
@@ -338,7 +339,7 @@ def _geodesic_output_side(p: jax.Array, g: jax.Array, step_size) -> jax.Array:
   return p + ((jnp.cos(angle) - 1.0) * (p @ v) - jnp.sin(angle) * u) @ t(v)
 
 
-def geodesic_refresh(step_size: Union[float, Callable[[Any], Any]] = 10.0) -> RefreshFn:
+def geodesic_refresh(step_size: optax.ScalarOrSchedule = 10.0) -> RefreshFn:
   """SubTrack++'s refresh: the previous basis moved along a Grassmann geodesic.
 
   From the previous basis P and the gradient G: the tangent H = (I − PPᵀ)D of
@@ -360,12 +361,10 @@ def geodesic_refresh(step_size: Union[float, Callable[[Any], Any]] = 10.0) -> Re
     A refresh method that reads the previous bases (and, with a schedule, the
     step).
   """
-  scheduled = callable(step_size)
-
   def refresh(g, rank, sides, previous=None, key=None, **step):
     del rank, key
     assert previous is not None, "geodesic_refresh reads the previous bases"
-    eta = jnp.asarray(step_size(step["step"]), jnp.float32) if scheduled else step_size
+    eta = step_size(step["step"]) if callable(step_size) else step_size
     t = lambda x: jnp.swapaxes(x, -1, -2)
     g = rescaled(g)  # the angle grows with ‖G‖²: extreme matrices keep their direction
     bases = {}
@@ -375,7 +374,7 @@ def geodesic_refresh(step_size: Union[float, Callable[[Any], Any]] = 10.0) -> Re
       bases[INPUT_SIDE] = t(_geodesic_output_side(t(previous[INPUT_SIDE]), t(g), eta))
     return bases
 
-  refresh.reads_step = scheduled
+  refresh.reads_step = callable(step_size)
   return refresh
 
 
