@@ -12,15 +12,14 @@ import numpy as np
 def float32_apart(x: jax.Array) -> jax.Array:
   """A floating `x` in float32, converted apart from any other conversion of it.
 
-  For an update to read the weights: XLA:CPU's dots take float32 operands, so
-  the forward pass converts each bf16 weight, and a scan over stacked layers
-  converts a whole stack before its loop. An update's `w.astype(float32)` is
-  the same expression; XLA merges the two and keeps the forward's converted
-  stack alive until the update has read it (LLaMA-7B, stacked leaves: 3.8 GiB
-  more at the step's peak for `galore_adafactor` and `gradnorm_lorp`). A
-  bfloat16 is converted here from its bits (exact: it is the upper half of
-  the float32), which XLA does not take for a conversion; other dtypes behind
-  an optimization barrier.
+  XLA:CPU's dots take float32 operands, so a forward pass converts each bf16
+  weight, and a scan over stacked layers converts a whole stack before its
+  loop. An update's `w.astype(float32)` is the same expression: XLA merges the
+  two and keeps the forward's converted stack alive until the update has read
+  it. A bfloat16 is converted here from its bits (exact: it is the upper half
+  of the float32), which XLA does not take for a conversion; other dtypes
+  behind an optimization barrier. The result depends only on `x`: a
+  scheduler may make it as soon as `x` exists.
   """
   x = jnp.asarray(x)
   if x.dtype == jnp.bfloat16:
