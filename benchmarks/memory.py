@@ -10,7 +10,7 @@ everything in that state: moments (with their 8-bit block scales), projectors
   python -m benchmarks.memory                  # all sizes, writes results/memory.{md,png}
   python -m benchmarks.memory --sizes 60m 7b --out /tmp/memory
   python -m benchmarks.memory --compiled       # + the compiled train step (compiled_memory.py):
-                                               #   60M, 1B, 7B, per-layer and stacked, ~1 h on 2 cores
+                                               #   60M, 1B, 7B, per-layer and stacked, ~1.5 h on 2 cores
 """
 
 from __future__ import annotations
