@@ -390,7 +390,7 @@ def _weight_in_float32(w, plan):
   A stack of layers (a leaf with batch axes) is converted apart from the
   forward pass's conversion (`tree_utils.float32_apart`): a scan converts the
   whole stack before its loop, and XLA would keep that copy alive until the
-  update reads it (LLaMA-7B, stacked, memory scheduler: 3.9 GiB). A single
+  update reads it (LLaMA-7B, stacked, memory scheduler: 3.8 GiB). A single
   layer's weight is converted as usual: sharing the backward pass's own
   conversion costs nothing, while a separate one, which depends only on the
   weights, XLA:CPU's default scheduler makes for every layer at the start of

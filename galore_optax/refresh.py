@@ -361,6 +361,7 @@ def geodesic_refresh(step_size: optax.ScalarOrSchedule = 10.0) -> RefreshFn:
     A refresh method that reads the previous bases (and, with a schedule, the
     step).
   """
+
   def refresh(g, rank, sides, previous=None, key=None, **step):
     del rank, key
     assert previous is not None, "geodesic_refresh reads the previous bases"
