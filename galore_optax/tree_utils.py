@@ -17,9 +17,10 @@ def float32_apart(x: jax.Array) -> jax.Array:
   loop. An update's `w.astype(float32)` is the same expression: XLA merges the
   two and keeps the forward's converted stack alive until the update has read
   it. A bfloat16 is converted here from its bits (exact: it is the upper half
-  of the float32), which XLA does not take for a conversion; other dtypes
-  behind an optimization barrier. The result depends only on `x`: a
-  scheduler may make it as soon as `x` exists.
+  of the float32), which XLA does not take for a conversion. Other dtypes go
+  behind an optimization barrier, which XLA:CPU removes before it merges
+  equal expressions: for them the conversion may still be shared. The result
+  depends only on `x`: a scheduler may make it as soon as `x` exists.
   """
   x = jnp.asarray(x)
   if x.dtype == jnp.bfloat16:
