@@ -86,7 +86,7 @@ def rows() -> list[Row]:
   return measured
 
 
-def measure(tx, params, heads: int, batch=BATCH, step: bool = True) -> dict:
+def measure(tx, params, heads: int, batch=BATCH, step: bool = True, update: bool = True) -> dict:
   """State, update and whole-step bytes of `tx` on abstract bf16 `params` (nothing allocated).
 
   Args:
@@ -95,9 +95,11 @@ def measure(tx, params, heads: int, batch=BATCH, step: bool = True) -> dict:
     heads: attention heads of the model.
     batch: (rows, tokens per row) of the step.
     step: also compile the whole training step.
+    update: also compile the update alone.
 
   Returns:
-    {"state", "update_temp", "update_peak", "step_temp", "step_peak"} in bytes.
+    {"state", "params", "update_temp", "update_peak", "step_temp", "step_peak"} in bytes
+    (those of a program not compiled left out).
   """
   import jax  # pylint: disable=import-outside-toplevel
   import optax
@@ -105,14 +107,15 @@ def measure(tx, params, heads: int, batch=BATCH, step: bool = True) -> dict:
 
   state = jax.eval_shape(tx.init, params)
 
-  def update(p, g, s):
+  def update_and_apply(p, g, s):
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s
 
-  a = jax.jit(update, donate_argnums=(0, 1, 2)).lower(params, params, state).compile()
-  out = {"state": go.tree_bytes(state), "params": go.tree_bytes(params),
-         "update_temp": a.memory_analysis().temp_size_in_bytes,
-         "update_peak": go.planned_peak_bytes(a)}
+  out = {"state": go.tree_bytes(state), "params": go.tree_bytes(params)}
+  if update:
+    a = jax.jit(update_and_apply, donate_argnums=(0, 1, 2)).lower(params, params, state).compile()
+    out.update(update_temp=a.memory_analysis().temp_size_in_bytes,
+               update_peak=go.planned_peak_bytes(a))
   if step:
     c = compile_step(tx, params, heads, batch)
     out.update(step_temp=c.memory_analysis().temp_size_in_bytes,
@@ -168,8 +171,9 @@ def model(size: str, layout: str):
   return llama_jax.param_shapes(dims, jnp.bfloat16, stacked=layout == "stacked"), heads
 
 
-def worker(sizes, layouts, names, path: str) -> None:
-  """Measures every (size, layout, row) into the JSON file `path`, saved after each."""
+def worker(sizes, layouts, names, path: str, update_rows=None) -> None:
+  """Measures every (size, layout, row) into the JSON file `path`, saved after each; the
+  update alone of the rows in `update_rows` only (None: of all)."""
   from benchmarks import common  # pylint: disable=import-outside-toplevel
   from examples import fileio
 
@@ -191,7 +195,11 @@ def worker(sizes, layouts, names, path: str) -> None:
           continue
         start = time.perf_counter()
         try:
-          results[key] = how(row.build(size), params, heads)
+          if how is measure_fused:
+            results[key] = how(row.build(size), params, heads)
+          else:
+            results[key] = how(row.build(size), params, heads,
+                               update=update_rows is None or row.name in update_rows)
         except ValueError as e:  # go.fused_init refuses an update that couples layers
           if how is not measure_fused:
             raise
@@ -341,6 +349,8 @@ def main(argv=None) -> None:
   parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
   parser.add_argument("--rows", nargs="*", default=(), help="row names; default all")
   parser.add_argument("--json", help="results file (resumed if present)")
+  parser.add_argument("--update-rows", nargs="*", help="with --json: the rows whose update "
+                      "alone is compiled too; default all (the others: state and step only)")
   parser.add_argument("--workdir", help="with --report: both schedulers' results files "
                       "(xla_cpu_default.json, memory.json; resumed if present)")
   parser.add_argument("--report", help="markdown file: the tables of the rows measured under "
@@ -361,7 +371,8 @@ def main(argv=None) -> None:
     return
   if not args.json:
     parser.error("--json is required (or --report with --workdir)")
-  worker(args.sizes, args.layouts, tuple(args.rows), args.json)
+  worker(args.sizes, args.layouts, tuple(args.rows), args.json,
+         None if args.update_rows is None else tuple(args.update_rows))
 
 
 if __name__ == "__main__":

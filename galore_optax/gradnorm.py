@@ -153,29 +153,42 @@ def _unit_direction(w, grad, split: _Split):
                    _safe_divide(-grad, split.grad_norm))
 
 
-def _split_gradient(w, grad, axes) -> _Split:
-  """Magnitude g and its gradient ∂g of one leaf (W and ∇W float32).
+def _split_gradient(w, grad, axes, w32) -> _Split:
+  """Magnitude g and its gradient ∂g of one leaf (W and ∇W as stored, W also in float32).
 
   At a zero row the chain rule's factor g/‖V‖ is 0, so ∂V = 0 and
   ∂g = −‖∇W‖: the row grows out of zero along −∇W (zero-initialized layers
   still train).
   """
-  split = _Split(_row_norms(w, axes), _row_norms(grad, axes), None)
-  unit = _unit_direction(w, grad, split)
-  dg = jnp.sum(grad * unit, axis=axes, keepdims=True)
+  f32 = lambda x: x.astype(jnp.float32)
+  split = _Split(_row_norms(w32, axes), _row_norms(f32(grad), axes), None)
+  dg = jnp.sum(f32(grad) * _unit_direction(w32, f32(grad), split), axis=axes, keepdims=True)
   # ∂g sums a row of ∇W ⊙ V̂ (|V̂| ≤ 1): for entries of 1e38 its partial sums overflow both
   # ways (inf − inf = NaN). Only then (`lax.cond`: no second full-size pass otherwise) it is
   # summed again in units of 2**k > the row's length (exact), where it cannot, and saturated
   # at the largest float32; ordinary sums are kept bit for bit.
   k = math.prod(jnp.shape(w)[a] for a in axes).bit_length()
-  in_units = lambda: jnp.sum((grad * 2.0**-k) * unit, axis=axes, keepdims=True) * 2.0**k
-  dg = jax.lax.cond(jnp.all(jnp.isfinite(dg)), lambda: dg,
-                    lambda: jnp.where(jnp.isfinite(dg), dg, projection.saturated(in_units())))
+
+  def in_units(w, grad):
+    # From the stored leaves: a float32 operand of the cond would be a full-size array
+    # kept from the backward pass until the cond runs (the 8-bit form: 48 of them at 1B).
+    g = f32(grad) * 2.0**-k
+    return jnp.sum(g * _unit_direction(f32(w), f32(grad), split), axis=axes,
+                   keepdims=True) * 2.0**k
+
+  dg = jax.lax.cond(jnp.all(jnp.isfinite(dg)), lambda w, grad: dg,
+                    lambda w, grad: jnp.where(jnp.isfinite(dg), dg,
+                                              projection.saturated(in_units(w, grad))),
+                    w, grad)
   return split._replace(magnitude_grad=dg)
 
 
 def _direction_grad(w, grad, split: _Split):
   """∂V = ∇W − V̂ ∂g, and 0 on zero rows."""
+  # V̂ again, not the one ∂g was summed from: XLA would keep that full-size float32 array from
+  # the backward pass until this runs (the 8-bit form at 1B: one per matrix, 2 GiB). The
+  # barrier on the per-row values makes this a different expression, with the same values.
+  split = jax.lax.optimization_barrier(split)
   # Both terms are finite; their difference may overflow to ±inf (never NaN): saturate it.
   d = grad - _unit_direction(w, grad, split) * split.magnitude_grad
   return jnp.where(split.magnitude > 0, projection.saturated(d), 0.0)
@@ -349,8 +362,8 @@ def _weight_normalized(
     # 1. W = g ⊙ V/‖V‖ at V = W: magnitude and direction gradients.
     f32 = lambda x: x.astype(jnp.float32)
     weights32 = [w if p is None else _weight_in_float32(w, p) for w, p in zip(weights, plans)]
-    split = [None if a is None else _split_gradient(w, f32(g), a)
-             for g, w, a in zip(grads, weights32, axes)]
+    split = [None if a is None else _split_gradient(w, g, a, w32)
+             for g, w, w32, a in zip(grads, weights, weights32, axes)]
     directions = [g if s is None else _direction_grad(w, f32(g), s).astype(g.dtype)
                   for g, w, s in zip(grads, weights32, split)]
     direction_params = [w if s is None else _direction(w32, f32(g), s).astype(w.dtype)

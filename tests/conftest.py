@@ -8,7 +8,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "support"))
 import background  # noqa: E402  (after the path above)
 import compile_flags  # noqa: E402
 
-compile_flags.set_in_environment()  # before any test module imports jax
+# Before any test module imports jax.
+compile_flags.set_in_environment()
+compile_flags.share_compiled_programs(background.scratch("jax-compilation-cache"))
 
 
 def pytest_runtestloop(session):

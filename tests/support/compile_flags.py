@@ -1,4 +1,4 @@
-"""The XLA flag every test process compiles with.
+"""The XLA flag every test process compiles with, and the compilation cache they share.
 
 The suite compiles hundreds of small programs on two CPU cores, and LLVM's
 optimization of the code XLA:CPU generates is a third of that work (the
@@ -21,3 +21,18 @@ def with_fast_compile(flags: str = "") -> str:
 
 def set_in_environment() -> None:
   os.environ["XLA_FLAGS"] = with_fast_compile(os.environ.get("XLA_FLAGS", ""))
+
+
+def share_compiled_programs(folder: str) -> None:
+  """Makes every test process of one run (both pytest-xdist workers, the background jobs,
+  the CLI subprocesses) read and write one JAX compilation cache in `folder`.
+
+  Many tests compile a program another test already compiled (the same optimizer on the
+  same shapes in the contract suite, the fused tests and the examples): the second one is
+  read back instead (tests/test_contract.py alone: 196 s -> 170 s). The folder is new for
+  each run, so a run never reads what an earlier one compiled; what a compile returns is
+  unchanged (memory_analysis and as_text() included).
+  """
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
