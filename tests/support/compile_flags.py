@@ -34,5 +34,5 @@ def share_compiled_programs(folder: str) -> None:
   unchanged (memory_analysis and as_text() included).
   """
   os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
-  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
