@@ -94,8 +94,12 @@ def _store(value: jax.Array, like, signed: bool):
   return quantization.quantize_blockwise(value, code, block_size)
 
 
-# Blocks of 256 updated together in a large leaf: 4 MiB of each float32 temporary.
-_BLOCKS_PER_CHUNK = 4096
+# Blocks of 256 updated together in a large leaf: 2 MiB of each float32 temporary. A leaf of
+# more blocks than this goes through the loop of `_in_chunks`; a smaller one is dequantized
+# whole, which depends on the state alone, and XLA:CPU's default scheduler does it at the
+# start of the step (LLaMA-1B's low-rank attention moments, 4096 blocks each: 192 × 4 MiB
+# alive at the peak of galore_adamw8bit's step with 4096 here).
+_BLOCKS_PER_CHUNK = 2048
 
 
 def _in_chunks(moments, g, mu, nu):
