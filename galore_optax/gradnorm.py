@@ -404,8 +404,9 @@ def _weight_in_float32(w, plan):
   forward pass's conversion (`tree_utils.float32_apart`): a scan converts the
   whole stack before its loop, and XLA would keep that copy alive until the
   update reads it (LLaMA-7B, stacked, memory scheduler: 3.8 GiB). A single
-  layer's weight is converted as usual: sharing the backward pass's own
-  conversion costs nothing, while a separate one, which depends only on the
+  layer's weight is converted as usual: it shares the backward pass's own
+  conversion (which the 8-bit form, whose update runs late, keeps alive until
+  then: docs/memory.md), while a separate one, which depends only on the
   weights, XLA:CPU's default scheduler makes for every layer at the start of
   the step and keeps until the update (LLaMA-7B per-layer: 11.3 GiB more).
   """
