@@ -108,8 +108,12 @@ def _in_chunks(moments, g, mu, nu):
   Blocks are quantized independently, so the result is the same; but only one
   chunk's dequantized, updated and requantized float32 values exist at once
   (whole, they would be four float32 copies of the leaf). The loop writes the
-  new codes over the old ones in place, and it reads the gradient, so no
-  scheduler can dequantize the moments before the gradient exists.
+  new codes over the old ones in place, and each chunk's update over that
+  chunk of the gradient, which it has read: no buffer of the loop depends on
+  the state alone, so no scheduler can make one before the gradient exists (a
+  zero-filled output buffer was made at the start of the step by XLA:CPU's
+  default scheduler and kept through the forward and backward passes: LLaMA-1B,
+  0.8 GiB).
   """
   blocks, size = mu.absmax.size, mu.codes.size // mu.absmax.size
   flat = g.reshape(-1)
@@ -126,19 +130,21 @@ def _in_chunks(moments, g, mu, nu):
   def body(i, carry):
     take = lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk)
     put = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v, i * chunk, 0)
-    m_codes, m_absmax, v_codes, v_absmax, u = carry
+    m_codes, m_absmax, v_codes, v_absmax, g_or_u = carry
     u_i, m_i, v_i = moments(
-        from_bits(take(bits)),
+        from_bits(take(g_or_u)),
         quantization.QuantizedArray(take(m_codes), take(m_absmax)),
         quantization.QuantizedArray(take(v_codes), take(v_absmax)))
+    u_i_bits = jax.lax.bitcast_convert_type(u_i, bits_dtype)
     return (put(m_codes, m_i.codes), put(m_absmax, m_i.absmax), put(v_codes, v_i.codes),
-            put(v_absmax, v_i.absmax), put(u, u_i))
+            put(v_absmax, v_i.absmax), put(g_or_u, u_i_bits))
 
-  carry = (*as_blocks(mu), *as_blocks(nu), jnp.zeros((blocks, size), g.dtype))
-  m_codes, m_absmax, v_codes, v_absmax, u = jax.lax.fori_loop(0, blocks // chunk, body, carry)
+  carry = (*as_blocks(mu), *as_blocks(nu), bits)
+  m_codes, m_absmax, v_codes, v_absmax, u_bits = jax.lax.fori_loop(
+      0, blocks // chunk, body, carry)
   like = lambda codes, absmax, old: quantization.QuantizedArray(
       codes.reshape(old.codes.shape), absmax.reshape(old.absmax.shape))
-  u = u.reshape(-1)[: g.size].reshape(g.shape)
+  u = from_bits(u_bits).reshape(-1)[: g.size].reshape(g.shape)
   return u, like(m_codes, m_absmax, mu), like(v_codes, v_absmax, nu)
 
 
