@@ -114,8 +114,12 @@ def run(tx, steps, update=None, params=None, state=None):
 
 # Conda rotates by every singular vector of its first moment, those of near-equal singular
 # values too, which differently compiled SVDs mix differently: measured 1.7e-5 on 4 of 1024
-# entries (inject_hyperparams against the plain run).
-TOLERANCE = {"conda": 1e-4}
+# entries (inject_hyperparams against the plain run). GradNormLoRP's refresh decomposes
+# ∂V = ∇W − V̂·∂g, a cancellation whose rounding depends on how XLA fuses it, and the SVD
+# amplifies it: measured 2.6e-5 on 11 of 960 entries (the donated step against the
+# reference), 6.7e-5 with 8-bit moments (nnx.Optimizer against the reference), compiled
+# with XLA:CPU's element-wise emitters (tests/support/compile_flags.py).
+TOLERANCE = {"conda": 1e-4, "gradnorm_lorp": 1e-4, "gradnorm_lorp8bit": 1e-4}
 
 
 def assert_close(a, b, tol=1e-5):

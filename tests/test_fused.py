@@ -98,6 +98,16 @@ def run_both(name, dtype, steps=3, clip=None):
   return p1, p2, losses, params
 
 
+def assert_float32_ulp_apart_at_most(a, b):
+  """Equal but for one float32 unit in the last place of the leaf's largest entry.
+
+  Bit-identical under XLA:CPU's default fusion emitters; the element-wise emitters the suite
+  compiles with (tests/support/compile_flags.py) may round a differently fused float32
+  expression (an update, before it is added to a weight) the other way.
+  """
+  assert np.max(np.abs(a - b)) <= 2.0**-23 * np.max(np.abs(a)), np.max(np.abs(a - b))
+
+
 # Every optimizer in float32; in bfloat16 the elementwise baseline (bit-identical) and GaLore
 # with float and 8-bit moments: the others add no bf16 path of their own.
 BF16 = ("optax.adamw", "galore_adamw", "galore_adamw8bit")
@@ -112,8 +122,10 @@ def test_fused_steps_equal_the_usual_steps(name, dtype):
   assert moved > 1e-3  # the steps did something
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    if name in ELEMENTWISE or dtype == jnp.bfloat16 and name == "optax.adamw":
+    if dtype == jnp.bfloat16 and name == "optax.adamw":
       np.testing.assert_array_equal(a, b)
+    elif name in ELEMENTWISE:
+      assert_float32_ulp_apart_at_most(a, b)
     elif dtype == jnp.float32:  # relative to the leaf's largest weight
       # Conda rotates by every singular vector, near-equal singular values' too, which
       # differently compiled SVDs mix differently (5.9e-6 measured).
@@ -195,7 +207,11 @@ def test_extra_args_reach_every_update():
   a = ref(params, go.fused_init(built("optax.adamw"), params), tokens)
   b = fused(params, go.fused_init(tx, params, learning_rate=0.5), tokens, learning_rate=1e-2)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    x, y = np.asarray(x), np.asarray(y)
+    if np.issubdtype(x.dtype, np.floating):  # the learning rate a constant or an argument
+      assert_float32_ulp_apart_at_most(x, y)
+    else:
+      np.testing.assert_array_equal(x, y)
 
 
 def poisoned_embed(rest, batch):

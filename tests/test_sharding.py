@@ -363,7 +363,9 @@ def test_nnx_optimizer_on_sharded_model(checks, key):
   if "8bit" in key:
     assert codes["total"] > 0, "no 8-bit moments: the check would not test them"
   assert codes["max_distance"] <= 1, f"a code moved by {codes['max_distance']}"
-  assert codes["mismatched"] <= max(3, 1e-3 * codes["total"]), codes
+  # 10 of 3200 measured (galore_adamw8bit, rank 5, compiled as tests/support/compile_flags.py
+  # says); a wrong sharding moves codes by more than one, or most of them.
+  assert codes["mismatched"] <= max(3, 1e-2 * codes["total"]), codes
   # A sharded forward pass rounds its gradients differently: at the backend optimization
   # level the suite compiles with (tests/support/compile_flags.py) up to 1.5e-6 was measured.
   tol = 1e-4 if codes["mismatched"] else 2 * TOL

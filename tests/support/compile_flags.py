@@ -1,17 +1,28 @@
-"""The XLA flag every test process compiles with, and the compilation cache they share.
+"""The XLA flags every test process compiles with, and the compilation cache they share.
 
-The suite compiles hundreds of small programs on two CPU cores, and LLVM's
-optimization of the code XLA:CPU generates is a third of that work (the
-contract tests of one optimizer: 20.2 s of CPU time at the default level,
-13.5 s at level 0). Optimization level 0 changes how fast the code runs, not
-what it computes (XLA:CPU does not enable fast-math), and no test times
-anything. It is set for the tests' own processes and their background jobs;
-a user's runs keep their own flags.
+The suite compiles hundreds of small programs on two CPU cores, and making
+machine code of them is most of that work:
+
+* LLVM's optimization of the code XLA:CPU generates was a third of it (the
+  contract tests of one optimizer: 20.2 s of CPU time at the default level,
+  13.5 s at level 0);
+* XLA:CPU's MLIR fusion emitters take longer to generate a fusion's code than
+  its element-wise emitters (COAP's contract step: 2.14 s of code generation
+  with them, 0.36 s without; the suite's 20 donated-step contract tests: 67 s
+  of CPU time, 35 s).
+
+Neither changes what is computed: level 0 changes how fast the code runs (XLA:CPU
+does not enable fast-math), and both emitters generate the same HLO's
+element-wise arithmetic; differently generated code may round a long fused
+expression differently in the last bit, which the tests' tolerances already
+allow between differently compiled programs. No test times anything. The flags
+are set for the tests' own processes and their background jobs; a user's runs
+keep their own flags.
 """
 
 import os
 
-FAST_COMPILE = "--xla_backend_optimization_level=0"
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 
 
 def with_fast_compile(flags: str = "") -> str:
