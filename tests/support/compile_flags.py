@@ -13,11 +13,11 @@ machine code of them is most of that work:
 
 Neither changes what is computed: level 0 changes how fast the code runs (XLA:CPU
 does not enable fast-math), and both emitters generate the same HLO's
-element-wise arithmetic; differently generated code may round a long fused
-expression differently in the last bit, which the tests' tolerances already
-allow between differently compiled programs. No test times anything. The flags
-are set for the tests' own processes and their background jobs; a user's runs
-keep their own flags.
+element-wise arithmetic. Differently generated code may round a long fused
+expression differently in the last bit: each comparison of two differently
+compiled programs says what it allows, with the figure measured under these
+flags. No test times anything. The flags are set for the tests' own processes
+and their background jobs; a user's runs keep their own flags.
 """
 
 import os
