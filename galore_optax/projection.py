@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from galore_optax import matrix_view
+from galore_optax import tree_utils
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 OUTPUT_SIDE = "u"
@@ -150,12 +151,29 @@ def project(g: jax.Array, basis: dict[str, jax.Array]) -> jax.Array:
   return g
 
 
+def _waiting_for(basis: jax.Array, r: jax.Array) -> jax.Array:
+  """A basis in `r`'s dtype for the product with `r`, widened once `r` exists.
+
+  A basis is ready long before the update it projects back (at the start of
+  the step, or, GoLore's random ones, as soon as drawn), and XLA:CPU's
+  default scheduler widens it then: to `r`'s dtype here, or, for a bf16
+  product, to float32 inside the product (`_accumulated`). Every leaf's
+  widened copy would be held at once; tied to `r`, each is made just before
+  its product. Elsewhere a product of equal dtypes widens nothing.
+  """
+  if basis.dtype != r.dtype:
+    return tree_utils.after(basis.astype(r.dtype), r)
+  if r.dtype == _accumulating(r.dtype):
+    return basis
+  return jax.lax.platform_dependent(basis, r, cpu=tree_utils.after, default=lambda b, _: b)
+
+
 def project_back(r: jax.Array, basis: dict[str, jax.Array]) -> jax.Array:
   """The inverse map of `project` onto the full (m × n) shape."""
   if OUTPUT_SIDE in basis:
-    r = jnp.matmul(basis[OUTPUT_SIDE].astype(r.dtype), r)
+    r = jnp.matmul(_waiting_for(basis[OUTPUT_SIDE], r), r)
   if INPUT_SIDE in basis:
-    r = jnp.matmul(r, basis[INPUT_SIDE].astype(r.dtype))
+    r = jnp.matmul(r, _waiting_for(basis[INPUT_SIDE], r))
   return r
 
 
@@ -244,7 +262,7 @@ def project_back_leaf(
   nb = len(view.batch_shape)
   if OUTPUT_SIDE in basis:  # (U_r R)ᵀ = Rᵀ U_rᵀ: (*batch, n, m)
     if INPUT_SIDE in basis:
-      r = jnp.matmul(r, basis[INPUT_SIDE].astype(r.dtype))
-    return _dot(r, basis[OUTPUT_SIDE].astype(r.dtype), nb, nb + 1, nb)
+      r = jnp.matmul(r, _waiting_for(basis[INPUT_SIDE], r))
+    return _dot(r, _waiting_for(basis[OUTPUT_SIDE], r), nb, nb + 1, nb)
   # (R Vh_r)ᵀ = Vh_rᵀ Rᵀ: (*batch, n, m)
-  return _dot(basis[INPUT_SIDE].astype(r.dtype), r, nb, nb + 1, nb)
+  return _dot(_waiting_for(basis[INPUT_SIDE], r), r, nb, nb + 1, nb)

@@ -29,6 +29,31 @@ def float32_apart(x: jax.Array) -> jax.Array:
   return jax.lax.optimization_barrier(x).astype(jnp.float32)
 
 
+def after(x: jax.Array, dependency: jax.Array) -> jax.Array:
+  """`x`, bit for bit, computed only once `dependency` exists.
+
+  XLA:CPU's default scheduler runs an operation as soon as its operands
+  exist, so what is derived from state alone (a stored basis's float32
+  copy) is made at the start of an update, for every leaf at once, and
+  held until the leaf's own work needs it. `x`'s bits are or-ed with an
+  integer zero computed from `dependency` (the bits of |d| where d = 0, else
+  0), which XLA cannot fold; on the bits, not in float arithmetic, which on
+  XLA:CPU would flush subnormals and rewrite NaN payloads. The operation
+  fuses into whatever reads `x`.
+  """
+  x = jnp.asarray(x)
+  if not jnp.size(dependency) or not jnp.issubdtype(x.dtype, jnp.inexact):
+    return x
+  d = jnp.asarray(dependency)[(0,) * jnp.ndim(dependency)]
+  if not jnp.issubdtype(d.dtype, jnp.floating):
+    d = d.astype(jnp.float32)
+  uint = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
+  zero = jnp.where(d == 0, jax.lax.bitcast_convert_type(jnp.abs(d), jnp.dtype(
+      f"uint{8 * d.dtype.itemsize}")), 0).astype(uint)
+  bits = jax.lax.bitcast_convert_type(x, uint)
+  return jax.lax.bitcast_convert_type(bits | zero, x.dtype)
+
+
 def tree_bytes(tree: Any) -> int:
   """Total bytes of the array leaves of `tree`.
 

@@ -8,6 +8,7 @@ report). Ratios and differences to optax.adamw in the same process, never absolu
 """
 
 import json
+import re
 import os
 import sys
 
@@ -26,6 +27,7 @@ from galore_optax import adam_8bit
 from galore_optax import outputs
 from galore_optax import parts
 from galore_optax import plan as plan_lib
+from galore_optax import projection
 from galore_optax import refresh_step
 from galore_optax import tree_utils
 
@@ -182,6 +184,38 @@ def test_weights_read_apart_from_the_forward_are_their_float32_values(dtype):
   assert got.dtype == jnp.float32
   np.testing.assert_array_equal(jax.lax.bitcast_convert_type(got, jnp.uint32),
                                 jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("dependency", [0.0, -0.0, 2.5, float("nan"), float("-inf")])
+def test_a_value_tied_to_another_keeps_its_bits(dtype, dependency):
+  # Every bfloat16 and float16 bit pattern (±0, infinities, NaNs, subnormals), whatever the
+  # scalar it waits for is.
+  if dtype == jnp.float32:
+    x = jnp.concatenate([jnp.array([0.0, -0.0, jnp.inf, -jnp.inf, jnp.nan, 1e-45]),
+                         jax.random.normal(jax.random.key(0), (4096,)) * 1e30])
+  else:
+    x = jax.lax.bitcast_convert_type(jnp.arange(2**16, dtype=jnp.uint32).astype(jnp.uint16), dtype)
+  bits = {jnp.bfloat16: jnp.uint16, jnp.float16: jnp.uint16, jnp.float32: jnp.uint32}[dtype]
+  got = jax.jit(tree_utils.after)(x, jnp.full((3, 2), dependency))
+  np.testing.assert_array_equal(jax.lax.bitcast_convert_type(got, bits),
+                                jax.lax.bitcast_convert_type(x, bits))
+
+
+@pytest.mark.parametrize("update_dtype", [jnp.bfloat16, jnp.float32])
+def test_a_basis_is_widened_for_its_product_only_once_the_update_exists(update_dtype):
+  # XLA:CPU's default scheduler makes an operation as soon as its operands exist: a widened
+  # basis that depended on the basis alone would be made at the start of the step for every
+  # leaf (GoLore at 1B: +0.66 GiB). The float32 copy the product reads must have operands
+  # besides the basis (what it is tied to) in the compiled program.
+  basis = jax.ShapeDtypeStruct((64, 8), jnp.bfloat16)
+  r = jax.ShapeDtypeStruct((8, 48), update_dtype)
+  hlo = jax.jit(lambda b, r: projection.project_back(r, {"u": b})).lower(basis, r).compile()
+  entry = hlo.as_text().split("ENTRY")[1]
+  widened = [line for line in entry.splitlines() if re.match(r"\s*%\S+ = f32\[64,8\]", line)]
+  assert len(widened) == 1, entry
+  operands = re.search(r"fusion\(([^)]*)\)", widened[0]).group(1).split(", ")
+  assert len(operands) >= 2, widened[0]  # without the tie: fusion(%b.1)
 
 
 @pytest.mark.parametrize("make", [
