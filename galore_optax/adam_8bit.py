@@ -120,11 +120,10 @@ def _in_chunks(moments, g, mu, nu):
   if flat.size != blocks * size:  # the flat layout pads the last block with zeros
     flat = jnp.pad(flat, (0, blocks * size - flat.size))
   chunk = tree_utils.even_chunk(blocks, _BLOCKS_PER_CHUNK)
-  # The loop slices the gradient as raw bits: otherwise XLA converts the whole
-  # gradient to float32 before the loop (and that copy would exist whole).
-  bits_dtype = jnp.dtype(f"uint{8 * g.dtype.itemsize}")
-  bits = jax.lax.bitcast_convert_type(flat.reshape(blocks, size), bits_dtype)
-  from_bits = lambda b: jax.lax.bitcast_convert_type(b, g.dtype)
+  # The loop slices the gradient as raw bits (`tree_utils.bits`: otherwise XLA
+  # converts the whole gradient to float32 before the loop).
+  g_bits = tree_utils.bits(flat.reshape(blocks, size))
+  from_bits = lambda b: tree_utils.from_bits(b, g.dtype)
   as_blocks = lambda q: (q.codes.reshape(blocks, size), q.absmax.reshape(blocks, 1))
 
   def body(i, carry):
@@ -135,11 +134,11 @@ def _in_chunks(moments, g, mu, nu):
         from_bits(take(g_or_u)),
         quantization.QuantizedArray(take(m_codes), take(m_absmax)),
         quantization.QuantizedArray(take(v_codes), take(v_absmax)))
-    u_i_bits = jax.lax.bitcast_convert_type(u_i, bits_dtype)
+    u_i_bits = tree_utils.bits(u_i)
     return (put(m_codes, m_i.codes), put(m_absmax, m_i.absmax), put(v_codes, v_i.codes),
             put(v_absmax, v_i.absmax), put(g_or_u, u_i_bits))
 
-  carry = (*as_blocks(mu), *as_blocks(nu), bits)
+  carry = (*as_blocks(mu), *as_blocks(nu), g_bits)
   m_codes, m_absmax, v_codes, v_absmax, u_bits = jax.lax.fori_loop(
       0, blocks // chunk, body, carry)
   like = lambda codes, absmax, old: quantization.QuantizedArray(

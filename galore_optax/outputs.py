@@ -59,17 +59,20 @@ def apply_by_slices(output, plan: LeafPlan, grad, low_rank_grad, inner_update, b
   part = plan._replace(view=matrix_view.with_batch(flat_view, size))
   nb = len(plan.batch_shape)
   flatten = lambda a: a.reshape((total,) + a.shape[nb:])
-  low, inner = flatten(low_rank_grad), flatten(inner_update)
-  flat_bases = jax.tree.map(flatten, bases)
+  # What the loop only reads it slices as raw bits (`tree_utils.bits`): XLA:CPU would
+  # otherwise carry a float32 copy of each whole bf16 stack (bases, low-rank update) through it.
+  read = (low_rank_grad, inner_update, bases)
+  read_bits = jax.tree.map(lambda a: tree_utils.bits(flatten(a)), read)
 
   def body(j, carry):
     updates, state = carry
     start = j * size
     take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, size)
     put = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v.astype(a.dtype), start, 0)
+    low, inner, slice_bases = jax.tree.map(
+        lambda b, a: tree_utils.from_bits(take(b), a.dtype), read_bits, read)
     # The gradient's slice is read before its update overwrites it.
-    update, new_state = output.apply(part, take(updates), take(low), take(inner),
-                                     jax.tree.map(take, flat_bases), scale,
+    update, new_state = output.apply(part, take(updates), low, inner, slice_bases, scale,
                                      jax.tree.map(take, state))
     return put(updates, update), jax.tree.map(put, state, new_state)
 

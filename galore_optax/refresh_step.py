@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from galore_optax import matrix_view
 from galore_optax import parts
 from galore_optax import refresh as refresh_lib
+from galore_optax import tree_utils
 from galore_optax.plan import LeafPlan, RefreshBatch, refresh_batches
 
 
@@ -99,10 +100,14 @@ def refresh_in_batches(batches, grads, stored, sched, count, due, options, mesh=
         ]
       return new, sc
 
-    any_due = jnp.any(jnp.stack([jnp.any(due[i]) for i in idx]))
+    # Tied to the batch's gradient: a method that reads none (GoLore's random bases) would
+    # otherwise be run by XLA:CPU's default scheduler during the backward pass, its new bases
+    # and the copies of the old ones held until the update (LLaMA-1B, stacked: 1 GiB).
+    tie = lambda x: jax.tree.map(lambda a: tree_utils.after(a, grads[idx[0]]), x)
+    any_due = tie(jnp.any(jnp.stack([jnp.any(due[i]) for i in idx])))
     new, new_sched = jax.lax.cond(
         any_due, compute, lambda g, s, sc: (s, sc),
-        [grads[i] for i in idx], [stored[i] for i in idx], [sched[i] for i in idx])
+        [grads[i] for i in idx], tie([stored[i] for i in idx]), [sched[i] for i in idx])
     for i, s, sc in zip(idx, new, new_sched):
       stored[i], sched[i] = s, sc
   return stored, sched

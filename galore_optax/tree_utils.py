@@ -29,8 +29,27 @@ def float32_apart(x: jax.Array) -> jax.Array:
   return jax.lax.optimization_barrier(x).astype(jnp.float32)
 
 
+def bits(x: jax.Array) -> jax.Array:
+  """`x`'s raw bits, as unsigned integers of its width (floats only; others as they are).
+
+  XLA:CPU has no bf16 slicing of its own: a loop that slices a 16-bit float
+  array is given a float32 copy of the whole array, made before the loop
+  (loop-invariant) and kept through it. A loop that slices the bits and
+  converts each slice back (`from_bits`) holds no such copy.
+  """
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
+    return x
+  return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+
+
+def from_bits(b: jax.Array, dtype: Any) -> jax.Array:
+  """The inverse of `bits`: `b` read as `dtype`."""
+  return b if b.dtype == jnp.dtype(dtype) else jax.lax.bitcast_convert_type(b, dtype)
+
+
 def after(x: jax.Array, dependency: jax.Array) -> jax.Array:
-  """`x`, bit for bit, computed only once `dependency` exists.
+  """`x` (floats, integers, booleans), bit for bit, computed only once `dependency` exists.
 
   XLA:CPU's default scheduler runs an operation as soon as its operands
   exist, so what is derived from state alone (a stored basis's float32
@@ -42,16 +61,18 @@ def after(x: jax.Array, dependency: jax.Array) -> jax.Array:
   fuses into whatever reads `x`.
   """
   x = jnp.asarray(x)
-  if not jnp.size(dependency) or not jnp.issubdtype(x.dtype, jnp.inexact):
+  if not jnp.size(dependency) or not (jnp.issubdtype(x.dtype, jnp.inexact)
+                                      or jnp.issubdtype(x.dtype, jnp.integer)
+                                      or x.dtype == jnp.bool_):
     return x
   d = jnp.asarray(dependency)[(0,) * jnp.ndim(dependency)]
   if not jnp.issubdtype(d.dtype, jnp.floating):
     d = d.astype(jnp.float32)
-  uint = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
-  zero = jnp.where(d == 0, jax.lax.bitcast_convert_type(jnp.abs(d), jnp.dtype(
-      f"uint{8 * d.dtype.itemsize}")), 0).astype(uint)
-  bits = jax.lax.bitcast_convert_type(x, uint)
-  return jax.lax.bitcast_convert_type(bits | zero, x.dtype)
+  zero = jnp.where(d == 0, bits(jnp.abs(d)), 0)
+  if x.dtype == jnp.bool_:
+    return x | (zero != 0)
+  x_bits = bits(x)
+  return from_bits(x_bits | zero.astype(x_bits.dtype), x.dtype)
 
 
 def tree_bytes(tree: Any) -> int:
