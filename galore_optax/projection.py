@@ -158,14 +158,12 @@ def _waiting_for(basis: jax.Array, r: jax.Array) -> jax.Array:
   the step, or, GoLore's random ones, as soon as drawn), and XLA:CPU's
   default scheduler widens it then: to `r`'s dtype here, or, for a bf16
   product, to float32 inside the product (`_accumulated`). Every leaf's
-  widened copy would be held at once; tied to `r`, each is made just before
-  its product. Elsewhere a product of equal dtypes widens nothing.
+  widened copy would be held at once; tied to `r` (`tree_utils.after`),
+  each is made just before its product.
   """
-  if basis.dtype != r.dtype:
-    return tree_utils.after(basis.astype(r.dtype), r)
-  if r.dtype == _accumulating(r.dtype):
-    return basis
-  return jax.lax.platform_dependent(basis, r, cpu=tree_utils.after, default=lambda b, _: b)
+  if basis.dtype == r.dtype == _accumulating(r.dtype):
+    return basis  # nothing to widen
+  return tree_utils.after(basis.astype(r.dtype), r)
 
 
 def project_back(r: jax.Array, basis: dict[str, jax.Array]) -> jax.Array:

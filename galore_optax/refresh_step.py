@@ -103,7 +103,8 @@ def refresh_in_batches(batches, grads, stored, sched, count, due, options, mesh=
     # Tied to the batch's gradient: a method that reads none (GoLore's random bases) would
     # otherwise be run by XLA:CPU's default scheduler during the backward pass, its new bases
     # and the copies of the old ones held until the update (LLaMA-1B, stacked: 1 GiB).
-    tie = lambda x: jax.tree.map(lambda a: tree_utils.after(a, grads[idx[0]]), x)
+    first_grad = grads[idx[0]]
+    tie = lambda x, g=first_grad: jax.tree.map(lambda a: tree_utils.after(a, g), x)
     any_due = tie(jnp.any(jnp.stack([jnp.any(due[i]) for i in idx])))
     new, new_sched = jax.lax.cond(
         any_due, compute, lambda g, s, sc: (s, sc),

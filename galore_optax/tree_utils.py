@@ -38,7 +38,7 @@ def bits(x: jax.Array) -> jax.Array:
   converts each slice back (`from_bits`) holds no such copy.
   """
   x = jnp.asarray(x)
-  if not jnp.issubdtype(x.dtype, jnp.inexact):
+  if not jnp.issubdtype(x.dtype, jnp.floating):
     return x
   return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
 
@@ -49,23 +49,28 @@ def from_bits(b: jax.Array, dtype: Any) -> jax.Array:
 
 
 def after(x: jax.Array, dependency: jax.Array) -> jax.Array:
-  """`x` (floats, integers, booleans), bit for bit, computed only once `dependency` exists.
+  """`x` (floats, integers, booleans), bit for bit, made on CPU only once `dependency` exists.
 
   XLA:CPU's default scheduler runs an operation as soon as its operands
   exist, so what is derived from state alone (a stored basis's float32
-  copy) is made at the start of an update, for every leaf at once, and
-  held until the leaf's own work needs it. `x`'s bits are or-ed with an
-  integer zero computed from `dependency` (the bits of |d| where d = 0, else
-  0), which XLA cannot fold; on the bits, not in float arithmetic, which on
-  XLA:CPU would flush subnormals and rewrite NaN payloads. The operation
-  fuses into whatever reads `x`.
+  copy, a refresh that reads no gradient) is made at the start of an update,
+  or during the backward pass, for every leaf at once, and held until the
+  leaf's own work needs it. On CPU `x`'s bits are or-ed with an integer zero
+  computed from `dependency` (the bits of |d| where d = 0, else 0), which
+  XLA cannot fold: on the bits, as float arithmetic on XLA:CPU would flush
+  subnormals and rewrite NaN payloads. It fuses into whatever reads `x`.
+  Other platforms' schedulers weigh memory; there `x` is returned as it is.
   """
   x = jnp.asarray(x)
-  if not jnp.size(dependency) or not (jnp.issubdtype(x.dtype, jnp.inexact)
-                                      or jnp.issubdtype(x.dtype, jnp.integer)
-                                      or x.dtype == jnp.bool_):
+  kinds = (jnp.floating, jnp.integer, jnp.bool_)
+  if not jnp.size(dependency) or not any(jnp.issubdtype(x.dtype, k) for k in kinds):
     return x
   d = jnp.asarray(dependency)[(0,) * jnp.ndim(dependency)]
+  return jax.lax.platform_dependent(x, d, cpu=_tied, default=lambda x, d: x)
+
+
+def _tied(x: jax.Array, d: jax.Array) -> jax.Array:
+  """`after` on CPU: `x`, or-ed with a zero XLA cannot see is zero."""
   if not jnp.issubdtype(d.dtype, jnp.floating):
     d = d.astype(jnp.float32)
   zero = jnp.where(d == 0, bits(jnp.abs(d)), 0)

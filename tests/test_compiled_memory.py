@@ -202,6 +202,25 @@ def test_a_value_tied_to_another_keeps_its_bits(dtype, dependency):
                                 jax.lax.bitcast_convert_type(x, bits))
 
 
+def test_integers_and_booleans_tied_to_a_value_keep_theirs():
+  ints = jnp.array([0, -1, 7, jnp.iinfo(jnp.int32).min, jnp.iinfo(jnp.int32).max], jnp.int32)
+  flags = jnp.array([True, False])
+  for dependency in (0.0, -0.0, float("nan"), 3.0):
+    got_ints, got_flags = jax.jit(lambda a, b, d: (tree_utils.after(a, d), tree_utils.after(b, d)))(
+        ints, flags, jnp.full((2,), dependency))
+    np.testing.assert_array_equal(got_ints, ints)
+    np.testing.assert_array_equal(got_flags, flags)
+
+
+def test_a_tie_costs_nothing_off_the_cpu():
+  # Only XLA:CPU's default scheduler runs state-only work early: a GPU program has no tie.
+  tie = lambda x, d: tree_utils.after(x, d)
+  args = (jax.ShapeDtypeStruct((8, 4), jnp.bfloat16), jax.ShapeDtypeStruct((3,), jnp.float32))
+  text = lambda platform: jax.export.export(jax.jit(tie), platforms=[platform])(*args).mlir_module()
+  assert "stablehlo.or" in text("cpu")
+  assert "stablehlo.or" not in text("cuda")
+
+
 @pytest.mark.parametrize("update_dtype", [jnp.bfloat16, jnp.float32])
 def test_a_basis_is_widened_for_its_product_only_once_the_update_exists(update_dtype):
   # XLA:CPU's default scheduler makes an operation as soon as its operands exist: a widened
