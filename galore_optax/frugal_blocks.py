@@ -28,7 +28,6 @@ import numpy as np
 import optax
 
 from galore_optax import axis_specs
-from galore_optax import tree_utils
 from galore_optax import validation
 from galore_optax.options import AdamOptions
 from galore_optax.outputs import INACTIVE_RULES
@@ -252,9 +251,7 @@ def scale_by_frugal_blocks(
         u = inactive_lr_scale * free
         if slots[c]:
           active = slot[i] >= 0
-          # Read once the gradient exists: the moments' slot depends on the state alone, and
-          # XLA:CPU's default scheduler would read every stack's at the start of the step.
-          at = tree_utils.after(jnp.maximum(slot[i], 0), leaves[i])
+          at = jnp.maximum(slot[i], 0)
           # Moments read as zero on a change: the slot's last owner may be another tensor.
           m0 = jnp.where(changing, 0.0, jax.lax.dynamic_index_in_dim(mus[b], at, keepdims=False))
           v0 = jnp.where(changing, 0.0, jax.lax.dynamic_index_in_dim(nus[b], at, keepdims=False))
