@@ -287,6 +287,11 @@ random_orthonormal_refresh.regenerate = random_orthonormal_bases
 random_orthonormal_refresh.reads_previous = False
 
 
+def data_independent(method: RefreshFn) -> bool:
+  """Whether `method` draws its bases from keys alone, reading no gradient."""
+  return getattr(method, "regenerate", None) is not None
+
+
 def random_coordinates_bases(key, batch_shape, m: int, n: int, rank: int, sides) -> dict:
   """FRUGAL's RandK: r coordinates of the kept side, drawn without replacement.
 

@@ -75,6 +75,8 @@ def refresh_in_batches(batches, grads, stored, sched, count, due, options, mesh=
   With a `mesh`, each call's matrices are spread over its devices.
   """
   schedule = parts.schedule(options)
+  independent = (source is None and moment is None
+                 and refresh_lib.data_independent(parts.refresh_fn(options)))
   stored, sched = list(stored), list(sched)
   for batch in batches:
     idx = [p.index for p in batch.plans]
@@ -100,12 +102,14 @@ def refresh_in_batches(batches, grads, stored, sched, count, due, options, mesh=
         ]
       return new, sc
 
-    # Tied to the batch's gradient: a method that reads none (GoLore's random bases) would
-    # otherwise be run by XLA:CPU's default scheduler during the backward pass, its new bases
-    # and the copies of the old ones held until the update (LLaMA-1B, stacked: 1 GiB).
-    first_grad = grads[idx[0]]
-    tie = lambda x, g=first_grad: jax.tree.map(lambda a: tree_utils.after(a, g), x)
-    any_due = tie(jnp.any(jnp.stack([jnp.any(due[i]) for i in idx])))
+    any_due = jnp.any(jnp.stack([jnp.any(due[i]) for i in idx]))
+    tie = lambda x: x
+    if independent:
+      # Tied to the batch's gradient: else XLA:CPU's default scheduler runs a refresh that
+      # reads none during the backward pass, its new bases and the copies of the old ones
+      # held until the update (GoLore, LLaMA-1B stacked: 1 GiB).
+      tie = lambda x, g=grads[idx[0]]: jax.tree.map(lambda a: tree_utils.after(a, g), x)
+      any_due = tie(any_due)
     new, new_sched = jax.lax.cond(
         any_due, compute, lambda g, s, sc: (s, sc),
         [grads[i] for i in idx], tie([stored[i] for i in idx]), [sched[i] for i in idx])
