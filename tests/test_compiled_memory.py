@@ -8,8 +8,8 @@ report). Ratios and differences to optax.adamw in the same process, never absolu
 """
 
 import json
-import re
 import os
+import re
 import sys
 
 import jax
@@ -214,9 +214,9 @@ def test_integers_and_booleans_tied_to_a_value_keep_theirs():
 
 def test_a_tie_costs_nothing_off_the_cpu():
   # Only XLA:CPU's default scheduler runs state-only work early: a GPU program has no tie.
-  tie = lambda x, d: tree_utils.after(x, d)
   args = (jax.ShapeDtypeStruct((8, 4), jnp.bfloat16), jax.ShapeDtypeStruct((3,), jnp.float32))
-  text = lambda platform: jax.export.export(jax.jit(tie), platforms=[platform])(*args).mlir_module()
+  text = lambda platform: jax.export.export(
+      jax.jit(tree_utils.after), platforms=[platform])(*args).mlir_module()
   assert "stablehlo.or" in text("cpu")
   assert "stablehlo.or" not in text("cuda")
 
