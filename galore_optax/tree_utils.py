@@ -24,8 +24,8 @@ def float32_apart(x: jax.Array) -> jax.Array:
   """
   x = jnp.asarray(x)
   if x.dtype == jnp.bfloat16:
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
-    return jax.lax.bitcast_convert_type(jax.lax.shift_left(bits, jnp.uint32(16)), jnp.float32)
+    upper = bits(x).astype(jnp.uint32)
+    return from_bits(jax.lax.shift_left(upper, jnp.uint32(16)), jnp.float32)
   return jax.lax.optimization_barrier(x).astype(jnp.float32)
 
 
