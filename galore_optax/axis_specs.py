@@ -125,6 +125,13 @@ def layout_of(x: Any) -> Optional[Layout]:
   return Layout(entries, mesh)
 
 
+def split_over_devices(x: Any, axes: Sequence[int]) -> bool:
+  """Whether `x`'s sharding splits any of `axes` over devices (a loop over slices of such
+  an axis would gather it)."""
+  layout = layout_of(x)
+  return bool(layout) and any(layout.entries[a] for a in axes)
+
+
 def zeros(
     shape: Sequence[int],
     dtype: Any,

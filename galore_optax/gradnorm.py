@@ -361,9 +361,12 @@ def _weight_normalized(
     axes = norm_axes(plans)
     # 1. W = g ⊙ V/‖V‖ at V = W: magnitude and direction gradients.
     f32 = lambda x: x.astype(jnp.float32)
-    weights32 = [w if p is None else _weight_in_float32(w, p) for w, p in zip(weights, plans)]
-    split = [None if a is None else _split_gradient(w, g, a, w32)
-             for g, w, w32, a in zip(grads, weights, weights32, axes)]
+    # Read in float32 (a stack: as stored, converted where each expression reads it).
+    weights32 = [w if p is None else _weight_in_float32(w, g, p)
+                 for w, g, p in zip(weights, grads, plans)]
+    split = [None if a is None else _split_by_slices(w, g, a) if _slices(p, w)
+             else _split_gradient(w, g, a, w32)
+             for g, w, w32, a, p in zip(grads, weights, weights32, axes, plans)]
     directions = [g if s is None else _direction_grad(w, f32(g), s).astype(g.dtype)
                   for g, w, s in zip(grads, weights32, split)]
     direction_params = [w if s is None else _direction(w32, f32(g), s).astype(w.dtype)
@@ -397,22 +400,53 @@ def _weight_normalized(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _weight_in_float32(w, plan):
-  """A projected weight in float32, for the update to read.
+def _weight_in_float32(w, grad, plan):
+  """A projected weight for the update to read in float32.
 
-  A stack of layers (a leaf with batch axes) is converted apart from the
-  forward pass's conversion (`tree_utils.float32_apart`): a scan converts the
-  whole stack before its loop, and XLA would keep that copy alive until the
-  update reads it (LLaMA-7B, stacked, memory scheduler: 3.8 GiB). A single
-  layer's weight is converted as usual: it shares the backward pass's own
-  conversion (which the 8-bit form, whose update runs late, keeps alive until
-  then: docs/memory.md), while a separate one, which depends only on the
-  weights, XLA:CPU's default scheduler makes for every layer at the start of
-  the step and keeps until the update (LLaMA-7B per-layer: 11.3 GiB more).
+  A single layer's weight is converted as usual: it shares the backward
+  pass's own conversion (which the 8-bit form, whose update runs late, keeps
+  alive until then: docs/memory.md), while a separate one, which depends only
+  on the weights, XLA:CPU's default scheduler makes for every layer at the
+  start of the step and keeps until the update (LLaMA-7B per-layer: 11.3 GiB
+  more). A stack of layers (leading batch axis) stays as stored, waiting for
+  its gradient (`tree_utils.after`), and is converted where each expression
+  reads it: a float32 stack made apart from the forward pass's lived through
+  the update of every leaf at once under XLA:CPU's default scheduler (1B: 4.5
+  GiB), and one shared with the forward's (a scan converts its whole stack
+  before the loop) until the update had read it (LLaMA-7B, memory
+  scheduler: 3.8 GiB). Its norms are summed a slice at a time
+  (`_split_by_slices`).
   """
-  if plan.view.batch_shape:
-    return tree_utils.float32_apart(w)
+  if _slices(plan, w):
+    return tree_utils.after(w, grad)
+  if plan.view.batch_shape:  # a stack on another axis, or split over devices: converted whole
+    return tree_utils.float32_apart(tree_utils.after(w, grad))
   return w.astype(jnp.float32)
+
+
+def _slices(plan, w) -> bool:
+  """Whether a leaf's split is taken a slice of its leading stack axis at a time (not where
+  that axis is split over devices: slicing it would gather it)."""
+  return plan.view.batch_axes[:1] == (0,) and not axis_specs.split_over_devices(w, (0,))
+
+
+def _split_by_slices(w, grad, axes) -> _Split:
+  """`_split_gradient` of a stack, one slice of its leading axis at a time.
+
+  XLA:CPU's reductions read a materialized operand: summed whole, every
+  stack's float32 weights (and ∇W ⊙ V̂) would exist at once. The loop slices
+  the stored bits (`tree_utils.bits`), so no float32 copy of a whole stack is
+  made for it either. XLA:CPU copies the weights' bits out for the loop; that
+  copy waits for the gradient (`tree_utils.after`), or the default scheduler
+  makes it at the start of the step.
+  """
+  inner = tuple(a - 1 for a in axes)
+
+  def one(b):
+    w1, g1 = tree_utils.from_bits(b[0], w.dtype), tree_utils.from_bits(b[1], grad.dtype)
+    return _split_gradient(w1, g1, inner, w1.astype(jnp.float32))
+
+  return jax.lax.map(one, (tree_utils.after(tree_utils.bits(w), grad), tree_utils.bits(grad)))
 
 
 def _check_shapes(paths, grads, weights) -> None:

@@ -51,9 +51,8 @@ def apply_by_slices(output, plan: LeafPlan, grad, low_rank_grad, inner_update, b
   total = plan.num_matrices
   per_matrix = plan.view.m * plan.view.n * 4
   size = tree_utils.even_chunk(total, max(1, SLICE_BYTES // per_matrix))
-  layout = axis_specs.layout_of(grad)
   # A stack split over devices stays whole: slicing it would gather it.
-  if size == total or (layout and any(layout.entries[a] for a in plan.view.batch_axes)):
+  if size == total or axis_specs.split_over_devices(grad, plan.view.batch_axes):
     return output.apply(plan, grad, low_rank_grad, inner_update, bases, scale, leaf_state)
   flat_grad, flat_view = matrix_view.batch_first(grad, plan.view)
   part = plan._replace(view=matrix_view.with_batch(flat_view, size))

@@ -141,7 +141,11 @@ def test_fused_steps_equal_the_usual_steps(name, dtype):
 def test_clip_norm_is_clip_by_global_norm(name):
   p1, p2, _, _ = run_both(name, jnp.float32, clip=0.05)  # far below the gradients' norm
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=2e-7)
+    # Relative to the leaf's largest weight, as above: the norm is summed in another order
+    # (layer by layer), and GaLore's moments carry that rounding on (3.6e-7 of the largest
+    # weight on an AVX2-only host; an element-wise 2e-7 failed there, not on the CI's).
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.max(np.abs(a - b)) <= 1e-6 * np.max(np.abs(a)), name
 
 
 @pytest.mark.parametrize("tx", [
