@@ -11,6 +11,7 @@ everything in that state: moments (with their 8-bit block scales), projectors
   python -m benchmarks.memory --sizes 60m 7b --out /tmp/memory
   python -m benchmarks.memory --compiled       # + the compiled train step (compiled_memory.py):
                                                #   60M, 1B, 7B, per-layer and stacked, ~1.5 h on 2 cores
+                                               #   (kept in results/compiled_memory/, resumed)
 """
 
 from __future__ import annotations
@@ -363,8 +364,10 @@ def main():
   parser.add_argument("--out", default=os.path.join(_HERE, "results", "memory"))
   parser.add_argument("--compiled", action="store_true",
                       help="also measure the compiled update and train step (compiled_memory.py)")
-  parser.add_argument("--workdir", help="with --compiled: where the measurements are kept "
-                      "(a rerun resumes them)")
+  parser.add_argument("--workdir", default=os.path.join(_HERE, "results", "compiled_memory"),
+                      help="with --compiled: where the measurements are kept (a rerun resumes "
+                      "them; delete a row's entries to measure it again). The default is in "
+                      "the repository, so that a rerun on another machine resumes them too")
   args = parser.parse_args()
   sizes = [s for s in RANKS if s in args.sizes]
   table, counts = measure(sizes)
