@@ -37,7 +37,7 @@ SLICE_BYTES = 256 * 2**20
 
 
 def apply_by_slices(output, plan: LeafPlan, grad, low_rank_grad, inner_update, bases, scale,
-                    leaf_state):
+                    leaf_state, wait_for=None):
   """`output.apply` on a stack of matrices, a slice of the stack at a time.
 
   Every output works matrix by matrix, so a stacked leaf (scanned layers)
@@ -46,7 +46,9 @@ def apply_by_slices(output, plan: LeafPlan, grad, low_rank_grad, inner_update, b
   temporaries (float32 copies, products) exist at a time, however many
   layers the stack holds and however the scheduler orders the leaves. A
   leaf whose float32 stack fits `SLICE_BYTES`, or whose stack axis is
-  sharded, is done in one call.
+  sharded, is done in one call. The loop starts once `wait_for` exists (on
+  CPU, `tree_utils.after`): the result of another reader of the gradient,
+  which XLA would otherwise give a copy of the gradient to keep.
   """
   total = plan.num_matrices
   per_matrix = plan.view.m * plan.view.n * 4
@@ -54,6 +56,8 @@ def apply_by_slices(output, plan: LeafPlan, grad, low_rank_grad, inner_update, b
   # A stack split over devices stays whole: slicing it would gather it.
   if size == total or axis_specs.split_over_devices(grad, plan.view.batch_axes):
     return output.apply(plan, grad, low_rank_grad, inner_update, bases, scale, leaf_state)
+  if wait_for is not None:  # the loop overwrites the gradient: after its other readers
+    grad = tree_utils.after(grad, wait_for)
   flat_grad, flat_view = matrix_view.batch_first(grad, plan.view)
   part = plan._replace(view=matrix_view.with_batch(flat_view, size))
   nb = len(plan.batch_shape)
