@@ -76,3 +76,13 @@ def realignment(options: GaLoreOptions):
 def tracking(options: GaLoreOptions):
   """The subspace tracker (`tracking`), or None."""
   return options.tracking
+
+
+def reads_stored_bases(options: GaLoreOptions) -> bool:
+  """Whether an update reads the stored bases besides projecting with them: a refresh that
+  starts from them or lifts a moment with them, a realignment, a tracker, a schedule that
+  compares them."""
+  method = refresh_fn(options)
+  return (getattr(method, "reads_previous", True) or getattr(method, "reads_moment", False)
+          or options.refresh_input is not None or realignment(options) is not None
+          or tracking(options) is not None or schedule(options).stateful)

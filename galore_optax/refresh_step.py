@@ -77,11 +77,6 @@ def refresh_in_batches(batches, grads, stored, sched, count, due, options, mesh=
   schedule = parts.schedule(options)
   independent = (source is None and moment is None
                  and refresh_lib.data_independent(parts.refresh_fn(options)))
-  # XLA copies the stored bases the cond passes on. Untied, XLA:CPU's default scheduler makes
-  # that copy of the state at the start of the step, for every leaf, and holds it: for a
-  # tracker's step 1.5 GiB over the target (OSD, LLaMA-7B per-layer). Not tied for the other
-  # methods, which meet theirs: GradNormLoRP's fused and usual steps then parted by 5e-6.
-  tie_stored = independent or parts.tracking(options) is not None
   stored, sched = list(stored), list(sched)
   for batch in batches:
     idx = [p.index for p in batch.plans]
@@ -108,16 +103,16 @@ def refresh_in_batches(batches, grads, stored, sched, count, due, options, mesh=
       return new, sc
 
     any_due = jnp.any(jnp.stack([jnp.any(due[i]) for i in idx]))
-    tie = lambda x, g=grads[idx[0]]: jax.tree.map(lambda a: tree_utils.after(a, g), x)
+    tie = lambda x: x
     if independent:
       # Tied to the batch's gradient: else XLA:CPU's default scheduler runs a refresh that
       # reads none during the backward pass, its new bases and the copies of the old ones
       # held until the update (GoLore, LLaMA-1B stacked: 1 GiB).
+      tie = lambda x, g=grads[idx[0]]: jax.tree.map(lambda a: tree_utils.after(a, g), x)
       any_due = tie(any_due)
-    old = [stored[i] for i in idx]
     new, new_sched = jax.lax.cond(
         any_due, compute, lambda g, s, sc: (s, sc),
-        [grads[i] for i in idx], tie(old) if tie_stored else old, [sched[i] for i in idx])
+        [grads[i] for i in idx], tie([stored[i] for i in idx]), [sched[i] for i in idx])
     for i, s, sc in zip(idx, new, new_sched):
       stored[i], sched[i] = s, sc
   return stored, sched

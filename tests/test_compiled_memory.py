@@ -221,6 +221,39 @@ def test_a_tie_costs_nothing_off_the_cpu():
   assert "stablehlo.or" not in text("cuda")
 
 
+READS_STORED_BASES = {  # a refresh from the previous bases or the moments, a realignment, a tracker
+    "osd_adamw": lambda: go.osd_adamw(0.05, rank=8),
+    "subtrack_adamw": lambda: go.subtrack_adamw(0.05, rank=8),
+    "coap_adamw": lambda: go.coap_adamw(0.05, rank=8),
+    "golore_adamw": lambda: go.golore_adamw(0.05, rank=8),
+    "conda": lambda: go.conda(0.05),
+}
+
+
+@pytest.mark.parametrize("name", sorted(READS_STORED_BASES))
+def test_stored_bases_read_besides_the_projection_are_copied_once_the_gradient_exists(name):
+  # XLA copies stored bases that conditionals read. A copy of the state alone is made by
+  # XLA:CPU's default scheduler at the start of the step, for every leaf, and held (LLaMA-7B:
+  # OSD per-layer 1.5 GiB over the target, SubTrack++ stacked 1.0, Conda stacked 2.0). Every
+  # reader of a stored basis in the compiled update must read something else too (the
+  # gradient it is tied to).
+  w = jax.ShapeDtypeStruct((64, 48), jnp.bfloat16)
+  tx = READS_STORED_BASES[name]()
+  state = jax.eval_shape(tx.init, {"w": w})
+  hlo = jax.jit(lambda g, s, p: tx.update(g, s, p)).lower({"w": w}, state, {"w": w}).compile()
+  entry = hlo.as_text().split("ENTRY")[1].splitlines()
+  bases = [re.match(r"\s*(%\S+) = ", line).group(1) for line in entry
+           if "parameter(" in line and "projectors" in line]
+  assert bases, entry
+  for basis in bases:
+    readers = [line for line in entry[1:] if "parameter(" not in line
+               and re.search(re.escape(basis) + r"[,)]", line)]
+    assert readers, entry
+    for line in readers:
+      operands = re.search(r"\w+\(([^)]*)\)", line.split(" = ", 1)[1]).group(1).split(", ")
+      assert len(operands) >= 2, line  # untied: copy(%...projectors...)
+
+
 @pytest.mark.parametrize("update_dtype", [jnp.bfloat16, jnp.float32])
 def test_a_basis_is_widened_for_its_product_only_once_the_update_exists(update_dtype):
   # XLA:CPU's default scheduler makes an operation as soon as its operands exist: a widened
