@@ -78,11 +78,13 @@ def tracking(options: GaLoreOptions):
   return options.tracking
 
 
-def reads_stored_bases(options: GaLoreOptions) -> bool:
-  """Whether an update reads the stored bases besides projecting with them: a refresh that
-  starts from them or lifts a moment with them, a realignment, a tracker, a schedule that
-  compares them."""
+def ties_stored_bases(options: GaLoreOptions) -> bool:
+  """Whether an update's stored bases wait for their gradient (`transform`): where
+  conditionals read them besides the projection (a refresh that starts from them or lifts a
+  moment with them, a realignment, a tracker, a schedule that compares them) or a refresh
+  that reads no gradient passes them on."""
   method = refresh_fn(options)
   return (getattr(method, "reads_previous", True) or getattr(method, "reads_moment", False)
+          or refresh_lib.data_independent(method)
           or options.refresh_input is not None or realignment(options) is not None
           or tracking(options) is not None or schedule(options).stateful)

@@ -103,16 +103,15 @@ def refresh_in_batches(batches, grads, stored, sched, count, due, options, mesh=
       return new, sc
 
     any_due = jnp.any(jnp.stack([jnp.any(due[i]) for i in idx]))
-    tie = lambda x: x
     if independent:
-      # Tied to the batch's gradient: else XLA:CPU's default scheduler runs a refresh that
-      # reads none during the backward pass, its new bases and the copies of the old ones
-      # held until the update (GoLore, LLaMA-1B stacked: 1 GiB).
-      tie = lambda x, g=grads[idx[0]]: jax.tree.map(lambda a: tree_utils.after(a, g), x)
-      any_due = tie(any_due)
+      # Tied to the batch's gradient (its stored bases are, `parts.ties_stored_bases`): else
+      # XLA:CPU's default scheduler runs a refresh that reads none during the backward pass,
+      # its new bases and the copies of the old ones held until the update (GoLore, LLaMA-1B
+      # stacked: 1 GiB).
+      any_due = tree_utils.after(any_due, grads[idx[0]])
     new, new_sched = jax.lax.cond(
         any_due, compute, lambda g, s, sc: (s, sc),
-        [grads[i] for i in idx], tie([stored[i] for i in idx]), [sched[i] for i in idx])
+        [grads[i] for i in idx], [stored[i] for i in idx], [sched[i] for i in idx])
     for i, s, sc in zip(idx, new, new_sched):
       stored[i], sched[i] = s, sc
   return stored, sched

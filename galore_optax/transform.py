@@ -220,7 +220,7 @@ def galore_transform(
     stored = _per_leaf(treedef, state.projectors, plans)
     _check_projectors(stored, plans, grads, masking.leaf_paths(updates), storage)
     sched = _per_leaf(treedef, state.refresh_schedule, plans, schedule.stateful)
-    if parts.reads_stored_bases(options):
+    if parts.ties_stored_bases(options):
       # Read by conditionals besides the projection (refresh, realignment, tracker), the
       # stored bases are copied by XLA. A copy of the state alone, XLA:CPU's default scheduler
       # makes it at the start of the step and holds it (LLaMA-7B stacked: SubTrack++ 1.0 GiB,
