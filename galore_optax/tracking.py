@@ -131,7 +131,7 @@ class OnlinePCA(NamedTuple):
     as_stored = lambda tree: jax.tree.map(lambda x: x.astype(dtype), tree)
     # The maximum of the leaf as stored: of its matrix view (a Flax kernel's transpose),
     # XLA:CPU's reduction read a float32 copy of the whole leaf, made for every leaf at once
-    # (LLaMA-7B stacked, with the next fix in `transform`: 2.5 GiB over the target).
+    # (LLaMA-7B stacked: 2.5 GiB over the target).
     amax = jnp.max(jnp.abs(grad))
     grads = {side: _online_pca_gradient(bases[side], g, side, amax) for side in bases}
     step, new_state = self._optimizer().update(as_stored(grads), state, as_stored(bases))
