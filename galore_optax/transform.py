@@ -222,10 +222,11 @@ def galore_transform(
     sched = _per_leaf(treedef, state.refresh_schedule, plans, schedule.stateful)
     if parts.ties_stored_bases(options):
       # Read by conditionals besides the projection (refresh, realignment, tracker) or passed
-      # on by a refresh that reads no gradient, the stored bases are copied by XLA. A copy of the state alone, XLA:CPU's default scheduler
-      # makes it at the start of the step and holds it (LLaMA-7B stacked: SubTrack++ 1.0 GiB,
-      # Conda 2.0; OSD per-layer 1.5): each leaf's waits for its gradient. Not for the other
-      # methods: tied, GradNormLoRP's stacked step took 9.8 GiB more, 8-bit GaLore's 0.6.
+      # on by a refresh that reads no gradient, the stored bases are copied by XLA. A copy of
+      # the state alone, XLA:CPU's default scheduler makes it at the start of the step and
+      # holds it (LLaMA-7B stacked: SubTrack++ 1.0 GiB, Conda 2.0; OSD per-layer 1.5): each
+      # leaf's waits for its gradient. Not for the other methods: tied, GradNormLoRP's stacked
+      # step took 9.8 GiB more, 8-bit GaLore's 0.6.
       stored = list(stored)
       for p in todo:
         stored[p.index] = jax.tree.map(
