@@ -221,7 +221,8 @@ def test_a_tie_costs_nothing_off_the_cpu():
   assert "stablehlo.or" not in text("cuda")
 
 
-READS_STORED_BASES = {  # a refresh from the previous bases or the moments, a realignment, a tracker
+# A refresh from the previous bases or the moments, a realignment, a tracker, random bases.
+READS_STORED_BASES = {
     "osd_adamw": lambda: go.osd_adamw(0.05, rank=8),
     "subtrack_adamw": lambda: go.subtrack_adamw(0.05, rank=8),
     "coap_adamw": lambda: go.coap_adamw(0.05, rank=8),
@@ -233,8 +234,8 @@ READS_STORED_BASES = {  # a refresh from the previous bases or the moments, a re
 @pytest.mark.parametrize("name", sorted(READS_STORED_BASES))
 def test_stored_bases_read_besides_the_projection_are_copied_once_the_gradient_exists(name):
   # XLA copies stored bases that conditionals read. A copy of the state alone is made by
-  # XLA:CPU's default scheduler at the start of the step, for every leaf, and held (LLaMA-7B:
-  # OSD per-layer 1.5 GiB over the target, SubTrack++ stacked 1.0, Conda stacked 2.0). Every
+  # XLA:CPU's default scheduler at the start of the step, for every leaf, and held (LLaMA-7B,
+  # what tying them saved: OSD per-layer 1.5 GiB, SubTrack++ stacked 1.0, Conda 2.0). Every
   # reader of a stored basis in the compiled update must read something else too (the
   # gradient it is tied to).
   w = jax.ShapeDtypeStruct((64, 48), jnp.bfloat16)

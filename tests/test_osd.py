@@ -148,7 +148,7 @@ def test_a_stack_is_updated_over_its_gradient_once_the_tracker_has_read_it(monke
   # A stack's output loop writes the update over the gradient, which the tracker reads too.
   # Unless the loop waits for the tracker, XLA copies the gradient for the loop, and XLA:CPU's
   # default scheduler makes that copy as soon as the gradient exists and holds it until the
-  # loop (LLaMA-7B stacked: 14.97 GiB over the target). With the gradient donated, the
+  # loop (LLaMA-1B stacked: 1.5 GiB over the target). With the gradient donated, the
   # compiled update must make no copy of it.
   monkeypatch.setattr(go.outputs, "SLICE_BYTES", 64 * 48 * 4)  # a matrix a slice: a loop
   w = jax.ShapeDtypeStruct((4, 64, 48), jnp.bfloat16)
