@@ -78,13 +78,23 @@ def tracking(options: GaLoreOptions):
   return options.tracking
 
 
+def reads_previous(options: GaLoreOptions) -> bool:
+  """Whether the refresh reads the previous bases (a user's function may; the built-in ones
+  say)."""
+  return getattr(refresh_fn(options), "reads_previous", True)
+
+
+def reads_moment(options: GaLoreOptions) -> bool:
+  """Whether the refresh reads the inner first moment (COAP's)."""
+  return getattr(refresh_fn(options), "reads_moment", False)
+
+
 def ties_stored_bases(options: GaLoreOptions) -> bool:
   """Whether an update's stored bases wait for their gradient (`transform`): where
   conditionals read them besides the projection (a refresh that starts from them or lifts a
   moment with them, a realignment, a tracker, a schedule that compares them) or a refresh
   that reads no gradient passes them on."""
-  method = refresh_fn(options)
-  return (getattr(method, "reads_previous", True) or getattr(method, "reads_moment", False)
-          or refresh_lib.data_independent(method)
+  return (reads_previous(options) or reads_moment(options)
+          or refresh_lib.data_independent(refresh_fn(options))
           or options.refresh_input is not None or realignment(options) is not None
           or tracking(options) is not None or schedule(options).stateful)

@@ -129,7 +129,7 @@ def _refresh_packed(batch: RefreshBatch, grads, stored, due, count, options, mes
       for p, g in zip(plans, grads)
   ])
   previous = None
-  if _reads_previous(options):
+  if parts.reads_previous(options):
     old = [parts.storage(options).decode(s, p, jnp.float32) for p, s in zip(plans, stored)]
     previous = {side: concat([o[side].reshape((-1,) + o[side].shape[-2:]) for o in old])
                 for side in first.sides}
@@ -167,7 +167,7 @@ def _refresh_looped(batch: RefreshBatch, grad, stored, due, count, options, mesh
   nb = len(plan.batch_shape)
   flatten = lambda a: a.reshape((total,) + a.shape[nb:])
   flat_due = jnp.broadcast_to(due, plan.batch_shape).reshape(total)
-  reads_previous = _reads_previous(options)
+  reads_previous = parts.reads_previous(options)
   take = lambda a, start: jax.lax.dynamic_slice_in_dim(a, start, size)
 
   def body(j, flat_stored):
@@ -227,8 +227,3 @@ def _decompose(options, matrices, plan: LeafPlan, previous, keys, count, mesh=No
                         out_specs=spread, check_vma=False)(
       padded(matrices), jax.tree.map(padded, previous), keys, count)
   return jax.tree.map(lambda b: b[:total], bases)
-
-
-def _reads_previous(options) -> bool:
-  # A user's function may read the previous bases; the built-in ones say.
-  return getattr(parts.refresh_fn(options), "reads_previous", True)

@@ -308,7 +308,7 @@ def _refresh_inputs(options, inner_state, plans, todo, decode_old):
   source = moment = None
   if options.refresh_input is not None and todo:
     source = options.refresh_input.source(inner_state, plans, decode_old)
-  if getattr(parts.refresh_fn(options), "reads_moment", False) and todo:
+  if parts.reads_moment(options) and todo:
     moment = realignment_lib.lifted_first_moment(inner_state, plans, decode_old)
   return source, moment
 
