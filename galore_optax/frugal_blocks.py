@@ -18,6 +18,7 @@ change.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Union
 
@@ -28,6 +29,7 @@ import numpy as np
 import optax
 
 from galore_optax import axis_specs
+from galore_optax import tree_utils
 from galore_optax import validation
 from galore_optax.options import AdamOptions
 from galore_optax.outputs import INACTIVE_RULES
@@ -115,12 +117,21 @@ def _slots(leaf, count: int) -> jax.Array:
   return axis_specs.zeros(shape, leaf.dtype, layout, spec)
 
 
-def _write(buffer, at, active, new):
-  """`buffer` with slot `at` set to `new` if `active`; an inactive tensor writes back what
-  is there (its slot index is a placeholder)."""
+def _accumulate(buffer, at, reset, decay, x):
+  """(`buffer` with slot `at` set to decay · slot + (1 − decay) · x, the new slot).
+
+  The slot reads as zero if `reset`. XLA:CPU writes a slot in place, a pass
+  over that slot alone, only if the write is all its fusion does with the
+  buffer (so the new slot is made apart, behind a barrier) and only for
+  integers (it has no bf16 slice write: it would convert the whole buffer to
+  float32 and back), so the slot is written as raw bits.
+  """
   current = jax.lax.dynamic_index_in_dim(buffer, at, keepdims=False)
-  return jax.lax.dynamic_update_index_in_dim(
-      buffer, jnp.where(active, new, current).astype(buffer.dtype), at, 0)
+  old = jnp.where(reset, 0.0, current.astype(jnp.float32))
+  new = jax.lax.optimization_barrier((decay * old + (1 - decay) * x).astype(buffer.dtype))
+  written = jax.lax.dynamic_update_index_in_dim(
+      tree_utils.bits(buffer), tree_utils.bits(new), at, 0)
+  return tree_utils.from_bits(written, buffer.dtype), new
 
 
 @public
@@ -237,30 +248,41 @@ def scale_by_frugal_blocks(
     correction1, correction2 = 1 - b1**t, 1 - b2**t
     out = list(leaves)
     mus, nus = list(state.mu), list(state.nu)
+
+    def state_free(g, dtype):
+      g = g.astype(jnp.float32)
+      free = g if inactive_update_rule == "sgd" else jnp.sign(g)
+      return (proj_params_lr_scale * inactive_lr_scale * free).astype(dtype)
+
+    def adam_in_slot(mu, nu, g, at, dtype):
+      # Moments read as zero on a change: the slot's last owner may be another tensor.
+      g = g.astype(jnp.float32)
+      mu, m = _accumulate(mu, at, changing, b1, g)
+      nu, v = _accumulate(nu, at, changing, b2, g * g)
+      # The moments as stored (torch's Adam too).
+      m, v = m.astype(jnp.float32), v.astype(jnp.float32)
+      adam = (m / correction1) / (jnp.sqrt(v / correction2) + eps)
+      return mu, nu, (proj_params_lr_scale * adam).astype(dtype)
+
     buffer = 0  # the buffers of the classes with slots, in class order
     for c, idx in enumerate(classes):
       b = buffer
       buffer += bool(slots[c])
-      # The writes to a class's buffer form a chain (which tensor owns a slot is traced, so
-      # the new buffer depends on every candidate's gradient). Taken from the last leaf, the
-      # order a backward pass makes gradients in, fewer of them wait for it (LLaMA-7B step,
-      # memory scheduler: 57.96 -> 54.38 GiB; still above AdamW's less the state saved).
+      # The writes to a class's buffers form a chain (which tensor owns a slot is traced),
+      # walked from the last leaf, the order a backward pass makes gradients in. Each tensor's
+      # step is a conditional: an inactive one's leaves the buffers as they are, and an
+      # active one's writes its slot in place (fused writes and reads of a slot, or a select
+      # between the written buffer and the old one, are passes over, or copies of, the whole
+      # buffer on XLA:CPU).
       for i in reversed(idx):
-        g = leaves[i].astype(jnp.float32)
-        free = g if inactive_update_rule == "sgd" else jnp.sign(g)
-        u = inactive_lr_scale * free
+        dtype = leaves[i].dtype
         if slots[c]:
-          active = slot[i] >= 0
-          at = jnp.maximum(slot[i], 0)
-          # Moments read as zero on a change: the slot's last owner may be another tensor.
-          m0 = jnp.where(changing, 0.0, jax.lax.dynamic_index_in_dim(mus[b], at, keepdims=False))
-          v0 = jnp.where(changing, 0.0, jax.lax.dynamic_index_in_dim(nus[b], at, keepdims=False))
-          m = b1 * m0 + (1 - b1) * g
-          v = b2 * v0 + (1 - b2) * g * g
-          mus[b], nus[b] = _write(mus[b], at, active, m), _write(nus[b], at, active, v)
-          adam = (m / correction1) / (jnp.sqrt(v / correction2) + eps)
-          u = jnp.where(active, adam, u)
-        out[i] = (proj_params_lr_scale * u).astype(leaves[i].dtype)
+          mus[b], nus[b], out[i] = jax.lax.cond(
+              slot[i] >= 0, functools.partial(adam_in_slot, dtype=dtype),
+              lambda mu, nu, g, at, dtype=dtype: (mu, nu, state_free(g, dtype)),
+              mus[b], nus[b], leaves[i], jnp.maximum(slot[i], 0))
+        else:
+          out[i] = state_free(leaves[i], dtype)
     new_state = FrugalBlocksState(
         count=optax.safe_increment(state.count), kappa=kappa, slot=slot, mu=tuple(mus),
         nu=tuple(nus), key=state.key)

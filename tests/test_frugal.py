@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -241,6 +242,20 @@ def test_blocks_keep_moments_only_for_active_tensors():
   assert [m.shape[0] for m in state.mu] == [4, 2, 2]
   full = go.tree_bytes(optax.scale_by_adam().init(params))
   assert go.tree_bytes(state) <= full * 0.25 + 1024
+
+
+def test_blocks_write_a_moment_slot_not_the_whole_buffer():
+  """XLA:CPU has no bf16 dynamic-update-slice: it converts the whole buffer to float32, writes
+  the slot and converts it all back, a pass over every slot for each tensor (LLaMA-1B-like:
+  96 tensors of 1024², 24 slots: an update took 1.0 s, now 0.17 s). The slots are written as
+  raw bits."""
+  params = [jnp.zeros((64, 64), jnp.bfloat16) for _ in range(8)]
+  tx = go.scale_by_frugal_blocks(density=0.5)
+  state = tx.init(params)
+  hlo = jax.jit(tx.update, donate_argnums=(0, 1)).lower(params, state).compile().as_text()
+  writes = re.findall(r"= (\w+)\[4,64,64\]\S* dynamic-update-slice\(", hlo)
+  assert len(writes) >= 2 * len(params), writes  # every tensor's first and second moment
+  assert set(writes) == {"u16"}, writes
 
 
 def test_frugal_refuses_what_it_does_not_do():
