@@ -18,7 +18,6 @@ change.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, NamedTuple, Union
 
@@ -249,20 +248,20 @@ def scale_by_frugal_blocks(
     out = list(leaves)
     mus, nus = list(state.mu), list(state.nu)
 
-    def state_free(g, dtype):
-      g = g.astype(jnp.float32)
-      free = g if inactive_update_rule == "sgd" else jnp.sign(g)
-      return (proj_params_lr_scale * inactive_lr_scale * free).astype(dtype)
+    def state_free(g):
+      x = g.astype(jnp.float32)
+      free = x if inactive_update_rule == "sgd" else jnp.sign(x)
+      return (proj_params_lr_scale * inactive_lr_scale * free).astype(g.dtype)
 
-    def adam_in_slot(mu, nu, g, at, dtype):
+    def adam_in_slot(mu, nu, g, at):
       # Moments read as zero on a change: the slot's last owner may be another tensor.
-      g = g.astype(jnp.float32)
-      mu, m = _accumulate(mu, at, changing, b1, g)
-      nu, v = _accumulate(nu, at, changing, b2, g * g)
+      x = g.astype(jnp.float32)
+      mu, m = _accumulate(mu, at, changing, b1, x)
+      nu, v = _accumulate(nu, at, changing, b2, x * x)
       # The moments as stored (torch's Adam too).
       m, v = m.astype(jnp.float32), v.astype(jnp.float32)
       adam = (m / correction1) / (jnp.sqrt(v / correction2) + eps)
-      return mu, nu, (proj_params_lr_scale * adam).astype(dtype)
+      return mu, nu, (proj_params_lr_scale * adam).astype(g.dtype)
 
     buffer = 0  # the buffers of the classes with slots, in class order
     for c, idx in enumerate(classes):
@@ -275,14 +274,12 @@ def scale_by_frugal_blocks(
       # between the written buffer and the old one, are passes over, or copies of, the whole
       # buffer on XLA:CPU).
       for i in reversed(idx):
-        dtype = leaves[i].dtype
         if slots[c]:
           mus[b], nus[b], out[i] = jax.lax.cond(
-              slot[i] >= 0, functools.partial(adam_in_slot, dtype=dtype),
-              lambda mu, nu, g, at, dtype=dtype: (mu, nu, state_free(g, dtype)),
+              slot[i] >= 0, adam_in_slot, lambda mu, nu, g, at: (mu, nu, state_free(g)),
               mus[b], nus[b], leaves[i], jnp.maximum(slot[i], 0))
         else:
-          out[i] = state_free(leaves[i], dtype)
+          out[i] = state_free(leaves[i])
     new_state = FrugalBlocksState(
         count=optax.safe_increment(state.count), kappa=kappa, slot=slot, mu=tuple(mus),
         nu=tuple(nus), key=state.key)
