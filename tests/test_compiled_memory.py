@@ -284,6 +284,19 @@ def test_a_stack_loop_slices_float32_reads_as_they_are(monkeypatch):
   assert not re.search(r"u32\[\d+,\d+,\d+\]", jaxpr), re.findall(r"u32\[[\d,]+\]", jaxpr)
 
 
+def test_a_stack_loop_writes_bf16_slices_as_raw_bits(monkeypatch):
+  """XLA:CPU writes a bf16 slice through a float32 copy of the whole array: in the stack loop,
+  a pass over the stack for every slice (a (16, 1024, 2816) stack's plain GaLore step: 910 ms,
+  517 ms with the slices written as raw bits)."""
+  monkeypatch.setattr(outputs, "SLICE_BYTES", 1)  # a matrix a slice: a loop
+  params = {"w": jnp.ones((6, 32, 48), jnp.bfloat16)}
+  tx = go.galore_adamw(1e-2, rank=4, update_proj_gap=2, dimension_numbers={"w": _DIMS["w"]})
+  hlo = jax.jit(tx.update, donate_argnums=(0, 1)).lower(
+      params, tx.init(params), params).compile().as_text()
+  writes = re.findall(r"= (\w+)\[6,32,48\]\S* dynamic-update-slice\(", hlo)
+  assert writes == ["u16"], writes
+
+
 @pytest.mark.parametrize("make", [
     lambda: go.galore_adamw(1e-2, rank=4, update_proj_gap=2, dimension_numbers=_DIMS),
     lambda: go.fira_adamw(1e-2, rank=4, update_proj_gap=2, dimension_numbers=_DIMS),
