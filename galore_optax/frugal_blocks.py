@@ -121,16 +121,13 @@ def _accumulate(buffer, at, reset, decay, x):
 
   The slot reads as zero if `reset`. XLA:CPU writes a slot in place, a pass
   over that slot alone, only if the write is all its fusion does with the
-  buffer (so the new slot is made apart, behind a barrier) and only for
-  integers (it has no bf16 slice write: it would convert the whole buffer to
-  float32 and back), so the slot is written as raw bits.
+  buffer (so the new slot is made apart, behind a barrier) and, for bf16,
+  only as raw bits (`tree_utils.update_slice_bits`).
   """
   current = jax.lax.dynamic_index_in_dim(buffer, at, keepdims=False)
   old = jnp.where(reset, 0.0, current.astype(jnp.float32))
   new = jax.lax.optimization_barrier((decay * old + (1 - decay) * x).astype(buffer.dtype))
-  written = jax.lax.dynamic_update_index_in_dim(
-      tree_utils.bits(buffer), tree_utils.bits(new), at, 0)
-  return tree_utils.from_bits(written, buffer.dtype), new
+  return tree_utils.update_slice_bits(buffer, new[None], at), new
 
 
 @public

@@ -75,14 +75,10 @@ def apply_by_slices(output, plan: LeafPlan, grad, low_rank_grad, inner_update, b
     start = j * size
     take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, size)
 
-    def put(a, v):
-      # A narrow float's slice written as raw bits: XLA:CPU writes a bf16 slice through a
-      # float32 copy of the whole array, a pass over the stack for every slice.
-      if not narrow(a):
-        return jax.lax.dynamic_update_slice_in_dim(a, v.astype(a.dtype), start, 0)
-      written = jax.lax.dynamic_update_slice_in_dim(
-          tree_utils.bits(a), tree_utils.bits(v.astype(a.dtype)), start, 0)
-      return tree_utils.from_bits(written, a.dtype)
+    def put(a, v):  # a narrow float's slice as raw bits (`tree_utils.update_slice_bits`)
+      if narrow(a):
+        return tree_utils.update_slice_bits(a, v, start)
+      return jax.lax.dynamic_update_slice_in_dim(a, v.astype(a.dtype), start, 0)
 
     low, inner, slice_bases = jax.tree.map(
         lambda b, a: tree_utils.from_bits(take(b), a.dtype), read_bits, read)
