@@ -122,12 +122,12 @@ def _accumulate(buffer, at, reset, decay, x):
   The slot reads as zero if `reset`. XLA:CPU writes a slot in place, a pass
   over that slot alone, only if the write is all its fusion does with the
   buffer (so the new slot is made apart, behind a barrier) and, for bf16,
-  only as raw bits (`tree_utils.update_slice_bits`).
+  only as raw bits (`tree_utils.write_slice`).
   """
   current = jax.lax.dynamic_index_in_dim(buffer, at, keepdims=False)
   old = jnp.where(reset, 0.0, current.astype(jnp.float32))
   new = jax.lax.optimization_barrier((decay * old + (1 - decay) * x).astype(buffer.dtype))
-  return tree_utils.update_slice_bits(buffer, new[None], at), new
+  return tree_utils.write_slice(buffer, new[None], at), new
 
 
 @public

@@ -75,11 +75,7 @@ def apply_by_slices(output, plan: LeafPlan, grad, low_rank_grad, inner_update, b
     start = j * size
     take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, size)
 
-    def put(a, v):  # a narrow float's slice as raw bits (`tree_utils.update_slice_bits`)
-      if narrow(a):
-        return tree_utils.update_slice_bits(a, v, start)
-      return jax.lax.dynamic_update_slice_in_dim(a, v.astype(a.dtype), start, 0)
-
+    put = lambda a, v: tree_utils.write_slice(a, v, start)
     low, inner, slice_bases = jax.tree.map(
         lambda b, a: tree_utils.from_bits(take(b), a.dtype), read_bits, read)
     # The gradient's slice is read before its update overwrites it.

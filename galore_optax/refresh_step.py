@@ -183,8 +183,7 @@ def _refresh_looped(batch: RefreshBatch, grad, stored, due, count, options, mesh
         num_matrices=plan.num_matrices)
     bases = _decompose(options, matrices, plan, previous, keys, count, mesh)
     new = _encode(bases, part, grad.dtype, count, take(flat_due, start), old, options)
-    return jax.tree.map(
-        lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v, start, 0), flat_stored, new)
+    return jax.tree.map(lambda a, v: tree_utils.write_slice(a, v, start), flat_stored, new)
 
   flat_stored = jax.lax.fori_loop(0, total // size, body, jax.tree.map(flatten, stored))
   return jax.tree.map(lambda a, s: a.reshape(s.shape), flat_stored, stored)

@@ -48,15 +48,20 @@ def from_bits(b: jax.Array, dtype: Any) -> jax.Array:
   return b if b.dtype == jnp.dtype(dtype) else jax.lax.bitcast_convert_type(b, dtype)
 
 
-def update_slice_bits(a: jax.Array, update: jax.Array, start: Any) -> jax.Array:
-  """`a` with `update` written at `start` along its first axis, as raw bits.
+def write_slice(a: jax.Array, update: jax.Array, start: Any) -> jax.Array:
+  """`a` with `update` written at `start` along its first axis; a float narrower than
+  float32 as raw bits.
 
-  XLA:CPU has no bf16 slice write of its own either: it converts the whole
-  array to float32, writes the slice and converts it back, a pass over all of
-  `a` for each write. Written as bits, the write touches the slice alone (in
-  place where `a` is not read otherwise).
+  XLA:CPU has no bf16 slice write of its own: it converts the whole array to
+  float32, writes the slice and converts it back, a pass over all of `a` for
+  each write. Written as bits, the write touches the slice alone (in place
+  where `a` is not read otherwise). Other dtypes are written as they are (a
+  float32 array's bits could be a copy of it).
   """
-  written = jax.lax.dynamic_update_slice_in_dim(bits(a), bits(update.astype(a.dtype)), start, 0)
+  update = update.astype(a.dtype)
+  if not (jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize < 4):
+    return jax.lax.dynamic_update_slice_in_dim(a, update, start, 0)
+  written = jax.lax.dynamic_update_slice_in_dim(bits(a), bits(update), start, 0)
   return from_bits(written, a.dtype)
 
 

@@ -297,6 +297,19 @@ def test_a_stack_loop_writes_bf16_slices_as_raw_bits(monkeypatch):
   assert writes == ["u16"], writes
 
 
+def test_a_refresh_loop_writes_bf16_bases_as_raw_bits():
+  """The refresh of a stack larger than its budget writes each slice's new bases into the
+  stored stack: as raw bits, not through a float32 copy of the whole stack (XLA:CPU's bf16
+  slice write) for every slice."""
+  params = {"w": jnp.ones((6, 32, 48), jnp.bfloat16)}
+  tx = go.galore_adamw(1e-2, rank=4, update_proj_gap=2, dimension_numbers={"w": _DIMS["w"]},
+                       refresh_memory_budget=1)
+  hlo = jax.jit(tx.update, donate_argnums=(0, 1)).lower(
+      params, tx.init(params), params).compile().as_text()
+  writes = re.findall(r"= (\w+)\[6,4,32\]\S* dynamic-update-slice\(", hlo)
+  assert writes == ["u16"], writes
+
+
 @pytest.mark.parametrize("make", [
     lambda: go.galore_adamw(1e-2, rank=4, update_proj_gap=2, dimension_numbers=_DIMS),
     lambda: go.fira_adamw(1e-2, rank=4, update_proj_gap=2, dimension_numbers=_DIMS),
