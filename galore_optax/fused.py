@@ -37,6 +37,7 @@ import optax
 from galore_optax import frugal_blocks
 from galore_optax import inspection
 from galore_optax import refresh as refresh_lib
+from galore_optax import tree_utils
 
 
 class FusedState(NamedTuple):
@@ -267,17 +268,22 @@ def fused_scan_step(
     count = _num_layers(stack)
     layer_leaves, rest_leaves = _whole_tree_indices(params, layers)
     h0, embed_vjp = jax.vjp(lambda r: embed_fn(r, batch), rest)
+    # The scans slice and write bf16 stacks (parameters, layer inputs, state) as raw bits:
+    # XLA:CPU gives a loop that slices a bf16 stack a float32 copy of all of it, and writes a
+    # layer's slice through one (LLaMA-1B: 4.7 GiB of float32 parameters). The forward scan
+    # still gets a 16-bit copy of the parameter stacks (XLA hoists the bit cast out of it).
+    layer_at = lambda tree, i: jax.tree.map(lambda x: tree_utils.read_slice(x, i), tree)
 
-    def forward(h, p):
-      return layer_fn(p, h), h  # keep each layer's input only
+    def forward(h, i):  # keep each layer's input only
+      return layer_fn(layer_at(stack, i), h), tree_utils.slicing_bits(h)
 
-    h_last, inputs = jax.lax.scan(forward, h0, stack)
+    h_last, input_bits = jax.lax.scan(forward, h0, jnp.arange(count))
     loss, head_vjp = jax.vjp(lambda r, h: head_fn(r, h, batch), rest, h_last)
     g_rest_head, g_h = head_vjp(jnp.ones_like(loss))
 
     def layer_grads(i, g_h, stack):
-      p_i = jax.tree.map(lambda x: x[i], stack)
-      _, layer_vjp = jax.vjp(layer_fn, p_i, inputs[i])
+      p_i = layer_at(stack, i)
+      _, layer_vjp = jax.vjp(layer_fn, p_i, tree_utils.from_bits(input_bits[i], h0.dtype))
       g_p, g_in = layer_vjp(g_h)
       return p_i, g_p, g_in
 
@@ -298,27 +304,27 @@ def fused_scan_step(
         apply = jnp.isfinite(norm)
 
     def update_body(carry, i):
-      g_h, stack, layer_state = carry
-
       def work(operands):
         g_h, stack, layer_state = operands
         p_i, g_p, g_in = layer_grads(i, g_h, stack)
         g_p = jax.tree.map(lambda g: (g * scale).astype(g.dtype), g_p)
-        s_i = jax.tree.map(lambda x: x[i], layer_state)
+        s_i = layer_at(layer_state, i)
         # Random refreshes draw what they would for layer i of the whole tree.
         with refresh_lib.keys_of_whole_tree(refresh_lib.KeyContext(layer_leaves, i)):
           u, s_i = tx.update(g_p, s_i, p_i, **extra_args)
         p_i = optax.apply_updates(p_i, u)
-        put = lambda full, part: jax.tree.map(lambda x, v: x.at[i].set(v), full, part)
+        bits = tree_utils.slicing_bits
+        put = lambda full, part: jax.tree.map(
+            lambda x, v: tree_utils.from_bits(bits(x).at[i].set(bits(v.astype(x.dtype))), x.dtype),
+            full, part)
         return g_in, put(stack, p_i), put(layer_state, s_i)
 
       # The per-layer work sits in a conditional: a skipped step leaves
       # everything as it was, and without one (its predicate not a constant)
       # XLA:CPU copies the whole carry each iteration.
-      return jax.lax.cond(jnp.logical_and(i >= 0, apply), work, lambda ops: ops,
-                          (g_h, stack, layer_state)), None
+      return jax.lax.cond(jnp.logical_and(i >= 0, apply), work, lambda ops: ops, carry), None
 
-    (g_h0, stack, layer_state), _ = jax.lax.scan(
+    (g_h0, new_stack, layer_state), _ = jax.lax.scan(
         update_body, (g_h, stack, opt_state.layers), jnp.arange(count), reverse=True)
 
     def update_rest(operands):
@@ -337,7 +343,7 @@ def fused_scan_step(
         notfinite_count=(opt_state.notfinite_count + 1) * skipped,
         total_notfinite=opt_state.total_notfinite + skipped)
     new_params = dict(rest)
-    new_params[layers] = stack
+    new_params[layers] = new_stack
     return {k: new_params[k] for k in params}, new_state, loss
 
   return step

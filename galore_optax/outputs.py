@@ -66,9 +66,7 @@ def apply_by_slices(output, plan: LeafPlan, grad, low_rank_grad, inner_update, b
   # than float32: XLA:CPU would otherwise carry a float32 copy of each whole bf16 stack (bases,
   # low-rank update) through it. A float32 one is sliced as it is (its bits would be a copy).
   read = (low_rank_grad, inner_update, bases)
-  narrow = lambda a: jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize < 4
-  read_bits = jax.tree.map(lambda a: tree_utils.bits(a) if narrow(a) else a,
-                           jax.tree.map(flatten, read))
+  read_bits = jax.tree.map(lambda a: tree_utils.slicing_bits(flatten(a)), read)
 
   def body(j, carry):
     updates, state = carry

@@ -48,6 +48,23 @@ def from_bits(b: jax.Array, dtype: Any) -> jax.Array:
   return b if b.dtype == jnp.dtype(dtype) else jax.lax.bitcast_convert_type(b, dtype)
 
 
+def _is_narrow_float(dtype: Any) -> bool:
+  return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < 4
+
+
+def slicing_bits(x: jax.Array) -> jax.Array:
+  """`x` as a loop should slice it: a float narrower than float32 as its raw bits
+  (`bits`), any other array as it is (a float32 array's bits could be a copy of it).
+  `from_bits(slice, x.dtype)` reads a slice back."""
+  x = jnp.asarray(x)
+  return bits(x) if _is_narrow_float(x.dtype) else x
+
+
+def read_slice(a: jax.Array, i: Any) -> jax.Array:
+  """`a[i]` for a traced index `i`; a float narrower than float32 read as raw bits."""
+  return from_bits(jax.lax.dynamic_index_in_dim(slicing_bits(a), i, keepdims=False), a.dtype)
+
+
 def write_slice(a: jax.Array, update: jax.Array, start: Any) -> jax.Array:
   """`a` with `update` written at `start` along its first axis; a float narrower than
   float32 as raw bits.
@@ -59,7 +76,7 @@ def write_slice(a: jax.Array, update: jax.Array, start: Any) -> jax.Array:
   float32 array's bits could be a copy of it).
   """
   update = update.astype(a.dtype)
-  if not (jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize < 4):
+  if not _is_narrow_float(a.dtype):
     return jax.lax.dynamic_update_slice_in_dim(a, update, start, 0)
   written = jax.lax.dynamic_update_slice_in_dim(bits(a), bits(update), start, 0)
   return from_bits(written, a.dtype)

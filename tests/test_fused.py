@@ -1,6 +1,7 @@
 """go.fused_scan_step: the update inside the backward scan takes the steps the usual one takes."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -270,3 +271,19 @@ def test_planned_peak_bytes_reads_the_compiled_plan():
   assert go.planned_peak_bytes({"argument_size_in_bytes": 1}) is None  # fields missing
   with pytest.raises(TypeError, match=r"lower\(...\).compile\(\)"):
     go.planned_peak_bytes(lowered)
+
+
+def test_a_bf16_stack_is_sliced_and_written_as_raw_bits():
+  """XLA:CPU slices and writes a bf16 stack in a loop through a float32 copy of the whole
+  stack: the fused step held one of every parameter stack (LLaMA-1B: 4.7 GiB; 7B galore_adamw:
+  47.46 → 35.39 GiB planned peak with the slices read and written as raw bits)."""
+  params, tokens = model(jnp.bfloat16)
+  tx = go.galore_adamw(1e-2, rank=4, update_proj_gap=2, projected=MASK)
+  step = go.fused_scan_step(embed, layer, head, tx)
+  hlo = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, go.fused_init(tx, params), tokens).compile().as_text()
+  for shape in {x.shape for x in jax.tree.leaves(params["layers"])}:
+    dims = ",".join(map(str, shape))
+    assert not re.findall(rf"= f32\[{dims}\]", hlo), shape  # no float32 copy of the stack
+    writes = re.findall(rf"= (\w+)\[{dims}\]\S* (?:dynamic-update-slice|scatter)\(", hlo)
+    assert writes and set(writes) == {"u16"}, (shape, writes)
