@@ -313,6 +313,8 @@ def fused_scan_step(
         with refresh_lib.keys_of_whole_tree(refresh_lib.KeyContext(layer_leaves, i)):
           u, s_i = tx.update(g_p, s_i, p_i, **extra_args)
         p_i = optax.apply_updates(p_i, u)
+        # A scatter of the bits, not `tree_utils.write_slice`'s dynamic-update-slice: XLA fuses
+        # the two differently with the new weights, and float32 layers keep their numerics.
         bits = tree_utils.slicing_bits
         put = lambda full, part: jax.tree.map(
             lambda x, v: tree_utils.from_bits(bits(x).at[i].set(bits(v.astype(x.dtype))), x.dtype),
