@@ -62,9 +62,8 @@ def apply_by_slices(output, plan: LeafPlan, grad, low_rank_grad, inner_update, b
   part = plan._replace(view=matrix_view.with_batch(flat_view, size))
   nb = len(plan.batch_shape)
   flatten = lambda a: a.reshape((total,) + a.shape[nb:])
-  # What the loop only reads it slices as raw bits (`tree_utils.bits`) where it is narrower
-  # than float32: XLA:CPU would otherwise carry a float32 copy of each whole bf16 stack (bases,
-  # low-rank update) through it. A float32 one is sliced as it is (its bits would be a copy).
+  # What the loop only reads it slices as `tree_utils.slicing_bits` gives it: XLA:CPU would
+  # otherwise carry a float32 copy of each whole bf16 stack (bases, low-rank update) through it.
   read = (low_rank_grad, inner_update, bases)
   read_bits = jax.tree.map(lambda a: tree_utils.slicing_bits(flatten(a)), read)
 
