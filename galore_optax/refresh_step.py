@@ -125,7 +125,7 @@ def _refresh_packed(batch: RefreshBatch, grads, stored, due, count, options, mes
   m, n = first.view.m, first.view.n
   concat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)
   matrices = concat([
-      matrix_view.to_matrix(g, p.view).reshape(-1, m, n).astype(jnp.float32)
+      _method_input(options, matrix_view.to_matrix(g, p.view).reshape(-1, m, n))
       for p, g in zip(plans, grads)
   ])
   previous = None
@@ -172,7 +172,7 @@ def _refresh_looped(batch: RefreshBatch, grad, stored, due, count, options, mesh
 
   def body(j, flat_stored):
     start = j * size
-    matrices = matrix_view.to_matrix(take(flat_grad, start), part.view).astype(jnp.float32)
+    matrices = _method_input(options, matrix_view.to_matrix(take(flat_grad, start), part.view))
     old = jax.tree.map(lambda a: take(a, start), flat_stored)
     previous = parts.storage(options).decode(old, part, jnp.float32) if reads_previous else None
     if flat_moment is not None:
@@ -187,6 +187,15 @@ def _refresh_looped(batch: RefreshBatch, grad, stored, due, count, options, mesh
 
   flat_stored = jax.lax.fori_loop(0, total // size, body, jax.tree.map(flatten, stored))
   return jax.tree.map(lambda a, s: a.reshape(s.shape), flat_stored, stored)
+
+
+def _method_input(options, matrices):
+  """Gradient matrices as the refresh method takes them: float32, or as stored for a method
+  that converts them itself (`converts_gradient`, where a conditional would otherwise be given
+  a float32 copy beside the method's own)."""
+  if getattr(parts.refresh_fn(options), "converts_gradient", False):
+    return matrices
+  return matrices.astype(jnp.float32)
 
 
 def _encode(bases, plan: LeafPlan, leaf_dtype, count, due, old, options):

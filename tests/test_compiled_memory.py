@@ -335,3 +335,39 @@ def test_a_stack_applied_a_slice_at_a_time_equals_the_whole_stack(make, monkeypa
   # Reductions may be ordered differently for a slice: a float32 rounding, one bf16 ulp.
   np.testing.assert_allclose(sliced["w"], whole["w"], rtol=0, atol=1e-6)
   np.testing.assert_allclose(np.float32(sliced["v"]), np.float32(whole["v"]), rtol=0, atol=2**-7)
+
+
+def _conditionals_running(jaxpr, primitive: str):
+  """The `cond` equations of `jaxpr` (nested ones too) whose branches run `primitive`."""
+  found = []
+  for eqn in jaxpr.eqns:
+    params = [b for v in eqn.params.values() for b in (v if isinstance(v, tuple) else (v,))]
+    subs = [getattr(v, "jaxpr", v) for v in params if hasattr(v, "eqns") or hasattr(v, "jaxpr")]
+    if eqn.primitive.name == "cond" and any(primitive in str(s) for s in subs):
+      found.append(eqn)
+    for s in subs:
+      found += _conditionals_running(s, primitive)
+  return found
+
+
+@pytest.mark.parametrize("make", [
+    lambda: go.subtrack_adamw(0.05, rank=8, update_proj_gap=2),
+    lambda: go.golore_adamw(0.05, rank=8, update_proj_gap=2, random_from_step=4)],
+    ids=["subtrack", "golore"])
+def test_a_switched_refresh_is_given_the_gradient_as_stored(make):
+  # A refresh that switches methods under `lax.cond` (`go.switch_refresh`) converts the gradient
+  # inside each branch, into the method's own float32 copy: given a float32 operand, the step
+  # held two float32 copies of the matrix (LLaMA-7B per-layer SubTrack++: 172 MiB more live).
+  w = jnp.ones((64, 48), jnp.bfloat16) + jnp.eye(64, 48, dtype=jnp.bfloat16)
+  tx = make()
+  jaxpr = jax.make_jaxpr(tx.update)({"w": w}, tx.init({"w": w}), {"w": w}).jaxpr
+  switches = _conditionals_running(jaxpr, "svd")
+  assert switches
+  for eqn in switches:
+    widened = [v.aval for v in eqn.invars
+               if sorted(v.aval.shape[-2:]) == [48, 64] and v.aval.dtype == jnp.float32]
+    assert not widened, eqn.invars
+  # And its first refresh (an SVD) gives GaLore's bases, bit for bit.
+  basis = lambda tx: jax.tree.leaves(
+      jax.jit(tx.update)({"w": w}, tx.init({"w": w}), {"w": w})[1][0].projectors)
+  np.testing.assert_array_equal(basis(tx), basis(go.galore_adamw(0.05, rank=8)))
