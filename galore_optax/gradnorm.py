@@ -405,24 +405,23 @@ def _weight_normalized(
 def _weight_in_float32(w, grad, plan, apart: bool):
   """A projected weight for the update to read in float32.
 
-  A single layer's weight is converted as usual: it shares the backward
-  pass's own conversion, while a separate one, which depends only on the
-  weights, XLA:CPU's default scheduler makes for every layer at the start of
-  the step and keeps until the update (LLaMA-7B per-layer: 11.3 GiB more).
-  With `apart` (the 8-bit form) it is converted apart, once its gradient
-  exists: XLA:CPU's memory scheduler runs that form's update after the whole
-  backward pass, and a shared conversion then kept every layer's float32
-  weights from the forward pass to the end of the backward (LLaMA-1B: planned
-  peak 9.75 GiB, 9.09 apart; 7B 43.40, 43.38; the default scheduler's within
-  0.02 either way; the float form's 7B default-scheduler peak would rise by
-  0.12, so it shares). A stack of layers (leading batch axis) stays as stored, waiting for
-  its gradient (`tree_utils.after`), and is converted where each expression
-  reads it: a float32 stack made apart from the forward pass's lived through
-  the update of every leaf at once under XLA:CPU's default scheduler (1B: 4.5
+  A single layer's weight is converted as usual: it shares the backward pass's
+  own conversion, while a separate one, which depends only on the weights,
+  XLA:CPU's default scheduler makes for every layer at the start of the step
+  and keeps until the update (LLaMA-7B per-layer: 11.3 GiB more). With `apart`
+  (the 8-bit form) it is converted apart, once its gradient exists: XLA:CPU's
+  memory scheduler runs that form's update after the whole backward pass, and
+  a shared conversion then kept every layer's float32 weights from the forward
+  pass to the end of the backward (LLaMA-1B: planned peak 9.75 GiB, 9.09
+  apart; 7B 43.40, 43.38; the default scheduler's within 0.02 either way; the
+  float form's 7B default-scheduler peak would rise by 0.12, so it shares). A
+  stack of layers (leading batch axis) stays as stored, waiting for its
+  gradient (`tree_utils.after`), and is converted where each expression reads
+  it: a float32 stack made apart from the forward pass's lived through the
+  update of every leaf at once under XLA:CPU's default scheduler (1B: 4.5
   GiB), and one shared with the forward's (a scan converts its whole stack
-  before the loop) until the update had read it (LLaMA-7B, memory
-  scheduler: 3.8 GiB). Its norms are summed a slice at a time
-  (`_split_by_slices`).
+  before the loop) until the update had read it (LLaMA-7B, memory scheduler:
+  3.8 GiB). Its norms are summed a slice at a time (`_split_by_slices`).
   """
   if _slices(plan, w):
     return tree_utils.after(w, grad)
